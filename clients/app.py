@@ -1,0 +1,355 @@
+"""The partner node's Flower ClientApp.
+
+Runs inside ``flwr-clientapp`` processes that the partner's own
+``flower-supernode`` starts for each message. Everything it needs to know
+about the site (data files, ledger, privacy cap) comes from the SuperNode's
+``--node-config``; everything about the run comes in the message and is
+validated here, because a partner trusts its own config, not the coordinator.
+
+A node never crashes on a bad request: it answers with a typed ``refusal``
+record (see :mod:`fedvault.wire`) that the coordinator acts on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.data import PartnerData, load_partner_csv
+from clients.ledger import NodeLedger, request_digest
+from fedvault import wire
+from fedvault.errors import ConfigError, ConflictError, DataError, FedvaultError
+from fedvault.modelspec import ModelSpec, check_parameters, evaluate
+from fedvault.privacy import (
+    ACCOUNTANT_NAME,
+    MECHANISM_DP_SGD,
+    MECHANISM_GAUSSIAN_SUMS,
+    GaussianEvent,
+    PrivacyCharge,
+    accountant_version,
+    epsilon,
+    non_private_charge,
+)
+from fedvault.schema import DataSchema, from_json
+from fedvault.stats import Scaler, noisy_sums
+
+log = logging.getLogger("fedvault.node")
+
+app = ClientApp()
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """This site's configuration, from ``flower-supernode --node-config``."""
+
+    partner: str
+    train_csv: Path
+    test_csv: Path
+    ledger: Path
+    epsilon_cap: float
+    cap_delta: float
+    allow_non_private: bool
+
+    @classmethod
+    def from_node_config(cls, config: dict[str, Any]) -> NodeSettings:
+        try:
+            settings = cls(
+                partner=str(config["partner"]),
+                train_csv=Path(str(config["train-csv"])),
+                test_csv=Path(str(config["test-csv"])),
+                ledger=Path(str(config["ledger"])),
+                epsilon_cap=float(config["epsilon-cap"]),
+                cap_delta=float(config.get("cap-delta", 1e-5)),
+                allow_non_private=str(config.get("allow-non-private", "false")).lower() == "true",
+            )
+        except KeyError as exc:
+            raise ConfigError(f"node config lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"node config is malformed: {exc}") from None
+        if not settings.epsilon_cap > 0 or not 0 < settings.cap_delta < 1:
+            raise ConfigError("node config: epsilon-cap must be > 0 and cap-delta in (0, 1)")
+        return settings
+
+
+class Refusal(FedvaultError):
+    """Raised inside a handler to answer with a typed refusal."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _refusal(message: Message, code: str, text: str) -> Message:
+    log.warning("refusing %s: %s (%s)", message.metadata.message_type, code, text)
+    content = RecordDict({wire.REFUSAL: ConfigRecord({"code": code, "message": text})})
+    return Message(content, reply_to=message)
+
+
+def _handle(message: Message, context: Context, handler: Any) -> Message:
+    """Run ``handler`` and turn every expected failure into a typed refusal."""
+    try:
+        settings = NodeSettings.from_node_config(dict(context.node_config))
+        return handler(message, settings)  # type: ignore[no-any-return]
+    except Refusal as exc:
+        return _refusal(message, exc.code, str(exc))
+    except DataError as exc:
+        return _refusal(message, wire.REFUSE_DATA, str(exc))
+    except ConflictError as exc:
+        return _refusal(message, wire.REFUSE_CONFLICT, str(exc))
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        return _refusal(message, wire.REFUSE_REQUEST, f"malformed request: {exc}")
+
+
+def _run_record(message: Message) -> ConfigRecord:
+    try:
+        return message.content.config_records[wire.RUN]
+    except KeyError:
+        raise Refusal(wire.REFUSE_REQUEST, "message has no run record") from None
+
+
+def _load(settings: NodeSettings, schema: DataSchema) -> tuple[PartnerData, PartnerData]:
+    return load_partner_csv(settings.train_csv, schema), load_partner_csv(settings.test_csv, schema)
+
+
+def _seed(run: ConfigRecord, partner: str, round_: int) -> int:
+    digest = hashlib.sha256(f"{run['seed']}:{partner}:{round_}".encode()).digest()
+    return int.from_bytes(digest[:7], "big")
+
+
+def _digest(message: Message) -> str:
+    run = dict(_run_record(message))
+    parts = [json.dumps(run, sort_keys=True, default=str).encode()]
+    for name in (wire.MODEL, wire.SCALER):
+        if name in message.content.array_records:
+            parts.extend(
+                a.tobytes() for a in message.content.array_records[name].to_numpy_ndarrays()
+            )
+    return request_digest(*parts)
+
+
+def _charge(
+    ledger: NodeLedger,
+    settings: NodeSettings,
+    schema: DataSchema,
+    run: ConfigRecord,
+    round_: int,
+    mechanism: str,
+    event: GaussianEvent,
+    max_grad_norm: float,
+) -> PrivacyCharge:
+    """Check the site's lifetime cap, then return the charge this release costs.
+
+    Two ε are computed: the lifetime ε of this dataset across *all* runs at the
+    site's δ (enforced against the site's cap), and this run's ε at the run's δ
+    (recorded, and recomputed by the coordinator from the same charges).
+    """
+    lifetime = ledger.lifetime_epsilon(schema.name, settings.cap_delta, [event])
+    if lifetime > settings.epsilon_cap:
+        raise Refusal(
+            wire.REFUSE_BUDGET,
+            f"partner {settings.partner}: this release would bring the lifetime ε of dataset "
+            f"{schema.name!r} to {lifetime:.3f}, past this site's cap of {settings.epsilon_cap}",
+        )
+    run_id = str(run["run-id"])
+    delta = float(run["delta"])
+    prior = [c.event for c in ledger.charges(schema.name, run_id)]
+    return PrivacyCharge(
+        run_id=run_id,
+        round=round_,
+        mechanism=mechanism,
+        noise_multiplier=event.noise_multiplier,
+        sample_rate=event.sample_rate,
+        steps=event.steps,
+        max_grad_norm=max_grad_norm,
+        delta=delta,
+        accountant=ACCOUNTANT_NAME,
+        accountant_version=accountant_version(),
+        epsilon_after=epsilon([*prior, event], delta),
+    )
+
+
+def _reply_from_cache(message: Message, blob: bytes) -> Message:
+    arrays, meta = wire.unpack_payload(blob)
+    content = RecordDict()
+    for name, values in arrays.items():
+        content[name] = ArrayRecord(numpy_ndarrays=values)
+    for name, record in meta.get("configs", {}).items():
+        content[name] = ConfigRecord(record)
+    for name, record in meta.get("metrics", {}).items():
+        content[name] = MetricRecord(record)
+    return Message(content, reply_to=message)
+
+
+def _cache_and_reply(
+    message: Message,
+    ledger: NodeLedger,
+    dataset: str,
+    charge: PrivacyCharge,
+    digest: str,
+    arrays: dict[str, list[Any]],
+    configs: dict[str, dict[str, Any]],
+    metrics: dict[str, dict[str, Any]],
+) -> Message:
+    blob = wire.pack_payload(arrays, {"configs": configs, "metrics": metrics})
+    ledger.record(
+        dataset, [charge], run_id=charge.run_id, round_=charge.round, digest=digest, reply=blob
+    )
+    return _reply_from_cache(message, blob)
+
+
+@app.query("stats")
+def stats(message: Message, context: Context) -> Message:
+    """Validate local data against the federation's schema; release DP sums."""
+    return _handle(message, context, _stats)
+
+
+def _stats(message: Message, settings: NodeSettings) -> Message:
+    run = _run_record(message)
+    schema = from_json(str(run["schema"]))
+    train, test = _load(settings, schema)
+    ledger = NodeLedger(settings.ledger)
+    try:
+        digest = _digest(message)
+        cached = ledger.cached_reply(schema.name, str(run["run-id"]), 0, digest)
+        if cached is not None:
+            return _reply_from_cache(message, cached)
+        sigma = float(run["stats-noise-multiplier"])
+        event = GaussianEvent(sigma, 1.0, 1)
+        charge = _charge(ledger, settings, schema, run, 0, MECHANISM_GAUSSIAN_SUMS, event, 1.0)
+        rng = np.random.default_rng(_seed(run, settings.partner, 0))
+        sums = noisy_sums(train.features, schema, sigma, rng)
+        partner = {"name": settings.partner, "n-train": train.n_rows, "n-test": test.n_rows}
+        return _cache_and_reply(
+            message,
+            ledger,
+            schema.name,
+            charge,
+            digest,
+            {wire.SUMS: [sums.sum, sums.sum_sq, np.array([sums.count])]},
+            {wire.PARTNER: partner, wire.CHARGE: wire.charge_to_record(charge)},
+            {},
+        )
+    finally:
+        ledger.close()
+
+
+def _model_and_scaler(message: Message, spec: ModelSpec) -> tuple[list[Any], Scaler]:
+    params = [
+        np.asarray(a, dtype=np.float32)
+        for a in message.content.array_records[wire.MODEL].to_numpy_ndarrays()
+    ]
+    check_parameters(spec, params)
+    mean, std = message.content.array_records[wire.SCALER].to_numpy_ndarrays()
+    if not (np.all(np.isfinite(std)) and np.all(std > 0)):
+        raise ConfigError("scaler std must be finite and positive")
+    return params, Scaler(mean=mean.astype(np.float64), std=std.astype(np.float64))
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One round: evaluate the incoming global model, then DP-SGD from it.
+
+    Evaluation of the received model rides in the same message as training, so
+    a round costs one message per partner instead of two.
+    """
+    return _handle(message, context, _train)
+
+
+def _train(message: Message, settings: NodeSettings) -> Message:
+    run = _run_record(message)
+    schema = from_json(str(run["schema"]))
+    spec = ModelSpec.model_validate_json(str(run["model-spec"]))
+    round_ = int(run["round"])
+    private = bool(run["private"])
+    if not private and not settings.allow_non_private:
+        raise Refusal(wire.REFUSE_REQUEST, "this site does not train without differential privacy")
+    train_data, test_data = _load(settings, schema)
+    ledger = NodeLedger(settings.ledger)
+    try:
+        digest = _digest(message)
+        cached = ledger.cached_reply(schema.name, str(run["run-id"]), round_, digest)
+        if cached is not None:
+            return _reply_from_cache(message, cached)
+        from clients.training import LocalPlan, sample_rate, train_local
+
+        plan = LocalPlan(
+            learning_rate=float(run["learning-rate"]),
+            momentum=float(run["momentum"]),
+            batch_size=int(run["batch-size"]),
+            steps=int(run["local-steps"]),
+            noise_multiplier=float(run["noise-multiplier"]),
+            max_grad_norm=float(run["max-grad-norm"]),
+            private=private,
+            secure_mode=bool(run["secure-mode"]),
+        )
+        q = sample_rate(plan.batch_size, train_data.n_rows)
+        if private:
+            event = GaussianEvent(plan.noise_multiplier, q, plan.steps)
+            charge = _charge(
+                ledger, settings, schema, run, round_, MECHANISM_DP_SGD, event, plan.max_grad_norm
+            )
+        else:
+            # Recorded, never skipped: a ledger must not hide that data was used.
+            # ε = ∞ poisons every later lifetime check on this dataset.
+            charge = non_private_charge(
+                str(run["run-id"]), round_, q, plan.steps, float(run["delta"])
+            )
+        params, scaler = _model_and_scaler(message, spec)
+        x_test = scaler.apply(test_data.features)
+        eval_loss, eval_acc = evaluate(spec, params, x_test, test_data.labels)
+        result = train_local(
+            spec,
+            params,
+            scaler.apply(train_data.features),
+            train_data.labels,
+            plan,
+            seed=_seed(run, settings.partner, round_),
+        )
+        metrics = {
+            "num-examples": train_data.n_rows,
+            "num-test": test_data.n_rows,
+            "train-loss": result.mean_loss if np.isfinite(result.mean_loss) else -1.0,
+            "eval-loss": eval_loss,
+            "eval-accuracy": eval_acc,
+        }
+        return _cache_and_reply(
+            message,
+            ledger,
+            schema.name,
+            charge,
+            digest,
+            {wire.MODEL: result.params},
+            {wire.CHARGE: wire.charge_to_record(charge), wire.PARTNER: {"name": settings.partner}},
+            {wire.METRICS: metrics},
+        )
+    finally:
+        ledger.close()
+
+
+@app.evaluate()
+def evaluate_global(message: Message, context: Context) -> Message:
+    """Evaluate a model on this site's held-out split (no privacy charge: only
+    aggregate loss/accuracy of a held-out split leave, as in every round)."""
+    return _handle(message, context, _evaluate)
+
+
+def _evaluate(message: Message, settings: NodeSettings) -> Message:
+    run = _run_record(message)
+    schema = from_json(str(run["schema"]))
+    spec = ModelSpec.model_validate_json(str(run["model-spec"]))
+    test_data = load_partner_csv(settings.test_csv, schema)
+    params, scaler = _model_and_scaler(message, spec)
+    loss, acc = evaluate(spec, params, scaler.apply(test_data.features), test_data.labels)
+    metrics = MetricRecord({"num-test": test_data.n_rows, "eval-loss": loss, "eval-accuracy": acc})
+    content = RecordDict(
+        {wire.METRICS: metrics, wire.PARTNER: ConfigRecord({"name": settings.partner})}
+    )
+    return Message(content, reply_to=message)

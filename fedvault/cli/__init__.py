@@ -1,0 +1,1 @@
+"""The ``fedvault`` command line: the one place that wires every package together."""

@@ -1,0 +1,169 @@
+"""Starting and stopping the federation's real processes.
+
+Every child (``flower-superlink``, ``flower-supernode``) is started in its own
+process group with its output in a log file, and stopped (SIGTERM, then
+SIGKILL after a grace period) by :class:`ProcessGroup` on exit, error or
+Ctrl-C, so a demo never leaves processes behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from fedvault.errors import ProcessFailedError, UnavailableError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for children: our venv's ``bin`` first on PATH (Flower starts
+    ``flwr-serverapp``/``flwr-clientapp`` by name) and telemetry off."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def executable(name: str) -> str:
+    """Absolute path of a console script, preferring the running venv's."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise ProcessFailedError(f"{name} is not installed (expected beside {sys.executable})")
+    return found
+
+
+class ManagedProcess:
+    """One child process with its log file."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]):
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.popen = subprocess.Popen(  # noqa: S603 - argv built from our own values
+            list(argv),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise ProcessFailedError(
+                f"{self.name} exited with status {self.popen.returncode}; "
+                f"see {self.log_path}:\n{self.log_tail()}"
+            )
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``."""
+        if self.alive():
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=grace_s)
+        # Grandchildren (ClientApp/ServerApp processes) share the group.
+        _signal_group(self.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class ProcessGroup:
+    """Context manager owning children; stops them all on exit or SIGTERM."""
+
+    def __init__(self) -> None:
+        self.processes: list[ManagedProcess] = []
+        self._previous: object = None
+
+    def start(
+        self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]
+    ) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, log_path, env)
+        self.processes.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for proc in self.processes:
+            proc.check_alive()
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def __enter__(self) -> ProcessGroup:
+        # Turn SIGTERM into KeyboardInterrupt so `finally` blocks run.
+        self._previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+        signal.signal(signal.SIGTERM, self._previous)  # type: ignore[arg-type]
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def wait_for_port(
+    host: str, port: int, *, timeout_s: float, process: ManagedProcess | None = None
+) -> None:
+    """Block until ``host:port`` accepts TCP connections (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None:
+            process.check_alive()
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise UnavailableError(f"nothing is listening on {host}:{port} after {timeout_s:.0f} s")

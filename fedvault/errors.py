@@ -1,0 +1,134 @@
+"""One error hierarchy for every fedvault process, and one table mapping it outward.
+
+Every failure a user can cause or meet is a :class:`FedvaultError` subclass whose
+name says what went wrong. Third-party exceptions (pydantic, sqlite3, grpc,
+cryptography, TenSEAL) are translated into these at the edge where they occur,
+so CLI, HTTP and gRPC front doors only ever map *this* tree, through
+:data:`ERROR_TABLE` and :func:`mapping_for`.
+
+Messages must never contain secrets, raw features or key material: they are
+printed to terminals and written to logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FedvaultError(Exception):
+    """Root of every error fedvault raises on purpose."""
+
+
+class ConfigError(FedvaultError):
+    """A configuration value is missing, malformed or contradicts another."""
+
+
+class DataError(FedvaultError):
+    """A partner's data file does not satisfy the federation's schema.
+
+    ``path``, ``line`` (1-based, the header is line 1) and ``column`` locate the
+    first problem so partner IT can fix the file without guessing.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        where = ", ".join(
+            part
+            for part in (
+                f"file {path}" if path is not None else "",
+                f"line {line}" if line is not None else "",
+                f"column {column!r}" if column is not None else "",
+            )
+            if part
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+        self.path = path
+        self.line = line
+        self.column = column
+
+
+class PrivacyBudgetExceeded(FedvaultError):
+    """A privacy charge would take a partner past its (ε, δ) budget."""
+
+
+class SecurityError(FedvaultError):
+    """Base for failures of keys, signatures, certificates or authentication."""
+
+
+class KeyFileError(SecurityError):
+    """A key file is missing, unreadable, malformed or too widely readable."""
+
+
+class IntegrityError(SecurityError):
+    """Signed or authenticated-encrypted data failed verification (tampering)."""
+
+
+class AuthenticationError(SecurityError):
+    """The caller could not prove who it is."""
+
+
+class PermissionDeniedError(SecurityError):
+    """The caller is known but not allowed to do this."""
+
+
+class NotFoundError(FedvaultError):
+    """A run, model, partner or other named object does not exist."""
+
+
+class ConflictError(FedvaultError):
+    """The request contradicts the current state (e.g. a run already finished)."""
+
+
+class CheckpointError(FedvaultError):
+    """A training checkpoint is missing or corrupt, so a run cannot resume."""
+
+
+class UnavailableError(FedvaultError):
+    """A service fedvault depends on (SuperLink, database) cannot be reached."""
+
+
+class ProcessFailedError(FedvaultError):
+    """A child process fedvault started (SuperLink, SuperNode, run) failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMapping:
+    """How one error class surfaces at each front door."""
+
+    exit_code: int
+    http_status: int
+    grpc_status: str  # a ``grpc.StatusCode`` member name; kept a string so
+    # this module stays importable without grpc.
+
+
+# Most specific classes first is not required: :func:`mapping_for` walks the MRO.
+ERROR_TABLE: dict[type[FedvaultError], ErrorMapping] = {
+    FedvaultError: ErrorMapping(1, 500, "INTERNAL"),
+    ConfigError: ErrorMapping(2, 400, "INVALID_ARGUMENT"),
+    DataError: ErrorMapping(3, 422, "INVALID_ARGUMENT"),
+    PrivacyBudgetExceeded: ErrorMapping(4, 403, "RESOURCE_EXHAUSTED"),
+    SecurityError: ErrorMapping(5, 403, "PERMISSION_DENIED"),
+    KeyFileError: ErrorMapping(5, 500, "FAILED_PRECONDITION"),
+    IntegrityError: ErrorMapping(6, 422, "DATA_LOSS"),
+    AuthenticationError: ErrorMapping(5, 401, "UNAUTHENTICATED"),
+    PermissionDeniedError: ErrorMapping(5, 403, "PERMISSION_DENIED"),
+    NotFoundError: ErrorMapping(7, 404, "NOT_FOUND"),
+    ConflictError: ErrorMapping(8, 409, "FAILED_PRECONDITION"),
+    CheckpointError: ErrorMapping(9, 409, "FAILED_PRECONDITION"),
+    UnavailableError: ErrorMapping(10, 503, "UNAVAILABLE"),
+    ProcessFailedError: ErrorMapping(11, 500, "INTERNAL"),
+}
+
+
+def mapping_for(error: FedvaultError) -> ErrorMapping:
+    """Return the mapping of the nearest class of ``error`` found in the table."""
+    for cls in type(error).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return ERROR_TABLE[FedvaultError]

@@ -1,0 +1,96 @@
+"""Model architectures as data, with a NumPy forward pass.
+
+The coordinator, the registry and the HE compiler need the model's maths but
+not torch (a partner's ClientApp builds the torch twin in ``clients.model``).
+Parameters travel as an ordered list of arrays in PyTorch layout
+(``weight`` is ``(out, in)``), the order of ``nn.Module.parameters()``.
+
+Kinds:
+- ``logreg``: softmax regression, ``logits = W x + b`` (k outputs, k = classes;
+  for 2 classes this is logistic regression with a redundant logit, kept so every
+  model has one logit per class).
+- ``mlp``: ``W2 act(W1 x + b1) + b2`` where ``act`` is ``square`` (x², evaluable
+  under CKKS with one multiplication) or ``relu`` (plaintext only).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedvault.errors import ConfigError
+
+FloatArray = NDArray[np.float32]
+
+
+class ModelSpec(BaseModel):
+    """Architecture of a model: enough to rebuild it anywhere."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["logreg", "mlp"]
+    n_features: int = Field(ge=1)
+    n_classes: int = Field(ge=2)
+    hidden: int = Field(default=32, ge=1)
+    activation: Literal["square", "relu"] = "square"
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        d, k, h = self.n_features, self.n_classes, self.hidden
+        if self.kind == "logreg":
+            return [(k, d), (k,)]
+        return [(h, d), (h,), (k, h), (k,)]
+
+
+def init_parameters(spec: ModelSpec, seed: int) -> list[FloatArray]:
+    """PyTorch-default-like uniform(±1/sqrt(fan_in)) init, from a seed.
+
+    The square activation grows fast; halving the first layer's scale keeps the
+    first rounds of DP-SGD out of the loss blow-up region.
+    """
+    rng = np.random.default_rng(seed)
+    params: list[FloatArray] = []
+    for i, shape in enumerate(spec.shapes()):
+        fan_in = shape[1] if len(shape) == 2 else spec.shapes()[i - 1][1]
+        bound = 1.0 / np.sqrt(fan_in)
+        if spec.kind == "mlp" and spec.activation == "square" and i < 2:
+            bound *= 0.5
+        params.append(rng.uniform(-bound, bound, size=shape).astype(np.float32))
+    return params
+
+
+def check_parameters(spec: ModelSpec, params: list[FloatArray]) -> None:
+    """Refuse parameters whose shapes do not match ``spec`` (or are not finite)."""
+    expected = spec.shapes()
+    got = [tuple(p.shape) for p in params]
+    if got != expected:
+        raise ConfigError(f"model parameters have shapes {got}, expected {expected}")
+    if not all(np.isfinite(p).all() for p in params):
+        raise ConfigError("model parameters contain NaN or infinity")
+
+
+def forward(spec: ModelSpec, params: list[FloatArray], x: FloatArray) -> FloatArray:
+    """Logits for a batch ``x`` of shape (n, d) (standardised features)."""
+    if spec.kind == "logreg":
+        w, b = params
+        return (x @ w.T + b).astype(np.float32)
+    w1, b1, w2, b2 = params
+    z = x @ w1.T + b1
+    a = z * z if spec.activation == "square" else np.maximum(z, 0)
+    return (a @ w2.T + b2).astype(np.float32)
+
+
+def evaluate(
+    spec: ModelSpec, params: list[FloatArray], x: FloatArray, y: NDArray[np.int64]
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``params`` on standardised ``x``."""
+    if len(y) == 0:
+        return 0.0, 0.0
+    logits = forward(spec, params, x).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(y)), y].mean())
+    accuracy = float((logits.argmax(axis=1) == y).mean())
+    return loss, accuracy

@@ -1,0 +1,169 @@
+"""Privacy arithmetic shared by partner nodes and the coordinator.
+
+Both sides must compute *the same* ε for the same charges, or their ledgers
+could never agree; so this module is the one place where (ε, δ) is derived.
+
+Accountant: Rényi DP (Mironov 2017; the sampled Gaussian mechanism analysis of
+Mironov, Talwar & Zhang 2019) as implemented by Opacus' ``analysis.rdp``, over
+Opacus' default orders. Each charge is a sampled Gaussian mechanism
+(noise multiplier σ, Poisson sampling rate q, number of steps); a partner's
+lifetime ε at δ is the RDP composition of *every* charge ever made against its
+dataset, converted to (ε, δ) once. Adjacency: add/remove one example of that
+partner's dataset (example-level DP per partner).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+
+from fedvault.errors import ConfigError
+
+ACCOUNTANT_NAME = "rdp"
+# Opacus' default RDP orders (fine near 1 for large ε), extended upwards so that
+# weakly-noised or heavily-noised single releases still find their optimal order.
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)]
+    + [float(a) for a in range(12, 64)]
+    + [64.0, 80.0, 96.0, 128.0, 192.0, 256.0, 384.0, 512.0, 1024.0]
+)
+
+MECHANISM_DP_SGD = "dp-sgd"
+MECHANISM_GAUSSIAN_SUMS = "gaussian-sums"
+MECHANISM_NON_PRIVATE = "non-private"
+
+
+def accountant_version() -> str:
+    """Version string recorded with every charge so a ledger can be re-derived."""
+    return f"opacus-{version('opacus')}"
+
+
+@dataclass(frozen=True, slots=True)
+class GaussianEvent:
+    """``steps`` compositions of a Gaussian mechanism sampled at rate ``sample_rate``."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError("noise_multiplier must be positive and finite")
+        if not 0 < self.sample_rate <= 1:
+            raise ConfigError("sample_rate must be in (0, 1]")
+        if self.steps < 1:
+            raise ConfigError("steps must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyCharge:
+    """One ledger row: what was released, under which mechanism, and ε after it."""
+
+    run_id: str
+    round: int
+    mechanism: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    accountant_version: str
+    epsilon_after: float
+
+    @property
+    def event(self) -> GaussianEvent | None:
+        """The accounted mechanism, or None for a non-private release (ε = ∞)."""
+        if self.mechanism == MECHANISM_NON_PRIVATE:
+            return None
+        return GaussianEvent(self.noise_multiplier, self.sample_rate, self.steps)
+
+    def to_dict(self) -> dict[str, str | int | float]:
+        return asdict(self)
+
+
+def _rdp(events: Iterable[GaussianEvent]) -> list[float]:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    total = [0.0] * len(RDP_ORDERS)
+    for ev in events:
+        rdp = compute_rdp(
+            q=ev.sample_rate,
+            noise_multiplier=ev.noise_multiplier,
+            steps=ev.steps,
+            orders=RDP_ORDERS,
+        )
+        total = [a + float(b) for a, b in zip(total, rdp, strict=True)]
+    return total
+
+
+def epsilon(events: Sequence[GaussianEvent | None], delta: float) -> float:
+    """ε at ``delta`` of the composition of ``events`` (0 for none, ∞ if any is None)."""
+    if not events:
+        return 0.0
+    if any(ev is None for ev in events):
+        return math.inf
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    eps, _ = get_privacy_spent(
+        orders=RDP_ORDERS, rdp=_rdp(ev for ev in events if ev is not None), delta=delta
+    )
+    return float(eps)
+
+
+def non_private_charge(
+    run_id: str, round_: int, sample_rate: float, steps: int, delta: float
+) -> PrivacyCharge:
+    """The ledger row of a release made without DP (baselines only)."""
+    return PrivacyCharge(
+        run_id=run_id,
+        round=round_,
+        mechanism=MECHANISM_NON_PRIVATE,
+        noise_multiplier=0.0,
+        sample_rate=sample_rate,
+        steps=steps,
+        max_grad_norm=0.0,
+        delta=delta,
+        accountant=ACCOUNTANT_NAME,
+        accountant_version=accountant_version(),
+        epsilon_after=math.inf,
+    )
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    planned: Sequence[GaussianEvent],
+    *,
+    prior: Sequence[GaussianEvent | None] = (),
+    tolerance: float = 0.005,
+) -> float:
+    """Smallest σ such that ``prior`` plus ``planned`` (with σ) stays ≤ ``target_epsilon``.
+
+    ``planned`` gives sample rates and step counts; its noise multipliers are
+    replaced by the σ searched for. Bisection on σ: ε is decreasing in σ.
+    """
+
+    def eps_at(sigma: float) -> float:
+        events = [*prior, *(GaussianEvent(sigma, p.sample_rate, p.steps) for p in planned)]
+        return epsilon(events, delta)
+
+    if epsilon(prior, delta) >= target_epsilon:
+        raise ConfigError(
+            f"the fixed releases alone already cost ε={epsilon(prior, delta):.3f} "
+            f"≥ target ε={target_epsilon}"
+        )
+    low, high = 0.05, 1.0
+    while eps_at(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ConfigError(f"target ε={target_epsilon} is unreachable with this plan")
+    while high - low > tolerance * low:
+        mid = (low + high) / 2
+        if eps_at(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high

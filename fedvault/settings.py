@@ -1,0 +1,53 @@
+"""The one settings object of a fedvault process.
+
+Built once at start-up from the environment (``FEDVAULT_*``) and CLI options,
+frozen, and passed down: no other module reads ``os.environ`` for
+configuration. Secrets are never values here, only paths to 0600 files (or the
+name of the env var that holds them), so a settings dump cannot leak a key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FedvaultSettings(BaseSettings):
+    """Where state lives and how the federation's processes are reached."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDVAULT_", frozen=True, extra="forbid")
+
+    home: Path = Field(
+        default=Path(".fedvault"),
+        description="State directory: federation DB, registry, PKI, partner data.",
+    )
+    superlink_host: str = Field(default="127.0.0.1", description="SuperLink bind/connect host.")
+    superlink_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
+    connect_retries: int = Field(default=5, ge=1, le=100)
+    connect_backoff_s: float = Field(default=0.5, gt=0, le=30)
+    model_key_env: str = Field(
+        default="FEDVAULT_MODEL_KEY",
+        description="Env var that may hold the base64 AES-256 model key instead of a key file.",
+    )
+
+    @property
+    def federation_db(self) -> Path:
+        return self.home / "federation.db"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.home / "pki"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.home / "registry"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"

@@ -1,0 +1,58 @@
+"""SQLite connections configured for durability, shared by every local store.
+
+WAL with ``synchronous=FULL``: a committed transaction survives power loss and
+``kill -9``; readers never block the single writer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from fedvault.errors import UnavailableError
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating parents) a durable, autocommit-off connection."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except (sqlite3.Error, OSError) as exc:
+        raise UnavailableError(f"cannot open database {path}: {exc}") from None
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def append_only_triggers(table: str) -> str:
+    """SQL that makes ``table`` reject UPDATE and DELETE (an append-only ledger)."""
+    return f"""
+    CREATE TRIGGER IF NOT EXISTS {table}_no_update BEFORE UPDATE ON {table}
+    BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END;
+    CREATE TRIGGER IF NOT EXISTS {table}_no_delete BEFORE DELETE ON {table}
+    BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END;
+    """
+
+
+CHARGE_COLUMNS = (
+    "run_id TEXT NOT NULL, round INTEGER NOT NULL, mechanism TEXT NOT NULL, "
+    "noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL, "
+    "max_grad_norm REAL NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL, "
+    "accountant_version TEXT NOT NULL, epsilon_after REAL NOT NULL"
+)
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -1,0 +1,78 @@
+"""Federated standardisation statistics with a Gaussian mechanism.
+
+Each partner releases noisy sums ``(Σ s, Σ s², n)`` of its features rescaled
+into [-1, 1] by the schema's *public* bounds (never by its own data), so that
+one example changes the released vector by at most ``sqrt(2d + 1)`` in L2
+(add/remove adjacency). Gaussian noise of standard deviation
+``σ · sqrt(2d + 1)`` makes the release (σ, q=1, 1 step) in the accountant's
+terms, charged in the partner's ledger like any DP-SGD round. The coordinator
+only ever sees the sum of these noisy sums over partners.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedvault.schema import DataSchema
+
+FloatArray = NDArray[np.float64]
+
+# Scaled-unit floor for the standard deviation: a constant feature (a blank
+# pixel) would otherwise be divided by noise alone.
+MIN_SCALED_STD = 0.05
+
+
+def _centre_and_radius(schema: DataSchema) -> tuple[FloatArray, FloatArray]:
+    lo = np.array([f.min for f in schema.features], dtype=np.float64)
+    hi = np.array([f.max for f in schema.features], dtype=np.float64)
+    return (lo + hi) / 2.0, (hi - lo) / 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class NoisySums:
+    """What one partner releases: noisy ``Σ s``, ``Σ s²`` and count."""
+
+    sum: FloatArray
+    sum_sq: FloatArray
+    count: float
+
+    def __add__(self, other: NoisySums) -> NoisySums:
+        return NoisySums(self.sum + other.sum, self.sum_sq + other.sum_sq, self.count + other.count)
+
+
+def noisy_sums(
+    x: NDArray[np.float32], schema: DataSchema, noise_multiplier: float, rng: np.random.Generator
+) -> NoisySums:
+    """Partner side: clipped, rescaled sums plus calibrated Gaussian noise."""
+    centre, radius = _centre_and_radius(schema)
+    s = np.clip((x.astype(np.float64) - centre) / radius, -1.0, 1.0)
+    d = s.shape[1]
+    scale = noise_multiplier * np.sqrt(2 * d + 1)
+    return NoisySums(
+        sum=s.sum(axis=0) + rng.normal(0.0, scale, size=d),
+        sum_sq=(s * s).sum(axis=0) + rng.normal(0.0, scale, size=d),
+        count=float(s.shape[0]) + float(rng.normal(0.0, scale)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Scaler:
+    """Per-feature mean and standard deviation in the data's original units."""
+
+    mean: FloatArray
+    std: FloatArray
+
+    def apply(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+
+def scaler_from_sums(total: NoisySums, schema: DataSchema) -> Scaler:
+    """Coordinator side: mean/std from the partners' aggregated noisy sums."""
+    centre, radius = _centre_and_radius(schema)
+    n = max(total.count, 1.0)
+    mean_s = np.clip(total.sum / n, -1.0, 1.0)
+    var_s = np.clip(total.sum_sq / n - mean_s**2, MIN_SCALED_STD**2, 1.0)
+    return Scaler(mean=centre + radius * mean_s, std=radius * np.sqrt(var_s))

@@ -1,0 +1,97 @@
+"""The federation-wide training configuration, validated before anything starts.
+
+One frozen pydantic model read from a TOML file and/or CLI options. A bad value
+fails with pydantic's error path (``rounds: Input should be greater than or
+equal to 1``) translated into :class:`~fedvault.errors.ConfigError`, before any
+process is started or any privacy is spent.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedvault.errors import ConfigError
+
+DatasetName = Literal["breast-cancer", "digits"]
+ModelKind = Literal["logreg", "mlp"]
+Activation = Literal["square", "relu"]
+Aggregation = Literal["fedavg", "median", "trimmed-mean"]
+
+
+class TrainingConfig(BaseModel):
+    """Hyperparameters and privacy targets of one federated run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: DatasetName = "digits"
+    model: ModelKind = "logreg"
+    hidden: int = Field(default=32, ge=1, le=4096)
+    activation: Activation = "square"
+    rounds: int = Field(default=5, ge=1, le=10_000)
+    local_steps: int = Field(default=20, ge=1, le=100_000)
+    batch_size: int = Field(default=64, ge=1, le=1_000_000)
+    learning_rate: float = Field(default=0.5, gt=0, le=100)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    private: bool = Field(
+        default=True,
+        description="False trains without DP: only for measured baselines, never for partners' data.",
+    )
+    target_epsilon: float = Field(default=3.0, gt=0, le=100)
+    delta: float = Field(default=1e-5, gt=0, lt=0.01)
+    federation_epsilon_budget: float | None = Field(default=None, gt=0)
+    stats_noise_multiplier: float = Field(default=20.0, gt=0)
+    aggregation: Aggregation = "fedavg"
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
+    min_partners: int = Field(default=2, ge=1)
+    round_timeout_s: float = Field(default=120.0, gt=0)
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    secure_mode: bool = False
+
+    @property
+    def epsilon_budget(self) -> float:
+        """The coordinator's per-partner cap for this run (defaults to the target)."""
+        return (
+            self.federation_epsilon_budget
+            if self.federation_epsilon_budget is not None
+            else self.target_epsilon
+        )
+
+
+def load_training_config(path: Path | None = None, **overrides: Any) -> TrainingConfig:
+    """Read ``path`` (TOML, optional ``[training]`` table) and apply CLI overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        table = raw.get("training", raw)
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: [training] must be a table")
+        data.update(table)
+    data.update({k.replace("-", "_"): v for k, v in overrides.items() if v is not None})
+    return validate_training_config(data, source=str(path) if path else "options")
+
+
+def validate_training_config(data: dict[str, Any], *, source: str) -> TrainingConfig:
+    """Validate a mapping, naming the offending field in the error."""
+    try:
+        return TrainingConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """Render pydantic errors as ``source: field: message`` lines, without input values."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"{source}: {field}: {err['msg']}")
+    return "invalid configuration\n" + "\n".join(lines)

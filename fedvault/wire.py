@@ -1,0 +1,87 @@
+"""What crosses the wire between coordinator and partner nodes.
+
+Flower carries typed records (``ArrayRecord``, ``ConfigRecord``,
+``MetricRecord``) between processes; this module names the records and keys
+both sides use, and packs the few composite values (payload caches, charges)
+so that ``server`` and ``clients`` never import each other.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedvault.errors import ConfigError
+from fedvault.privacy import PrivacyCharge
+
+# Message actions (Flower message types are "<category>.<action>").
+QUERY_STATS = "query.stats"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+# Record names inside a message's RecordDict.
+RUN = "run"  # ConfigRecord: run id, round, hyperparameters
+MODEL = "model"  # ArrayRecord: parameters in ModelSpec order
+SCALER = "scaler"  # ArrayRecord: mean, std
+SUMS = "sums"  # ArrayRecord: noisy Σs, Σs², count
+PARTNER = "partner"  # ConfigRecord: partner name and example counts
+CHARGE = "charge"  # ConfigRecord: the PrivacyCharge this reply paid
+METRICS = "metrics"  # MetricRecord
+REFUSAL = "refusal"  # ConfigRecord: code + message; the node declined
+
+# Refusal codes a node may answer with instead of a result.
+REFUSE_BUDGET = "budget-exceeded"
+REFUSE_DATA = "data-invalid"
+REFUSE_REQUEST = "bad-request"
+REFUSE_CONFLICT = "conflict"
+
+
+def charge_to_record(charge: PrivacyCharge) -> dict[str, str | int | float]:
+    return charge.to_dict()
+
+
+def charge_from_record(record: dict[str, Any]) -> PrivacyCharge:
+    try:
+        return PrivacyCharge(
+            run_id=str(record["run_id"]),
+            round=int(record["round"]),
+            mechanism=str(record["mechanism"]),
+            noise_multiplier=float(record["noise_multiplier"]),
+            sample_rate=float(record["sample_rate"]),
+            steps=int(record["steps"]),
+            max_grad_norm=float(record["max_grad_norm"]),
+            delta=float(record["delta"]),
+            accountant=str(record["accountant"]),
+            accountant_version=str(record["accountant_version"]),
+            epsilon_after=float(record["epsilon_after"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed privacy charge record: {exc}") from None
+
+
+def pack_payload(arrays: dict[str, list[NDArray[Any]]], meta: dict[str, Any]) -> bytes:
+    """Arrays (no pickle) + JSON metadata in one blob, for the node's reply cache."""
+    flat: dict[str, NDArray[Any]] = {}
+    for name, values in arrays.items():
+        for i, v in enumerate(values):
+            flat[f"{name}/{i}"] = v
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **flat)
+    return buf.getvalue()
+
+
+def unpack_payload(blob: bytes) -> tuple[dict[str, list[NDArray[Any]]], dict[str, Any]]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+        meta = json.loads(npz["__meta__"].tobytes().decode())
+        arrays: dict[str, list[NDArray[Any]]] = {}
+        keys = sorted(
+            (k for k in npz.files if k != "__meta__"),
+            key=lambda k: (k.split("/")[0], int(k.split("/")[1])),
+        )
+        for key in keys:
+            arrays.setdefault(key.split("/")[0], []).append(npz[key])
+    return arrays, meta

@@ -1,0 +1,524 @@
+"""The coordinator: a Flower ServerApp driving DP federated training.
+
+Runs inside the ``flwr-serverapp`` process that the SuperLink starts for a run.
+Everything durable goes through :class:`server.store.FederationStore`; each
+round ends in one transaction (ledger + metrics + checkpoint), so a ``kill -9``
+at any point loses at most the round in flight, and a resume
+(``resume = true`` in the run config) replays it: nodes answer a replayed
+(run, round) from their reply cache, so no charge is lost or counted twice.
+
+Flow: stats (round 0: schema check + DP standardisation sums) → per-partner
+noise calibration → rounds of (budget check → train+evaluate message →
+aggregate → commit) → final evaluation → signed model in the registry.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedvault import wire
+from fedvault.errors import CheckpointError, ConfigError, FedvaultError
+from fedvault.modelspec import FloatArray, ModelSpec, init_parameters
+from fedvault.privacy import GaussianEvent, calibrate_noise_multiplier, epsilon
+from fedvault.schema import builtin_schema, schema_hash, to_json
+from fedvault.stats import NoisySums, Scaler, scaler_from_sums
+from fedvault.training_config import TrainingConfig, validate_training_config
+from server.aggregation import aggregate
+from server.registry import ModelRegistry, load_model_keys
+from server.store import FAILED, FINISHED, STOPPED, FederationStore, LedgerRow
+
+log = logging.getLogger("fedvault.coordinator")
+
+app = ServerApp()
+
+
+@dataclass
+class PartnerState:
+    """What the coordinator knows of one partner in this run."""
+
+    name: str
+    node_id: int
+    n_train: int
+    noise_multiplier: float = 0.0
+    sample_rate: float = 1.0
+    active: bool = True
+    reason: str = ""
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint must restore."""
+
+    round: int
+    params: list[FloatArray]
+    scaler: Scaler
+    partners: dict[str, PartnerState]
+    rng_state: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "round": self.round,
+            "partners": {n: p.__dict__ for n, p in self.partners.items()},
+            "rng_state": self.rng_state,
+            "history": self.history,
+        }
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            scaler_mean=self.scaler.mean,
+            scaler_std=self.scaler.std,
+            **{f"param_{i}": p for i, p in enumerate(self.params)},
+        )
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, n_params: int) -> RunState:
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+                meta = json.loads(npz["meta"].tobytes().decode())
+                params = [npz[f"param_{i}"] for i in range(n_params)]
+                scaler = Scaler(mean=npz["scaler_mean"], std=npz["scaler_std"])
+            partners = {n: PartnerState(**p) for n, p in meta["partners"].items()}
+            return cls(meta["round"], params, scaler, partners, meta["rng_state"], meta["history"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint cannot be decoded ({exc}); refusing to resume"
+            ) from None
+
+
+class RunAborted(FedvaultError):
+    """The run cannot continue (too few partners, budget, failures)."""
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    state_dir = Path(str(run_config["state-dir"]))
+    run_id = str(run_config["fedvault-run-id"])
+    store = FederationStore(state_dir / "federation.db")
+    try:
+        Coordinator(grid, store, state_dir, run_id, run_config).run()
+    finally:
+        store.close()
+
+
+class Coordinator:
+    def __init__(
+        self,
+        grid: Grid,
+        store: FederationStore,
+        state_dir: Path,
+        run_id: str,
+        run_config: Any,
+    ) -> None:
+        self.grid = grid
+        self.store = store
+        self.state_dir = state_dir
+        self.run_id = run_id
+        self.resume = bool(run_config.get("resume", False))
+        self.poll_interval = float(run_config.get("poll-interval", 0.2))
+        if self.resume:
+            record = store.run(run_id)
+            self.config = validate_training_config(record.config, source=f"run {run_id}")
+        else:
+            self.config = validate_training_config(
+                json.loads(str(run_config["training"])), source="run config"
+            )
+        self.schema = builtin_schema(self.config.dataset)
+        self.spec = ModelSpec(
+            kind=self.config.model,
+            n_features=len(self.schema.features),
+            n_classes=len(self.schema.classes),
+            hidden=self.config.hidden,
+            activation=self.config.activation,
+        )
+
+    # -- top level ----------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.config
+        if not self.resume:
+            self.store.create_run(
+                self.run_id, cfg.model_dump(), json.loads(self.schema.model_dump_json())
+            )
+        try:
+            state = self._start_or_resume()
+            while state.round < cfg.rounds:
+                self._round(state)
+            final = self._final_evaluation(state)
+            model_id = self._register(state, final)
+            self.store.set_status(self.run_id, FINISHED, f"model {model_id}")
+            log.info("run %s finished: model %s", self.run_id, model_id)
+        except RunAborted as exc:
+            self.store.set_status(self.run_id, STOPPED, str(exc))
+            log.error("run %s stopped: %s", self.run_id, exc)
+        except FedvaultError as exc:
+            self.store.set_status(self.run_id, FAILED, str(exc))
+            log.error("run %s failed: %s", self.run_id, exc)
+            raise
+
+    def _start_or_resume(self) -> RunState:
+        nodes = self._wait_for_nodes()
+        checkpoint = None
+        if self.resume:
+            checkpoint = self.store.checkpoint(self.run_id)
+        # Round 0 is replayed on resume too: nodes answer from their reply
+        # cache, which also maps partner names to this run's node ids.
+        partners, total = self._stats_round(nodes)
+        if checkpoint is not None:
+            round_, blob = checkpoint
+            state = RunState.from_bytes(blob, len(self.spec.shapes()))
+            if state.round != round_:
+                raise CheckpointError("checkpoint round does not match its record")
+            for name, p in state.partners.items():
+                if name in partners:
+                    p.node_id = partners[name].node_id
+            log.info("run %s resumed after round %d", self.run_id, state.round)
+            return state
+        scaler = scaler_from_sums(total, self.schema)
+        self._calibrate(partners)
+        rng = np.random.default_rng(self.config.seed)
+        state = RunState(
+            round=0,
+            params=init_parameters(self.spec, self.config.seed),
+            scaler=scaler,
+            partners=partners,
+            rng_state=rng.bit_generator.state,
+        )
+        # Round 0's checkpoint carries the stats charges: from here on the
+        # ledger alone is the record of what each partner has spent.
+        self.store.commit_round(self.run_id, 0, self._stats_charges, None, state.to_bytes())
+        return state
+
+    # -- phases -------------------------------------------------------------
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.config.round_timeout_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.config.min_partners or time.monotonic() > deadline:
+                break
+            time.sleep(self.poll_interval)
+        if len(nodes) < self.config.min_partners:
+            raise RunAborted(
+                f"only {len(nodes)} partner node(s) connected, "
+                f"{self.config.min_partners} required (min_partners)"
+            )
+        return nodes
+
+    def _run_record(self, round_: int, **extra: Any) -> ConfigRecord:
+        cfg = self.config
+        return ConfigRecord(
+            {
+                "run-id": self.run_id,
+                "round": round_,
+                "schema": to_json(self.schema),
+                "model-spec": self.spec.model_dump_json(),
+                "delta": cfg.delta,
+                "seed": cfg.seed,
+                "secure-mode": cfg.secure_mode,
+                "private": cfg.private,
+                **extra,
+            }
+        )
+
+    def _exchange(self, messages: list[Message]) -> list[Message]:
+        """Push, then poll at our own interval until every reply or the timeout.
+
+        ``Grid.send_and_receive`` polls every 3 s; pulling ourselves through
+        the same public API cuts that idle wait per round.
+        """
+        ids = set(self.grid.push_messages(messages))
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.config.round_timeout_s
+        while ids and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(ids)):
+                ids.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if ids:
+                time.sleep(self.poll_interval)
+        if ids:
+            log.warning("round timed out waiting for %d reply(ies)", len(ids))
+        return replies
+
+    def _stats_round(self, nodes: list[int]) -> tuple[dict[str, PartnerState], NoisySums]:
+        run = self._run_record(0, **{"stats-noise-multiplier": self.config.stats_noise_multiplier})
+        messages = [
+            Message(RecordDict({wire.RUN: run}), dst_node_id=n, message_type=wire.QUERY_STATS)
+            for n in nodes
+        ]
+        partners: dict[str, PartnerState] = {}
+        charges: list[LedgerRow] = []
+        total: NoisySums | None = None
+        for reply in self._exchange(messages):
+            ok = self._ok(reply, "stats")
+            if ok is None:
+                continue
+            info = ok.config_records[wire.PARTNER]
+            name = str(info["name"])
+            partners[name] = PartnerState(name, reply.metadata.src_node_id, int(info["n-train"]))
+            charges.append(
+                LedgerRow(name, wire.charge_from_record(dict(ok.config_records[wire.CHARGE])))
+            )
+            s, s2, count = ok.array_records[wire.SUMS].to_numpy_ndarrays()
+            sums = NoisySums(s, s2, float(count[0]))
+            total = sums if total is None else total + sums
+        if total is None or len(partners) < self.config.min_partners:
+            raise RunAborted(
+                f"{len(partners)} partner(s) passed data validation, "
+                f"{self.config.min_partners} required"
+            )
+        self._stats_charges = charges
+        return partners, total
+
+    def _calibrate(self, partners: dict[str, PartnerState]) -> None:
+        """Per partner σ: target ε over all planned rounds, stats release included."""
+        cfg = self.config
+        for p in partners.values():
+            p.sample_rate = min(1.0, cfg.batch_size / p.n_train)
+            if not cfg.private:
+                p.noise_multiplier = 0.0
+                continue
+            planned = [GaussianEvent(1.0, p.sample_rate, cfg.local_steps)] * cfg.rounds
+            prior = [GaussianEvent(cfg.stats_noise_multiplier, 1.0, 1)]
+            p.noise_multiplier = calibrate_noise_multiplier(
+                cfg.target_epsilon, cfg.delta, planned, prior=prior
+            )
+            log.info("partner %s: q=%.4f σ=%.3f", p.name, p.sample_rate, p.noise_multiplier)
+
+    def _projected_epsilon(self, p: PartnerState) -> float:
+        """ε of partner ``p`` in this run if it takes part in one more round."""
+        history = [
+            row.charge.event for row in self.store.ledger(self.run_id) if row.partner == p.name
+        ]
+        nxt = GaussianEvent(p.noise_multiplier, p.sample_rate, self.config.local_steps)
+        return epsilon([*history, nxt], self.config.delta)
+
+    def _select(self, state: RunState) -> list[PartnerState]:
+        cfg = self.config
+        selected = []
+        for p in state.partners.values():
+            if not p.active:
+                continue
+            if cfg.private:
+                projected = self._projected_epsilon(p)
+                if projected > cfg.epsilon_budget:
+                    p.active = False
+                    p.reason = (
+                        f"round {state.round + 1} would bring ε to {projected:.3f}, past the "
+                        f"federation budget {cfg.epsilon_budget}"
+                    )
+                    log.warning("dropping partner %s: %s", p.name, p.reason)
+                    continue
+            selected.append(p)
+        if len(selected) < cfg.min_partners:
+            reasons = "; ".join(
+                f"{p.name}: {p.reason}" for p in state.partners.values() if p.reason
+            )
+            raise RunAborted(
+                f"only {len(selected)} partner(s) can take part in round {state.round + 1}, "
+                f"{cfg.min_partners} required (min_partners). {reasons}"
+            )
+        return selected
+
+    def _round(self, state: RunState) -> None:
+        cfg = self.config
+        round_ = state.round + 1
+        selected = self._select(state)
+        messages = []
+        for p in selected:
+            run = self._run_record(
+                round_,
+                **{
+                    "learning-rate": cfg.learning_rate,
+                    "momentum": cfg.momentum,
+                    "batch-size": cfg.batch_size,
+                    "local-steps": cfg.local_steps,
+                    "noise-multiplier": p.noise_multiplier if cfg.private else 0.0,
+                    "max-grad-norm": cfg.max_grad_norm,
+                },
+            )
+            content = RecordDict(
+                {
+                    wire.RUN: run,
+                    wire.MODEL: ArrayRecord(numpy_ndarrays=state.params),
+                    wire.SCALER: ArrayRecord(numpy_ndarrays=[state.scaler.mean, state.scaler.std]),
+                }
+            )
+            messages.append(Message(content, dst_node_id=p.node_id, message_type=wire.TRAIN))
+        by_node = {p.node_id: p for p in selected}
+        updates: list[list[FloatArray]] = []
+        weights: list[float] = []
+        charges: list[LedgerRow] = []
+        eval_n = eval_loss = eval_correct = 0.0
+        failed: list[str] = []
+        for reply in self._exchange(messages):
+            p = by_node.get(reply.metadata.src_node_id)
+            if p is None:
+                continue
+            ok = self._ok(reply, f"round {round_}", partner=p)
+            if ok is None:
+                failed.append(p.name)
+                continue
+            charge = wire.charge_from_record(dict(ok.config_records[wire.CHARGE]))
+            charges.append(LedgerRow(p.name, charge))
+            if cfg.private and not self._charge_matches_plan(p, charge):
+                failed.append(p.name)
+                continue
+            m = ok.metric_records[wire.METRICS]
+            updates.append(
+                [
+                    np.asarray(a, dtype=np.float32)
+                    for a in ok.array_records[wire.MODEL].to_numpy_ndarrays()
+                ]
+            )
+            weights.append(float(m["num-examples"]))
+            n_test = float(m["num-test"])
+            eval_n += n_test
+            eval_loss += float(m["eval-loss"]) * n_test
+            eval_correct += float(m["eval-accuracy"]) * n_test
+        missing = [
+            p.name
+            for p in selected
+            if p.name not in {r.partner for r in charges if r.charge.round == round_}
+        ]
+        if len(updates) < cfg.min_partners:
+            # Commit the charges that did happen before stopping: a partner's
+            # spend is real even if the round cannot be completed.
+            self.store.commit_round(self.run_id, state.round, charges, None, state.to_bytes())
+            raise RunAborted(
+                f"round {round_}: only {len(updates)} usable update(s), {cfg.min_partners} "
+                f"required; failed: {sorted(set(failed + missing))}"
+            )
+        state.params = aggregate(
+            updates, weights, rule=cfg.aggregation, trim_fraction=cfg.trim_fraction
+        )
+        state.round = round_
+        metrics = {
+            # Evaluation rides in the train message, so it measures the model
+            # each partner *received*: the aggregate of the previous round.
+            "evaluated_round": round_ - 1,
+            "eval_loss": eval_loss / eval_n if eval_n else None,
+            "eval_accuracy": eval_correct / eval_n if eval_n else None,
+            "partners": sorted(
+                by_node[n].name
+                for n in by_node
+                if by_node[n].name not in failed and by_node[n].name not in missing
+            ),
+            "failed": sorted(set(failed + missing)),
+            "epsilon": {
+                r.partner: r.charge.epsilon_after for r in charges if r.charge.round == round_
+            },
+        }
+        state.history.append({"round": round_, **metrics})
+        self.store.commit_round(self.run_id, round_, charges, metrics, state.to_bytes())
+        log.info("round %d committed: %s", round_, metrics)
+
+    def _charge_matches_plan(self, p: PartnerState, charge: Any) -> bool:
+        planned = (p.noise_multiplier, self.config.local_steps)
+        if (charge.noise_multiplier, charge.steps) != planned or charge.run_id != self.run_id:
+            log.error(
+                "partner %s reported a charge that differs from its plan; update rejected", p.name
+            )
+            return False
+        return True
+
+    def _ok(
+        self, reply: Message, what: str, partner: PartnerState | None = None
+    ) -> RecordDict | None:
+        """The reply's content, or None after recording why it is unusable."""
+        name = partner.name if partner else str(reply.metadata.src_node_id)
+        if reply.has_error():
+            log.warning("%s: node %s failed: %s", what, name, reply.error.reason)
+            return None
+        content = reply.content
+        if wire.REFUSAL in content.config_records:
+            refusal = content.config_records[wire.REFUSAL]
+            log.warning(
+                "%s: partner %s refused (%s): %s", what, name, refusal["code"], refusal["message"]
+            )
+            if partner is not None:
+                partner.active = False
+                partner.reason = f"refused ({refusal['code']}): {refusal['message']}"
+            return None
+        return content
+
+    def _final_evaluation(self, state: RunState) -> dict[str, Any]:
+        run = self._run_record(state.round)
+        messages = []
+        for p in state.partners.values():
+            content = RecordDict(
+                {
+                    wire.RUN: run,
+                    wire.MODEL: ArrayRecord(numpy_ndarrays=state.params),
+                    wire.SCALER: ArrayRecord(numpy_ndarrays=[state.scaler.mean, state.scaler.std]),
+                }
+            )
+            messages.append(Message(content, dst_node_id=p.node_id, message_type=wire.EVALUATE))
+        n = loss = correct = 0.0
+        for reply in self._exchange(messages):
+            ok = self._ok(reply, "final evaluation")
+            if ok is None:
+                continue
+            m = ok.metric_records[wire.METRICS]
+            n += float(m["num-test"])
+            loss += float(m["eval-loss"]) * float(m["num-test"])
+            correct += float(m["eval-accuracy"]) * float(m["num-test"])
+        final = {
+            "evaluated_round": state.round,
+            "eval_loss": loss / n if n else None,
+            "eval_accuracy": correct / n if n else None,
+        }
+        self.store.set_final_metrics(self.run_id, final)
+        return final
+
+    def _register(self, state: RunState, final: dict[str, Any]) -> str:
+        cfg = self.config
+        ledger = self.store.ledger(self.run_id)
+        eps: dict[str, float] = {}
+        for row in ledger:
+            eps[row.partner] = max(eps.get(row.partner, 0.0), row.charge.epsilon_after)
+        lineage = {
+            "run_id": self.run_id,
+            "dataset": cfg.dataset,
+            "schema_hash": schema_hash(self.schema),
+            "partners": sorted(state.partners),
+            "rounds_planned": cfg.rounds,
+            "rounds_completed": state.round,
+            "hyperparameters": cfg.model_dump(),
+            "metrics": {"final": final, "rounds": state.history},
+            "private": cfg.private,
+            "epsilon": eps,
+            "delta": cfg.delta,
+            "accountant": ledger[0].charge.accountant + " " + ledger[0].charge.accountant_version
+            if ledger
+            else "none",
+            "scaler": "federated noisy sums (Gaussian mechanism), see privacy statement",
+        }
+        keys = load_model_keys(self.state_dir / "keys")
+        registry = ModelRegistry(self.store, self.state_dir / "registry", keys)
+        return registry.register(
+            name=f"{cfg.dataset}-{cfg.model}",
+            run_id=self.run_id,
+            spec=self.spec,
+            params=state.params,
+            scaler=state.scaler,
+            lineage=lineage,
+        )
+
+
+def training_config_json(config: TrainingConfig) -> str:
+    return config.model_dump_json()
+
+
+__all__ = ["ConfigError", "app", "main", "training_config_json"]
