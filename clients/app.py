@@ -120,7 +120,7 @@ def _load(settings: NodeSettings, schema: DataSchema) -> tuple[PartnerData, Part
 
 
 def _seed(run: ConfigRecord, partner: str, round_: int) -> int:
-    digest = hashlib.sha256(f"{run['seed']}:{partner}:{round_}".encode()).digest()
+    digest = hashlib.sha256(f"{wire.config_int(run, 'seed')}:{partner}:{round_}".encode()).digest()
     return int.from_bytes(digest[:7], "big")
 
 
@@ -158,8 +158,8 @@ def _charge(
             f"partner {settings.partner}: this release would bring the lifetime ε of dataset "
             f"{schema.name!r} to {lifetime:.3f}, past this site's cap of {settings.epsilon_cap}",
         )
-    run_id = str(run["run-id"])
-    delta = float(run["delta"])
+    run_id = wire.config_str(run, "run-id")
+    delta = wire.config_float(run, "delta")
     prior = [c.event for c in ledger.charges(schema.name, run_id)]
     return PrivacyCharge(
         run_id=run_id,
@@ -213,15 +213,15 @@ def stats(message: Message, context: Context) -> Message:
 
 def _stats(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema = from_json(str(run["schema"]))
+    schema = from_json(wire.config_str(run, "schema"))
     train, test = _load(settings, schema)
     ledger = NodeLedger(settings.ledger)
     try:
         digest = _digest(message)
-        cached = ledger.cached_reply(schema.name, str(run["run-id"]), 0, digest)
+        cached = ledger.cached_reply(schema.name, wire.config_str(run, "run-id"), 0, digest)
         if cached is not None:
             return _reply_from_cache(message, cached)
-        sigma = float(run["stats-noise-multiplier"])
+        sigma = wire.config_float(run, "stats-noise-multiplier")
         event = GaussianEvent(sigma, 1.0, 1)
         charge = _charge(ledger, settings, schema, run, 0, MECHANISM_GAUSSIAN_SUMS, event, 1.0)
         rng = np.random.default_rng(_seed(run, settings.partner, 0))
@@ -265,30 +265,30 @@ def train(message: Message, context: Context) -> Message:
 
 def _train(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema = from_json(str(run["schema"]))
-    spec = ModelSpec.model_validate_json(str(run["model-spec"]))
-    round_ = int(run["round"])
-    private = bool(run["private"])
+    schema = from_json(wire.config_str(run, "schema"))
+    spec = ModelSpec.model_validate_json(wire.config_str(run, "model-spec"))
+    round_ = wire.config_int(run, "round")
+    private = wire.config_bool(run, "private")
     if not private and not settings.allow_non_private:
         raise Refusal(wire.REFUSE_REQUEST, "this site does not train without differential privacy")
     train_data, test_data = _load(settings, schema)
     ledger = NodeLedger(settings.ledger)
     try:
         digest = _digest(message)
-        cached = ledger.cached_reply(schema.name, str(run["run-id"]), round_, digest)
+        cached = ledger.cached_reply(schema.name, wire.config_str(run, "run-id"), round_, digest)
         if cached is not None:
             return _reply_from_cache(message, cached)
         from clients.training import LocalPlan, sample_rate, train_local
 
         plan = LocalPlan(
-            learning_rate=float(run["learning-rate"]),
-            momentum=float(run["momentum"]),
-            batch_size=int(run["batch-size"]),
-            steps=int(run["local-steps"]),
-            noise_multiplier=float(run["noise-multiplier"]),
-            max_grad_norm=float(run["max-grad-norm"]),
+            learning_rate=wire.config_float(run, "learning-rate"),
+            momentum=wire.config_float(run, "momentum"),
+            batch_size=wire.config_int(run, "batch-size"),
+            steps=wire.config_int(run, "local-steps"),
+            noise_multiplier=wire.config_float(run, "noise-multiplier"),
+            max_grad_norm=wire.config_float(run, "max-grad-norm"),
             private=private,
-            secure_mode=bool(run["secure-mode"]),
+            secure_mode=wire.config_bool(run, "secure-mode"),
         )
         q = sample_rate(plan.batch_size, train_data.n_rows)
         if private:
@@ -300,7 +300,11 @@ def _train(message: Message, settings: NodeSettings) -> Message:
             # Recorded, never skipped: a ledger must not hide that data was used.
             # ε = ∞ poisons every later lifetime check on this dataset.
             charge = non_private_charge(
-                str(run["run-id"]), round_, q, plan.steps, float(run["delta"])
+                wire.config_str(run, "run-id"),
+                round_,
+                q,
+                plan.steps,
+                wire.config_float(run, "delta"),
             )
         params, scaler = _model_and_scaler(message, spec)
         x_test = scaler.apply(test_data.features)
@@ -343,8 +347,8 @@ def evaluate_global(message: Message, context: Context) -> Message:
 
 def _evaluate(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema = from_json(str(run["schema"]))
-    spec = ModelSpec.model_validate_json(str(run["model-spec"]))
+    schema = from_json(wire.config_str(run, "schema"))
+    spec = ModelSpec.model_validate_json(wire.config_str(run, "model-spec"))
     test_data = load_partner_csv(settings.test_csv, schema)
     params, scaler = _model_and_scaler(message, spec)
     loss, acc = evaluate(spec, params, scaler.apply(test_data.features), test_data.labels)

@@ -39,6 +39,12 @@ CREATE TABLE IF NOT EXISTS replies (
 
 _CHARGE_FIELDS = [f.name for f in fields(PrivacyCharge)]
 
+_COLUMNS = ", ".join(_CHARGE_FIELDS)
+_PLACEHOLDERS = ", ".join("?" for _ in _CHARGE_FIELDS)
+# Only PrivacyCharge's field names (constants) are interpolated; values are "?" parameters.
+_SELECT_CHARGES = f"SELECT {_COLUMNS} FROM charges WHERE dataset = ?"  # noqa: S608
+_INSERT_CHARGE = f"INSERT INTO charges (dataset, {_COLUMNS}) VALUES (?, {_PLACEHOLDERS})"  # noqa: S608
+
 
 def request_digest(*parts: bytes) -> str:
     """Identify a request by content, so a replay can be told from a new ask."""
@@ -61,7 +67,7 @@ class NodeLedger:
         self._conn.close()
 
     def charges(self, dataset: str, run_id: str | None = None) -> list[PrivacyCharge]:
-        sql = f"SELECT {', '.join(_CHARGE_FIELDS)} FROM charges WHERE dataset = ?"
+        sql = _SELECT_CHARGES
         args: tuple[str, ...] = (dataset,)
         if run_id is not None:
             sql += " AND run_id = ?"
@@ -111,9 +117,7 @@ class NodeLedger:
         with transaction(self._conn):
             for c in charges:
                 self._conn.execute(
-                    f"INSERT INTO charges (dataset, {', '.join(_CHARGE_FIELDS)}) "
-                    f"VALUES (?, {', '.join('?' for _ in _CHARGE_FIELDS)})",
-                    (dataset, *(getattr(c, f) for f in _CHARGE_FIELDS)),
+                    _INSERT_CHARGE, (dataset, *(getattr(c, f) for f in _CHARGE_FIELDS))
                 )
             self._conn.execute(
                 "INSERT INTO replies (dataset, run_id, round, request_digest, reply) "

@@ -6,7 +6,7 @@ could never agree; so this module is the one place where (ε, δ) is derived.
 Accountant: Rényi DP (Mironov 2017; the sampled Gaussian mechanism analysis of
 Mironov, Talwar & Zhang 2019) as implemented by Opacus' ``analysis.rdp``, over
 Opacus' default orders. Each charge is a sampled Gaussian mechanism
-(noise multiplier σ, Poisson sampling rate q, number of steps); a partner's
+(noise multiplier sigma, Poisson sampling rate q, number of steps); a partner's
 lifetime ε at δ is the RDP composition of *every* charge ever made against its
 dataset, converted to (ε, δ) once. Adjacency: add/remove one example of that
 partner's dataset (example-level DP per partner).
@@ -140,10 +140,10 @@ def calibrate_noise_multiplier(
     prior: Sequence[GaussianEvent | None] = (),
     tolerance: float = 0.005,
 ) -> float:
-    """Smallest σ such that ``prior`` plus ``planned`` (with σ) stays ≤ ``target_epsilon``.
+    """Smallest sigma such that ``prior`` plus ``planned`` (with sigma) stays ≤ ``target_epsilon``.
 
     ``planned`` gives sample rates and step counts; its noise multipliers are
-    replaced by the σ searched for. Bisection on σ: ε is decreasing in σ.
+    replaced by the sigma searched for. Bisection on sigma: ε is decreasing in sigma.
     """
 
     def eps_at(sigma: float) -> float:

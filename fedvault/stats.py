@@ -4,7 +4,7 @@ Each partner releases noisy sums ``(Σ s, Σ s², n)`` of its features rescaled
 into [-1, 1] by the schema's *public* bounds (never by its own data), so that
 one example changes the released vector by at most ``sqrt(2d + 1)`` in L2
 (add/remove adjacency). Gaussian noise of standard deviation
-``σ · sqrt(2d + 1)`` makes the release (σ, q=1, 1 step) in the accountant's
+``sigma · sqrt(2d + 1)`` makes the release (sigma, q=1, 1 step) in the accountant's
 terms, charged in the partner's ledger like any DP-SGD round. The coordinator
 only ever sees the sum of these noisy sums over partners.
 """

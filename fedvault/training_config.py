@@ -39,7 +39,9 @@ class TrainingConfig(BaseModel):
     max_grad_norm: float = Field(default=1.0, gt=0)
     private: bool = Field(
         default=True,
-        description="False trains without DP: only for measured baselines, never for partners' data.",
+        description=(
+            "False trains without DP: only for measured baselines, never for partners' data."
+        ),
     )
     target_epsilon: float = Field(default=3.0, gt=0, le=100)
     delta: float = Field(default=1e-5, gt=0, lt=0.01)

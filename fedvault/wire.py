@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,50 @@ REFUSE_REQUEST = "bad-request"
 REFUSE_CONFLICT = "conflict"
 
 
+def _field(record: Mapping[str, object], key: str, expected: str) -> object:
+    try:
+        return record[key]
+    except KeyError:
+        raise ConfigError(f"record field {key!r}: expected {expected}, but it is missing") from None
+
+
+def config_str(record: Mapping[str, object], key: str) -> str:
+    """``record[key]`` as a str; ConfigError if missing or not a str."""
+    value = _field(record, key, "str")
+    if not isinstance(value, str):
+        raise ConfigError(f"record field {key!r}: expected str, got {type(value).__name__}")
+    return value
+
+
+def config_int(record: Mapping[str, object], key: str) -> int:
+    """``record[key]`` as an int (a bool is not an int); ConfigError otherwise."""
+    value = _field(record, key, "int")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"record field {key!r}: expected int, got {type(value).__name__}")
+    return value
+
+
+def config_float(record: Mapping[str, object], key: str) -> float:
+    """``record[key]`` as a float (an int is accepted, a bool is not); ConfigError otherwise."""
+    value = _field(record, key, "float")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"record field {key!r}: expected float, got {type(value).__name__}")
+    return float(value)
+
+
+def config_bool(record: Mapping[str, object], key: str) -> bool:
+    """``record[key]`` as a bool; ConfigError if missing or not a bool."""
+    value = _field(record, key, "bool")
+    if not isinstance(value, bool):
+        raise ConfigError(f"record field {key!r}: expected bool, got {type(value).__name__}")
+    return value
+
+
+def metric_float(record: Mapping[str, object], key: str) -> float:
+    """A scalar metric as a float (int accepted, bool and lists not); ConfigError otherwise."""
+    return config_float(record, key)
+
+
 def charge_to_record(charge: PrivacyCharge) -> dict[str, str | int | float]:
     return charge.to_dict()
 
@@ -65,13 +110,21 @@ def charge_from_record(record: dict[str, Any]) -> PrivacyCharge:
 
 def pack_payload(arrays: dict[str, list[NDArray[Any]]], meta: dict[str, Any]) -> bytes:
     """Arrays (no pickle) + JSON metadata in one blob, for the node's reply cache."""
-    flat: dict[str, NDArray[Any]] = {}
+    flat: dict[str, NDArray[Any]] = {
+        "__meta__": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    }
     for name, values in arrays.items():
         for i, v in enumerate(values):
             flat[f"{name}/{i}"] = v
     buf = io.BytesIO()
-    np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **flat)
+    save_arrays(buf, flat)
     return buf.getvalue()
+
+
+def save_arrays(file: io.BytesIO, arrays: Mapping[str, NDArray[Any]]) -> None:
+    """``np.savez(file, **arrays)``, typed: the keys become the archive's names."""
+    kwds: dict[str, Any] = dict(arrays)
+    np.savez(file, **kwds)
 
 
 def unpack_payload(blob: bytes) -> tuple[dict[str, list[NDArray[Any]]], dict[str, Any]]:

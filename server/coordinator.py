@@ -25,14 +25,15 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from numpy.typing import NDArray
 
 from fedvault import wire
-from fedvault.errors import CheckpointError, ConfigError, FedvaultError
+from fedvault.errors import CheckpointError, FedvaultError
 from fedvault.modelspec import FloatArray, ModelSpec, init_parameters
 from fedvault.privacy import GaussianEvent, calibrate_noise_multiplier, epsilon
 from fedvault.schema import builtin_schema, schema_hash, to_json
 from fedvault.stats import NoisySums, Scaler, scaler_from_sums
-from fedvault.training_config import TrainingConfig, validate_training_config
+from fedvault.training_config import validate_training_config
 from server.aggregation import aggregate
 from server.registry import ModelRegistry, load_model_keys
 from server.store import FAILED, FINISHED, STOPPED, FederationStore, LedgerRow
@@ -73,14 +74,14 @@ class RunState:
             "rng_state": self.rng_state,
             "history": self.history,
         }
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
-            scaler_mean=self.scaler.mean,
-            scaler_std=self.scaler.std,
+        arrays: dict[str, NDArray[Any]] = {
+            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+            "scaler_mean": self.scaler.mean,
+            "scaler_std": self.scaler.std,
             **{f"param_{i}": p for i, p in enumerate(self.params)},
-        )
+        }
+        buf = io.BytesIO()
+        wire.save_arrays(buf, arrays)
         return buf.getvalue()
 
     @classmethod
@@ -194,7 +195,7 @@ class Coordinator:
             params=init_parameters(self.spec, self.config.seed),
             scaler=scaler,
             partners=partners,
-            rng_state=rng.bit_generator.state,
+            rng_state=dict(rng.bit_generator.state),
         )
         # Round 0's checkpoint carries the stats charges: from here on the
         # ledger alone is the record of what each partner has spent.
@@ -265,8 +266,9 @@ class Coordinator:
             if ok is None:
                 continue
             info = ok.config_records[wire.PARTNER]
-            name = str(info["name"])
-            partners[name] = PartnerState(name, reply.metadata.src_node_id, int(info["n-train"]))
+            name = wire.config_str(info, "name")
+            n_train = wire.config_int(info, "n-train")
+            partners[name] = PartnerState(name, reply.metadata.src_node_id, n_train)
             charges.append(
                 LedgerRow(name, wire.charge_from_record(dict(ok.config_records[wire.CHARGE])))
             )
@@ -282,7 +284,7 @@ class Coordinator:
         return partners, total
 
     def _calibrate(self, partners: dict[str, PartnerState]) -> None:
-        """Per partner σ: target ε over all planned rounds, stats release included."""
+        """Per partner sigma: target ε over all planned rounds, stats release included."""
         cfg = self.config
         for p in partners.values():
             p.sample_rate = min(1.0, cfg.batch_size / p.n_train)
@@ -294,7 +296,12 @@ class Coordinator:
             p.noise_multiplier = calibrate_noise_multiplier(
                 cfg.target_epsilon, cfg.delta, planned, prior=prior
             )
-            log.info("partner %s: q=%.4f σ=%.3f", p.name, p.sample_rate, p.noise_multiplier)
+            log.info(
+                "partner %s: q=%.4f \N{GREEK SMALL LETTER SIGMA}=%.3f",
+                p.name,
+                p.sample_rate,
+                p.noise_multiplier,
+            )
 
     def _projected_epsilon(self, p: PartnerState) -> float:
         """ε of partner ``p`` in this run if it takes part in one more round."""
@@ -363,17 +370,17 @@ class Coordinator:
         eval_n = eval_loss = eval_correct = 0.0
         failed: list[str] = []
         for reply in self._exchange(messages):
-            p = by_node.get(reply.metadata.src_node_id)
-            if p is None:
+            sender = by_node.get(reply.metadata.src_node_id)
+            if sender is None:
                 continue
-            ok = self._ok(reply, f"round {round_}", partner=p)
+            ok = self._ok(reply, f"round {round_}", partner=sender)
             if ok is None:
-                failed.append(p.name)
+                failed.append(sender.name)
                 continue
             charge = wire.charge_from_record(dict(ok.config_records[wire.CHARGE]))
-            charges.append(LedgerRow(p.name, charge))
-            if cfg.private and not self._charge_matches_plan(p, charge):
-                failed.append(p.name)
+            charges.append(LedgerRow(sender.name, charge))
+            if cfg.private and not self._charge_matches_plan(sender, charge):
+                failed.append(sender.name)
                 continue
             m = ok.metric_records[wire.METRICS]
             updates.append(
@@ -382,23 +389,22 @@ class Coordinator:
                     for a in ok.array_records[wire.MODEL].to_numpy_ndarrays()
                 ]
             )
-            weights.append(float(m["num-examples"]))
-            n_test = float(m["num-test"])
+            weights.append(wire.metric_float(m, "num-examples"))
+            n_test = wire.metric_float(m, "num-test")
             eval_n += n_test
-            eval_loss += float(m["eval-loss"]) * n_test
-            eval_correct += float(m["eval-accuracy"]) * n_test
-        missing = [
-            p.name
-            for p in selected
-            if p.name not in {r.partner for r in charges if r.charge.round == round_}
-        ]
+            eval_loss += wire.metric_float(m, "eval-loss") * n_test
+            eval_correct += wire.metric_float(m, "eval-accuracy") * n_test
+        # Partners that were sent this round but never reported a charge for it.
+        charged = {r.partner for r in charges if r.charge.round == round_}
+        missing = [p.name for p in selected if p.name not in charged]
+        dropped = set(failed + missing)
         if len(updates) < cfg.min_partners:
             # Commit the charges that did happen before stopping: a partner's
             # spend is real even if the round cannot be completed.
             self.store.commit_round(self.run_id, state.round, charges, None, state.to_bytes())
             raise RunAborted(
                 f"round {round_}: only {len(updates)} usable update(s), {cfg.min_partners} "
-                f"required; failed: {sorted(set(failed + missing))}"
+                f"required; failed: {sorted(dropped)}"
             )
         state.params = aggregate(
             updates, weights, rule=cfg.aggregation, trim_fraction=cfg.trim_fraction
@@ -410,12 +416,8 @@ class Coordinator:
             "evaluated_round": round_ - 1,
             "eval_loss": eval_loss / eval_n if eval_n else None,
             "eval_accuracy": eval_correct / eval_n if eval_n else None,
-            "partners": sorted(
-                by_node[n].name
-                for n in by_node
-                if by_node[n].name not in failed and by_node[n].name not in missing
-            ),
-            "failed": sorted(set(failed + missing)),
+            "partners": sorted(p.name for p in by_node.values() if p.name not in dropped),
+            "failed": sorted(dropped),
             "epsilon": {
                 r.partner: r.charge.epsilon_after for r in charges if r.charge.round == round_
             },
@@ -444,12 +446,12 @@ class Coordinator:
         content = reply.content
         if wire.REFUSAL in content.config_records:
             refusal = content.config_records[wire.REFUSAL]
-            log.warning(
-                "%s: partner %s refused (%s): %s", what, name, refusal["code"], refusal["message"]
-            )
+            code = wire.config_str(refusal, "code")
+            text = wire.config_str(refusal, "message")
+            log.warning("%s: partner %s refused (%s): %s", what, name, code, text)
             if partner is not None:
                 partner.active = False
-                partner.reason = f"refused ({refusal['code']}): {refusal['message']}"
+                partner.reason = f"refused ({code}): {text}"
             return None
         return content
 
@@ -471,9 +473,10 @@ class Coordinator:
             if ok is None:
                 continue
             m = ok.metric_records[wire.METRICS]
-            n += float(m["num-test"])
-            loss += float(m["eval-loss"]) * float(m["num-test"])
-            correct += float(m["eval-accuracy"]) * float(m["num-test"])
+            n_test = wire.metric_float(m, "num-test")
+            n += n_test
+            loss += wire.metric_float(m, "eval-loss") * n_test
+            correct += wire.metric_float(m, "eval-accuracy") * n_test
         final = {
             "evaluated_round": state.round,
             "eval_loss": loss / n if n else None,
@@ -515,10 +518,3 @@ class Coordinator:
             scaler=state.scaler,
             lineage=lineage,
         )
-
-
-def training_config_json(config: TrainingConfig) -> str:
-    return config.model_dump_json()
-
-
-__all__ = ["ConfigError", "app", "main", "training_config_json"]

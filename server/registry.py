@@ -135,13 +135,12 @@ class ModelRegistry:
         version = self._store.next_model_version(name)
         model_id = f"{name}-v{version}-{uuid.uuid4().hex[:8]}"
         lineage = {**lineage, "privacy_statement": privacy_statement(lineage)}
+        # Any-valued so that mypy accepts the ** expansion into np.savez's keywords.
+        arrays: dict[str, Any] = {f"param_{i}": p for i, p in enumerate(params)}
+        arrays["scaler_mean"] = scaler.mean
+        arrays["scaler_std"] = scaler.std
         buf = io.BytesIO()
-        np.savez(
-            buf,
-            **{f"param_{i}": p for i, p in enumerate(params)},
-            scaler_mean=scaler.mean,
-            scaler_std=scaler.std,
-        )
+        np.savez(buf, **arrays)
         blob = seal_artifact(
             buf.getvalue(),
             signing_key=self._keys.signing_key,

@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS models (
 """
 
 _CHARGE_FIELDS = [f.name for f in fields(PrivacyCharge)]
+_COLUMNS = ", ".join(_CHARGE_FIELDS)
+_PLACEHOLDERS = ", ".join("?" for _ in _CHARGE_FIELDS)
+# Only PrivacyCharge's field names (constants) are interpolated; values are "?" parameters.
+_SELECT_LEDGER = f"SELECT partner, {_COLUMNS} FROM ledger"  # noqa: S608
+_CHARGE_KEY = "run_id=? AND partner=? AND round=? AND mechanism=?"
+_SELECT_CHARGE = f"SELECT {_COLUMNS} FROM ledger WHERE {_CHARGE_KEY}"  # noqa: S608
+_INSERT_CHARGE = f"INSERT INTO ledger (partner, {_COLUMNS}) VALUES (?, {_PLACEHOLDERS})"  # noqa: S608
 
 RUNNING, FINISHED, FAILED, STOPPED = "running", "finished", "failed", "stopped"
 
@@ -144,7 +151,7 @@ class FederationStore:
 
     # -- ledger -------------------------------------------------------------
     def ledger(self, run_id: str | None = None) -> list[LedgerRow]:
-        sql = f"SELECT partner, {', '.join(_CHARGE_FIELDS)} FROM ledger"
+        sql = _SELECT_LEDGER
         args: tuple[str, ...] = ()
         if run_id is not None:
             sql += " WHERE run_id=?"
@@ -191,9 +198,7 @@ class FederationStore:
     def _insert_charge(self, row: LedgerRow) -> None:
         c = row.charge
         existing = self._conn.execute(
-            f"SELECT {', '.join(_CHARGE_FIELDS)} FROM ledger "
-            "WHERE run_id=? AND partner=? AND round=? AND mechanism=?",
-            (c.run_id, row.partner, c.round, c.mechanism),
+            _SELECT_CHARGE, (c.run_id, row.partner, c.round, c.mechanism)
         ).fetchone()
         if existing is not None:
             if PrivacyCharge(**{f: existing[f] for f in _CHARGE_FIELDS}) != c:
@@ -202,11 +207,7 @@ class FederationStore:
                     f"round {c.round} than the one already recorded"
                 )
             return
-        self._conn.execute(
-            f"INSERT INTO ledger (partner, {', '.join(_CHARGE_FIELDS)}) "
-            f"VALUES (?, {', '.join('?' for _ in _CHARGE_FIELDS)})",
-            (row.partner, *(getattr(c, f) for f in _CHARGE_FIELDS)),
-        )
+        self._conn.execute(_INSERT_CHARGE, (row.partner, *(getattr(c, f) for f in _CHARGE_FIELDS)))
 
     def checkpoint(self, run_id: str) -> tuple[int, bytes]:
         """The last committed (round, state), verified against its digest."""

@@ -1,0 +1,52 @@
+"""Compare the federation's copy of a run's ledger with each node's own."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from clients.ledger import NodeLedger
+from server.store import FederationStore
+
+
+def compare_ledgers(db: Path, run_id: str, node_ledgers: dict[str, Path]) -> dict[str, Any]:
+    """Row-by-row join of both views; ``agree`` only if every row matches exactly."""
+    store = FederationStore(db)
+    try:
+        record = store.run(run_id)
+        federation = store.ledger(run_id)
+    finally:
+        store.close()
+    dataset = str(record.schema["name"])
+    node_rows: dict[tuple[str, int, str], Any] = {}
+    for partner, path in node_ledgers.items():
+        ledger = NodeLedger(path)
+        try:
+            for charge in ledger.charges(dataset, run_id):
+                node_rows[(partner, charge.round, charge.mechanism)] = charge
+        finally:
+            ledger.close()
+    rows, problems = [], []
+    seen = set()
+    for row in federation:
+        key = (row.partner, row.charge.round, row.charge.mechanism)
+        seen.add(key)
+        node = node_rows.get(key)
+        if row.partner in node_ledgers and node != row.charge:
+            problems.append(f"{key}: node has {node}, coordinator has {row.charge}")
+        rows.append(
+            {
+                "partner": row.partner,
+                **{k: v for k, v in row.charge.to_dict().items() if k != "epsilon_after"},
+                "coordinator_epsilon": _finite(row.charge.epsilon_after),
+                "node_epsilon": _finite(node.epsilon_after) if node is not None else None,
+            }
+        )
+    for key in node_rows.keys() - seen:
+        problems.append(f"{key}: charged by the node but missing from the federation ledger")
+    return {"run_id": run_id, "agree": not problems, "problems": problems, "rows": rows}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

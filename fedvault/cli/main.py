@@ -1,0 +1,560 @@
+"""``fedvault``: one command line for every role in a federation.
+
+Every failure a user can cause surfaces as a :class:`~fedvault.errors.FedvaultError`
+and leaves with the exit code of :data:`~fedvault.errors.ERROR_TABLE` and a
+one-paragraph message — never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedvault.errors import ConfigError, FedvaultError, UnavailableError, mapping_for
+from fedvault.settings import FedvaultSettings
+from fedvault.training_config import DatasetName, load_training_config
+
+from . import federation as fed
+from .processes import ProcessGroup, free_port
+
+app = typer.Typer(
+    name="fedvault",
+    help="Privacy-preserving federated learning: train with DP across partners, sign and serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+federation_app = typer.Typer(
+    help="Operate the federation (SuperLink + coordinator).", no_args_is_help=True
+)
+node_app = typer.Typer(help="Run a partner's node (SuperNode + ClientApp).", no_args_is_help=True)
+runs_app = typer.Typer(help="List and inspect training runs.", no_args_is_help=True)
+models_app = typer.Typer(help="List and inspect registered models.", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare partner data files.", no_args_is_help=True)
+ledger_app = typer.Typer(
+    help="Privacy ledgers: the federation's and each node's.", no_args_is_help=True
+)
+for sub, name in (
+    (federation_app, "federation"),
+    (node_app, "node"),
+    (runs_app, "runs"),
+    (models_app, "models"),
+    (data_app, "data"),
+    (ledger_app, "ledger"),
+):
+    app.add_typer(sub, name=name)
+
+console = Console(stderr=True)
+out = Console()
+
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+PARTNERS = ["alpha", "beta", "gamma"]
+
+
+def _settings(home: Path | None) -> FedvaultSettings:
+    return FedvaultSettings(home=home) if home is not None else FedvaultSettings()
+
+
+def _print_json(value: Any) -> None:
+    out.print_json(json.dumps(value, default=str))
+
+
+# --------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    home: HomeOpt = None,
+    dataset: Annotated[str, typer.Option(help="breast-cancer or digits")] = "digits",
+    model: Annotated[str, typer.Option(help="logreg or mlp")] = "logreg",
+    rounds: Annotated[int | None, typer.Option(help="Training rounds.")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Target ε per partner for the run.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML training config.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a TLS federation of 3 partners on 127.0.0.1, train with DP, print a summary.
+
+    Everything runs as real processes (flower-superlink, 3 flower-supernodes);
+    all of them stop when the demo ends, fails or is interrupted.
+    """
+    from fedvault.datasets import split_dataset
+
+    settings = _settings(home)
+    cfg = load_training_config(
+        config, dataset=dataset, model=model, rounds=rounds, target_epsilon=epsilon
+    )
+    demo_home = settings.home / "demo"
+    if demo_home.exists():
+        import shutil
+
+        shutil.rmtree(demo_home)  # demo state only: a fresh federation every time
+    paths = fed.FederationPaths(demo_home)
+    console.print(f"[bold]fedvault demo[/] — state in {demo_home}")
+    fed.init_federation(paths, PARTNERS, ["127.0.0.1", "localhost"])
+    split_dataset(cfg.dataset, demo_home / "data", partners=len(PARTNERS), alpha=1.0, seed=cfg.seed)
+    with ProcessGroup() as group:
+        port = free_port()
+        fed.start_superlink(group, paths, "127.0.0.1", port)
+        console.print(f"SuperLink up on 127.0.0.1:{port} (TLS, SuperNode authentication on)")
+        for i, partner in enumerate(PARTNERS):
+            fed.register_node(paths, partner)
+            data = demo_home / "data" / f"partner-{i}"
+            fed.start_supernode(
+                group,
+                paths,
+                partner,
+                superlink=f"127.0.0.1:{port}",
+                node_config=_node_config(
+                    paths, partner, data / "train.csv", data / "test.csv", 10.0
+                ),
+                port=free_port(),
+            )
+        console.print(f"{len(PARTNERS)} SuperNodes started: {', '.join(PARTNERS)}")
+        summary = _train_and_watch(paths, cfg, resume=None, group=group, as_json=as_json)
+    if summary["status"] != "finished":
+        raise typer.Exit(code=1)
+
+
+def _node_config(
+    paths: fed.FederationPaths, partner: str, train: Path, test: Path, cap: float
+) -> dict[str, Any]:
+    return {
+        "partner": partner,
+        "train-csv": str(train.resolve()),
+        "test-csv": str(test.resolve()),
+        "ledger": str((paths.node_dir(partner) / "ledger.db").resolve()),
+        "epsilon-cap": cap,
+    }
+
+
+def _train_and_watch(
+    paths: fed.FederationPaths,
+    cfg: Any,
+    *,
+    resume: str | None,
+    group: ProcessGroup | None,
+    as_json: bool,
+) -> dict[str, Any]:
+    from server.store import FederationStore
+
+    from .watch import run_summary, summary_table, wait_for_run
+
+    run_id = resume or fed.new_run_id()
+    fed.submit_run(paths, run_id=run_id, config=None if resume else cfg, resume=resume is not None)
+    console.print(f"submitted run {run_id}" + (" (resume)" if resume else ""))
+    # Wait for the coordinator to create the database before opening it.
+    deadline = time.monotonic() + 60
+    while not paths.db.exists() and time.monotonic() < deadline:
+        if group is not None:
+            group.check_alive()
+        time.sleep(0.2)
+    store = FederationStore(paths.db)
+    try:
+        planned = cfg.rounds if cfg is not None else store.run(run_id).config["rounds"]
+        record = wait_for_run(
+            store,
+            run_id,
+            rounds=planned,
+            console=console,
+            show_progress=not as_json and sys.stderr.isatty(),
+            quiet=as_json,
+            liveness=group.check_alive if group is not None else lambda: None,
+        )
+        summary = run_summary(store, record)
+    finally:
+        store.close()
+    if as_json:
+        _print_json(summary)
+    else:
+        out.print(summary_table(summary))
+    return summary
+
+
+# --------------------------------------------------------------------- federation
+@federation_app.command("init")
+def federation_init(
+    home: HomeOpt = None,
+    partners: Annotated[str, typer.Option(help="Comma-separated partner names.")] = ",".join(
+        PARTNERS
+    ),
+    host: Annotated[
+        list[str] | None, typer.Option(help="SuperLink host names/IPs for its cert.")
+    ] = None,
+) -> None:
+    """Create the federation's CA, SuperLink certificate, node keys and model keys."""
+    names = [p for p in partners.split(",") if p]
+    fed.check_partner_names(names)
+    paths = fed.FederationPaths(_settings(home).home)
+    fed.init_federation(paths, names, host or ["127.0.0.1", "localhost"])
+    out.print(f"federation initialised in {paths.home} for partners: {', '.join(names)}")
+
+
+@federation_app.command("up")
+def federation_up(
+    home: HomeOpt = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0 = a free one).")] = 0,
+) -> None:
+    """Run the SuperLink (TLS + SuperNode auth) and register every partner's node key.
+
+    The coordinator runs as the SuperLink's ServerApp for each `fedvault train`.
+    Stops on Ctrl-C.
+    """
+    paths = fed.FederationPaths(_settings(home).home)
+    if not paths.ca_cert.exists():
+        raise ConfigError(f"{paths.home} has no federation; run `fedvault federation init` first")
+    with ProcessGroup() as group:
+        port = port or free_port(host)
+        proc = fed.start_superlink(group, paths, host, port)
+        partners = sorted(p.name for p in (paths.home / "nodes").iterdir() if p.is_dir())
+        for partner in partners:
+            fed.register_node(paths, partner)
+        out.print(f"SuperLink on {host}:{port}; registered nodes: {', '.join(partners)}")
+        out.print("Ctrl-C to stop.")
+        try:
+            while True:
+                proc.check_alive()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("stopping")
+
+
+# --------------------------------------------------------------------------- node
+@node_app.command("start")
+def node_start(
+    partner: Annotated[str, typer.Option(help="This partner's name.")],
+    train_csv: Annotated[Path, typer.Option(help="Local training CSV.")],
+    test_csv: Annotated[Path, typer.Option(help="Local held-out CSV.")],
+    home: HomeOpt = None,
+    superlink: Annotated[str | None, typer.Option(help="host:port of the SuperLink.")] = None,
+    epsilon_cap: Annotated[float, typer.Option(help="Lifetime ε cap for this dataset.")] = 10.0,
+    dataset: Annotated[
+        str, typer.Option(help="Schema to validate against before starting.")
+    ] = "digits",
+) -> None:
+    """Validate local data, then run this partner's SuperNode until Ctrl-C."""
+    from clients.data import load_partner_csv
+    from fedvault.schema import builtin_schema
+
+    if dataset not in ("digits", "breast-cancer"):
+        raise ConfigError(f"--dataset must be digits or breast-cancer, not {dataset!r}")
+    schema = builtin_schema(dataset)  # type: ignore[arg-type]
+    for path in (train_csv, test_csv):
+        rows = load_partner_csv(path, schema).n_rows
+        out.print(f"{path}: {rows} rows valid against schema {schema.name!r}")
+    paths = fed.FederationPaths(_settings(home).home)
+    if not paths.node_key(partner).exists():
+        raise ConfigError(f"no node key for partner {partner!r} in {paths.node_dir(partner)}")
+    address = superlink or fed.read_address(paths)
+    with ProcessGroup() as group:
+        proc = fed.start_supernode(
+            group,
+            paths,
+            partner,
+            superlink=address,
+            node_config=_node_config(paths, partner, train_csv, test_csv, epsilon_cap),
+            port=free_port(),
+        )
+        out.print(f"node {partner} connecting to {address} (log: {proc.log_path}); Ctrl-C to stop")
+        try:
+            while True:
+                proc.check_alive()
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.print("stopping")
+
+
+# -------------------------------------------------------------------------- train
+@app.command()
+def train(
+    home: HomeOpt = None,
+    config: Annotated[Path | None, typer.Option(help="TOML training config.")] = None,
+    dataset: Annotated[DatasetName | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option()] = None,
+    rounds: Annotated[int | None, typer.Option()] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Target ε per partner.")] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Resume RUN_ID from its last checkpoint.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit a training run to a running federation and follow it."""
+    paths = fed.FederationPaths(_settings(home).home)
+    fed.read_address(paths)
+    cfg = None
+    if resume is None:
+        cfg = load_training_config(
+            config, dataset=dataset, model=model, rounds=rounds, target_epsilon=epsilon
+        )
+    else:
+        from server.store import FederationStore
+
+        store = FederationStore(paths.db)
+        try:
+            record = store.run(resume)
+            if record.status == "finished":
+                raise ConfigError(f"run {resume} already finished; nothing to resume")
+            store.checkpoint(resume)  # refuse early on a corrupt checkpoint
+        finally:
+            store.close()
+    summary = _train_and_watch(paths, cfg, resume=resume, group=None, as_json=as_json)
+    if summary["status"] != "finished":
+        raise typer.Exit(code=1)
+
+
+# ---------------------------------------------------------------- runs and models
+@runs_app.command("list")
+def runs_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """All runs, oldest first."""
+    from server.store import FederationStore
+
+    store = FederationStore(_settings(home).home / "federation.db")
+    try:
+        runs = store.runs()
+    finally:
+        store.close()
+    if as_json:
+        _print_json(
+            [
+                {
+                    "run_id": r.run_id,
+                    "status": r.status,
+                    "round": r.current_round,
+                    "model_id": r.model_id,
+                    "created_at": r.created_at,
+                }
+                for r in runs
+            ]
+        )
+        return
+    table = Table("run", "status", "round", "model", "created")
+    for r in runs:
+        table.add_row(r.run_id, r.status, str(r.current_round), r.model_id or "", r.created_at)
+    out.print(table)
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """One run: status, accuracy per round, ε per partner, model."""
+    from server.store import FederationStore
+
+    from .watch import run_summary, summary_table
+
+    store = FederationStore(_settings(home).home / "federation.db")
+    try:
+        summary = run_summary(store, store.run(run_id))
+    finally:
+        store.close()
+    if as_json:
+        _print_json(summary)
+    else:
+        out.print(summary_table(summary))
+
+
+def _registry(home: Path | None) -> Any:
+    from server.registry import ModelRegistry, load_model_keys
+    from server.store import FederationStore
+
+    settings = _settings(home)
+    store = FederationStore(settings.federation_db)
+    import os
+
+    keys = load_model_keys(
+        settings.keys_dir, encryption_key_b64=os.environ.get(settings.model_key_env), signing=False
+    )
+    return store, ModelRegistry(store, settings.registry_dir, keys)
+
+
+@models_app.command("list")
+def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Registered model versions."""
+    from server.store import FederationStore
+
+    store = FederationStore(_settings(home).federation_db)
+    try:
+        models = store.models()
+    finally:
+        store.close()
+    if as_json:
+        _print_json([{k: v for k, v in m.items() if k != "lineage"} for m in models])
+        return
+    table = Table("model", "name", "version", "run", "accuracy", "created")
+    for m in models:
+        acc = m["lineage"].get("metrics", {}).get("final", {}).get("eval_accuracy")
+        table.add_row(
+            m["model_id"],
+            m["name"],
+            str(m["version"]),
+            m["run_id"],
+            f"{acc:.4f}" if acc is not None else "",
+            m["created_at"],
+        )
+    out.print(table)
+
+
+@models_app.command("show")
+def models_show(model_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """A model's lineage and privacy statement, after verifying its artifact."""
+    store, registry = _registry(home)
+    try:
+        loaded = registry.load(model_id)  # verifies signature + decrypts; refuses tampering
+        row = store.model(model_id)
+    finally:
+        store.close()
+    info = {
+        "model_id": model_id,
+        "name": row["name"],
+        "version": row["version"],
+        "signature": "verified",
+        "signing_key_id": row["signing_key_id"],
+        "spec": loaded.spec.model_dump(),
+        "lineage": loaded.lineage,
+    }
+    if as_json:
+        _print_json(info)
+        return
+    table = Table(title=f"model {model_id}", show_header=False)
+    table.add_row("signature", f"verified (Ed25519 key {row['signing_key_id']})")
+    table.add_row("architecture", loaded.spec.model_dump_json())
+    lineage = loaded.lineage
+    for key in (
+        "run_id",
+        "dataset",
+        "schema_hash",
+        "partners",
+        "rounds_completed",
+        "delta",
+        "accountant",
+    ):
+        table.add_row(key, str(lineage.get(key)))
+    table.add_row("epsilon", json.dumps(lineage.get("epsilon")))
+    table.add_row("final metrics", json.dumps(lineage.get("metrics", {}).get("final")))
+    table.add_row("privacy statement", lineage.get("privacy_statement", ""))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- data
+@data_app.command("split")
+def data_split(
+    dataset: Annotated[DatasetName, typer.Option(help="breast-cancer or digits")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    partners: int = 3,
+    alpha: Annotated[float, typer.Option(help="Dirichlet α (smaller = more non-IID).")] = 1.0,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    overwrite: bool = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split a shipped dataset into per-partner train/test CSVs (non-IID, seeded)."""
+    from fedvault.datasets import split_dataset
+
+    manifest = split_dataset(
+        dataset,
+        out_dir,
+        partners=partners,
+        alpha=alpha,
+        test_fraction=test_fraction,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    if as_json:
+        _print_json(manifest.model_dump(mode="json"))
+        return
+    out.print(f"wrote {partners} partner splits of {dataset} to {out_dir}")
+
+
+# ------------------------------------------------------------------------- ledger
+@ledger_app.command("show")
+def ledger_show(
+    run_id: str,
+    home: HomeOpt = None,
+    node_ledger: Annotated[
+        list[str] | None,
+        typer.Option(help="PARTNER=PATH of a node's ledger.db (default: the home's nodes/)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The federation's ledger of a run beside each node's own, and whether they agree."""
+    from .ledgers import compare_ledgers
+
+    settings = _settings(home)
+    paths = fed.FederationPaths(settings.home)
+    node_paths: dict[str, Path] = {}
+    for item in node_ledger or []:
+        name, _, path = item.partition("=")
+        if not path:
+            raise ConfigError(f"--node-ledger expects PARTNER=PATH, got {item!r}")
+        node_paths[name] = Path(path)
+    if not node_paths and (paths.home / "nodes").exists():
+        for d in sorted((paths.home / "nodes").iterdir()):
+            if (d / "ledger.db").exists():
+                node_paths[d.name] = d / "ledger.db"
+    report = compare_ledgers(paths.db, run_id, node_paths)
+    if as_json:
+        _print_json(report)
+    else:
+        table = Table(
+            "partner",
+            "round",
+            "mechanism",
+            "σ",
+            "q",
+            "steps",
+            "ε after (coordinator)",
+            "ε after (node)",
+        )
+        for row in report["rows"]:
+            table.add_row(
+                row["partner"],
+                str(row["round"]),
+                row["mechanism"],
+                f"{row['noise_multiplier']:.4f}",
+                f"{row['sample_rate']:.4f}",
+                str(row["steps"]),
+                _fmt_eps(row["coordinator_epsilon"]),
+                _fmt_eps(row["node_epsilon"]),
+            )
+        out.print(table)
+        out.print(
+            "views agree" if report["agree"] else f"[red]views DISAGREE[/]: {report['problems']}"
+        )
+    if not report["agree"]:
+        raise typer.Exit(code=1)
+
+
+def _fmt_eps(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------------- entrypoint
+def run() -> None:
+    """Console-script entry point: map fedvault errors to exit codes and messages."""
+    try:
+        app(standalone_mode=False)
+    except FedvaultError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        sys.exit(mapping_for(exc).exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted; all processes stopped")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+__all__ = ["UnavailableError", "app", "run"]
