@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from clients.model import build_model, get_parameters, load_parameters
 from fedvault.errors import ConfigError
 from fedvault.modelspec import FloatArray, ModelSpec
+from fedvault.privacy import poisson_sample_rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +56,10 @@ class LocalResult:
 
 
 def sample_rate(batch_size: int, n: int) -> float:
-    """Poisson sampling probability for an expected batch of ``batch_size``."""
+    """Poisson sampling probability of a step (see :func:`poisson_sample_rate`)."""
     if n < 1:
         raise ConfigError("cannot train on an empty dataset")
-    return min(1.0, batch_size / n)
+    return poisson_sample_rate(batch_size, n)
 
 
 def _generator(seed: int | None, secure_mode: bool) -> torch.Generator:
@@ -89,7 +90,8 @@ def train_local(
     q = sample_rate(plan.batch_size, len(dataset))
     loader = DataLoader(
         dataset,
-        batch_size=max(1, round(q * len(dataset))),
+        # Opacus samples at 1 / len(loader) = 1 / ceil(n / B): the rate charged.
+        batch_size=min(plan.batch_size, len(dataset)),
         shuffle=True,
         generator=_generator(seed, plan.secure_mode),
     )

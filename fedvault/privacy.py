@@ -35,6 +35,18 @@ MECHANISM_GAUSSIAN_SUMS = "gaussian-sums"
 MECHANISM_NON_PRIVATE = "non-private"
 
 
+def poisson_sample_rate(batch_size: int, n: int) -> float:
+    """The sampling rate Opacus' ``DPDataLoader`` really uses: ``1 / ceil(n / B)``.
+
+    Opacus derives it from the length of the wrapped loader, not from ``B / n``;
+    partner and coordinator both charge *this* value so the ledger describes
+    exactly the mechanism that ran.
+    """
+    if n < 1 or batch_size < 1:
+        raise ConfigError("sample rate needs a non-empty dataset and a positive batch size")
+    return 1.0 / math.ceil(n / batch_size)
+
+
 def accountant_version() -> str:
     """Version string recorded with every charge so a ledger can be re-derived."""
     return f"opacus-{version('opacus')}"

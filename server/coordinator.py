@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 from fedvault import wire
 from fedvault.errors import CheckpointError, FedvaultError
 from fedvault.modelspec import FloatArray, ModelSpec, init_parameters
-from fedvault.privacy import GaussianEvent, calibrate_noise_multiplier, epsilon
+from fedvault.privacy import GaussianEvent, calibrate_noise_multiplier, epsilon, poisson_sample_rate
 from fedvault.schema import builtin_schema, schema_hash, to_json
 from fedvault.stats import NoisySums, Scaler, scaler_from_sums
 from fedvault.training_config import validate_training_config
@@ -287,7 +287,7 @@ class Coordinator:
         """Per partner sigma: target ε over all planned rounds, stats release included."""
         cfg = self.config
         for p in partners.values():
-            p.sample_rate = min(1.0, cfg.batch_size / p.n_train)
+            p.sample_rate = poisson_sample_rate(cfg.batch_size, p.n_train)
             if not cfg.private:
                 p.noise_multiplier = 0.0
                 continue

@@ -139,17 +139,17 @@ class ModelRegistry:
         arrays: dict[str, Any] = {f"param_{i}": p for i, p in enumerate(params)}
         arrays["scaler_mean"] = scaler.mean
         arrays["scaler_std"] = scaler.std
+        arrays["spec"] = np.frombuffer(spec.model_dump_json().encode(), dtype=np.uint8)
+        arrays["lineage"] = np.frombuffer(json.dumps(lineage, sort_keys=True).encode(), np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         blob = seal_artifact(
             buf.getvalue(),
             signing_key=self._keys.signing_key,
             encryption_key=self._keys.encryption_key,
-            metadata={
-                "model_id": model_id,
-                "spec": spec.model_dump_json(),
-                "lineage": json.dumps(lineage, sort_keys=True),
-            },
+            # Only the id stays in the (authenticated, readable) header: spec and
+            # lineage (partners, ε, metrics) are inside the encrypted payload.
+            metadata={"model_id": model_id},
         )
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / f"{model_id}.fvar"
@@ -182,8 +182,9 @@ class ModelRegistry:
                 f"artifact {path.name} is signed for model {metadata.get('model_id')!r}, "
                 f"not {model_id!r}"
             )
-        spec = ModelSpec.model_validate_json(metadata["spec"])
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:
+            spec = ModelSpec.model_validate_json(npz["spec"].tobytes())
+            lineage = json.loads(npz["lineage"].tobytes().decode())
             params = [npz[f"param_{i}"] for i in range(len(spec.shapes()))]
             scaler = Scaler(mean=npz["scaler_mean"], std=npz["scaler_std"])
-        return LoadedModel(model_id, spec, params, scaler, json.loads(metadata["lineage"]))
+        return LoadedModel(model_id, spec, params, scaler, lineage)

@@ -216,8 +216,8 @@ class FederationStore:
         ).fetchone()
         if row is None:
             raise CheckpointError(f"run {run_id} has no checkpoint to resume from")
-        state = bytes(row["state"])
-        if hashlib.sha256(state).hexdigest() != row["sha256"]:
+        state = row["state"]
+        if not isinstance(state, bytes) or hashlib.sha256(state).hexdigest() != row["sha256"]:
             raise CheckpointError(
                 f"checkpoint of run {run_id} (round {row['round']}) is corrupt: its SHA-256 "
                 "does not match the recorded digest; refusing to resume"

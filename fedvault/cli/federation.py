@@ -62,7 +62,11 @@ poll-interval = 0.2
 
 @dataclass(frozen=True)
 class FederationPaths:
+    """Where a federation's files live, and how hard to try reaching its SuperLink."""
+
     home: Path
+    connect_retries: int = 5
+    connect_backoff_s: float = 0.5
 
     @property
     def pki(self) -> Path:
@@ -167,10 +171,9 @@ def start_superlink(
     return proc
 
 
-def run_flwr(
-    paths: FederationPaths, args: list[str], *, retries: int = 5, backoff_s: float = 0.5
-) -> str:
+def run_flwr(paths: FederationPaths, args: list[str]) -> str:
     """Run a ``flwr`` CLI command against our SuperLink, with bounded retries."""
+    retries, backoff_s = paths.connect_retries, paths.connect_backoff_s
     argv = [executable("flwr"), *args]
     last = ""
     for attempt in range(retries):

@@ -64,6 +64,14 @@ def _settings(home: Path | None) -> FedvaultSettings:
     return FedvaultSettings(home=home) if home is not None else FedvaultSettings()
 
 
+def _paths(settings: FedvaultSettings, home: Path | None = None) -> fed.FederationPaths:
+    return fed.FederationPaths(
+        home if home is not None else settings.home,
+        connect_retries=settings.connect_retries,
+        connect_backoff_s=settings.connect_backoff_s,
+    )
+
+
 def _print_json(value: Any) -> None:
     out.print_json(json.dumps(value, default=str))
 
@@ -95,7 +103,7 @@ def demo(
         import shutil
 
         shutil.rmtree(demo_home)  # demo state only: a fresh federation every time
-    paths = fed.FederationPaths(demo_home)
+    paths = _paths(settings, demo_home)
     console.print(f"[bold]fedvault demo[/] — state in {demo_home}")
     fed.init_federation(paths, PARTNERS, ["127.0.0.1", "localhost"])
     split_dataset(cfg.dataset, demo_home / "data", partners=len(PARTNERS), alpha=1.0, seed=cfg.seed)
@@ -191,7 +199,7 @@ def federation_init(
     """Create the federation's CA, SuperLink certificate, node keys and model keys."""
     names = [p for p in partners.split(",") if p]
     fed.check_partner_names(names)
-    paths = fed.FederationPaths(_settings(home).home)
+    paths = _paths(_settings(home))
     fed.init_federation(paths, names, host or ["127.0.0.1", "localhost"])
     out.print(f"federation initialised in {paths.home} for partners: {', '.join(names)}")
 
@@ -207,7 +215,7 @@ def federation_up(
     The coordinator runs as the SuperLink's ServerApp for each `fedvault train`.
     Stops on Ctrl-C.
     """
-    paths = fed.FederationPaths(_settings(home).home)
+    paths = _paths(_settings(home))
     if not paths.ca_cert.exists():
         raise ConfigError(f"{paths.home} has no federation; run `fedvault federation init` first")
     with ProcessGroup() as group:
@@ -249,7 +257,7 @@ def node_start(
     for path in (train_csv, test_csv):
         rows = load_partner_csv(path, schema).n_rows
         out.print(f"{path}: {rows} rows valid against schema {schema.name!r}")
-    paths = fed.FederationPaths(_settings(home).home)
+    paths = _paths(_settings(home))
     if not paths.node_key(partner).exists():
         raise ConfigError(f"no node key for partner {partner!r} in {paths.node_dir(partner)}")
     address = superlink or fed.read_address(paths)
@@ -286,7 +294,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a training run to a running federation and follow it."""
-    paths = fed.FederationPaths(_settings(home).home)
+    paths = _paths(_settings(home))
     fed.read_address(paths)
     cfg = None
     if resume is None:
@@ -485,7 +493,7 @@ def ledger_show(
     from .ledgers import compare_ledgers
 
     settings = _settings(home)
-    paths = fed.FederationPaths(settings.home)
+    paths = _paths(settings)
     node_paths: dict[str, Path] = {}
     for item in node_ledger or []:
         name, _, path = item.partition("=")
@@ -537,7 +545,9 @@ def _fmt_eps(value: float | None) -> str:
 def run() -> None:
     """Console-script entry point: map fedvault errors to exit codes and messages."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click *returns* the code of a typer.Exit.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except FedvaultError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
         sys.exit(mapping_for(exc).exit_code)

@@ -1,0 +1,207 @@
+"""A 3-node DP federation on loopback, end to end, with real Flower processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from fedvault.cli.ledgers import compare_ledgers
+from fedvault.errors import IntegrityError
+from server.registry import ModelRegistry, load_model_keys
+from server.store import FederationStore
+
+from .conftest import Federation
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUN_ARGS = ["--dataset", "digits", "--model", "logreg", "--rounds", "3"]
+
+
+def _ledger(f: Federation, run_id: str) -> list[tuple[object, ...]]:
+    store = FederationStore(f.paths.db)
+    try:
+        return [
+            (row.partner, *list(row.charge.to_dict().values())[1:])  # all but run_id
+            for row in sorted(
+                store.ledger(run_id), key=lambda r: (r.partner, r.charge.round, r.charge.mechanism)
+            )
+        ]
+    finally:
+        store.close()
+
+
+def _node_ledgers(f: Federation) -> dict[str, object]:
+    return {p: f.paths.node_dir(p) / "ledger.db" for p in f.nodes}
+
+
+def test_dp_run_reaches_accuracy_ledgers_agree_and_model_is_signed(f_run: dict) -> None:  # type: ignore[type-arg]
+    summary = f_run
+    assert summary["status"] == "finished", summary
+    assert summary["rounds_completed"] == 3
+    assert summary["final_accuracy"] >= 0.65  # chance is 0.10
+    eps = summary["epsilon_by_partner"]
+    assert set(eps) == {"alpha", "beta", "gamma"}
+    assert all(2.5 < e <= 3.0 + 1e-9 for e in eps.values()), eps
+
+
+def test_ledgers_agree(federation: Federation, f_run: dict) -> None:  # type: ignore[type-arg]
+    report = compare_ledgers(federation.paths.db, f_run["run_id"], _node_ledgers(federation))
+    assert report["agree"], report["problems"]
+    # stats release + 3 DP-SGD rounds per partner
+    assert len(report["rows"]) == 3 * 4
+    cli = federation.cli("ledger", "show", f_run["run_id"])
+    assert cli.returncode == 0, cli.stderr
+    assert "views agree" in cli.stdout
+
+
+def test_registered_model_verifies_and_tampering_is_refused(
+    federation: Federation,
+    f_run: dict,  # type: ignore[type-arg]
+) -> None:
+    model_id = f_run["model_id"]
+    store = FederationStore(federation.paths.db)
+    try:
+        registry = ModelRegistry(
+            store,
+            federation.paths.home / "registry",
+            load_model_keys(federation.paths.home / "keys", signing=False),
+        )
+        loaded = registry.load(model_id)
+        assert loaded.lineage["run_id"] == f_run["run_id"]
+        assert set(loaded.lineage["epsilon"]) == {"alpha", "beta", "gamma"}
+        artifact = federation.paths.home / "registry" / store.model(model_id)["artifact"]
+        original = artifact.read_bytes()
+        tampered = bytearray(original)
+        tampered[len(tampered) // 2] ^= 0x01
+        artifact.write_bytes(bytes(tampered))
+        try:
+            with pytest.raises(IntegrityError):
+                registry.load(model_id)
+            cli = federation.cli("models", "show", model_id)
+            assert cli.returncode == 6
+            assert "modified" in cli.stderr
+        finally:
+            artifact.write_bytes(original)
+    finally:
+        store.close()
+
+
+def _serverapp_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "flwr-serverapp"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_kill9_coordinator_then_resume_matches_uninterrupted_run(federation: Federation) -> None:
+    args = [*RUN_ARGS, "--config", str(_seeded_config(federation))]
+    code, baseline, err = federation.train(*args)
+    assert code == 0, err
+    # The interrupted twin: same config and seed, killed after round 1.
+    import sys
+
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "fedvault", "train", "--home", str(federation.paths.home),
+         "--json", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    run_id = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            store = FederationStore(federation.paths.db)
+            try:
+                runs = [r for r in store.runs() if r.run_id not in {baseline["run_id"]}]
+                latest = max(runs, key=lambda r: r.created_at) if runs else None
+            finally:
+                store.close()
+            if latest is not None and latest.current_round >= 1 and latest.status == "running":
+                run_id = latest.run_id
+                break
+            time.sleep(0.2)
+        assert run_id is not None, "interrupted run never reached round 1"
+        pids = _serverapp_pids()
+        assert pids, "no flwr-serverapp process to kill"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        watcher.kill()
+        watcher.communicate()
+    time.sleep(1)
+    store = FederationStore(federation.paths.db)
+    try:
+        assert store.run(run_id).status == "running"  # it died without a word
+    finally:
+        store.close()
+
+    code, resumed, err = federation.train("--resume", run_id)
+    assert code == 0, err
+    assert resumed["status"] == "finished"
+    assert resumed["rounds_completed"] == 3
+    assert _ledger(federation, run_id) == _ledger(federation, baseline["run_id"])
+    report = compare_ledgers(federation.paths.db, run_id, _node_ledgers(federation))
+    assert report["agree"], report["problems"]
+
+
+def _seeded_config(federation: Federation) -> object:
+    path = federation.paths.home / "seeded.toml"
+    path.write_text("[training]\nseed = 7\nlocal_steps = 10\n")
+    return path
+
+
+def test_coordinator_refuses_rounds_past_the_federation_budget(federation: Federation) -> None:
+    path = federation.paths.home / "tight.toml"
+    path.write_text("[training]\ntarget_epsilon = 3.0\nfederation_epsilon_budget = 2.0\n")
+    code, summary, _err = federation.train(*RUN_ARGS, "--config", str(path))
+    assert code == 1
+    assert summary["status"] == "stopped"
+    assert "federation budget 2.0" in summary["message"]
+    assert summary["rounds_completed"] < 3
+    assert all(e <= 2.0 for e in summary["epsilon_by_partner"].values())
+
+
+def test_node_refuses_a_round_past_its_own_cap_and_the_run_goes_on(
+    federation: Federation,
+) -> None:
+    federation.start_node("delta", 3, cap=0.5)  # enough for the stats release only
+    try:
+        time.sleep(3)
+        code, summary, err = federation.train(*RUN_ARGS, "--rounds", "2")
+        assert code == 0, err
+        store = FederationStore(federation.paths.db)
+        try:
+            rounds = store.rounds(summary["run_id"])
+        finally:
+            store.close()
+        assert rounds[0][1]["failed"] == ["delta"]
+        assert "delta" not in rounds[0][1]["partners"]
+        conn = sqlite3.connect(federation.paths.node_dir("delta") / "ledger.db")
+        mechanisms = [r[0] for r in conn.execute("SELECT mechanism FROM charges")]
+        conn.close()
+        assert mechanisms == ["gaussian-sums"]  # refused before spending on DP-SGD
+    finally:
+        federation.nodes.pop("delta").stop()
+
+
+def test_corrupt_checkpoint_refuses_to_resume(federation: Federation, f_run: dict) -> None:  # type: ignore[type-arg]
+    conn = sqlite3.connect(federation.paths.db)
+    with conn:
+        conn.execute(
+            "UPDATE checkpoints SET state = zeroblob(64) WHERE run_id = ?", (f_run["run_id"],)
+        )
+        conn.execute("UPDATE runs SET status='running' WHERE run_id = ?", (f_run["run_id"],))
+    conn.close()
+    result = federation.cli("train", "--resume", f_run["run_id"])
+    assert result.returncode == 9
+    assert "corrupt" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def f_run(federation: Federation) -> dict:  # type: ignore[type-arg]
+    code, summary, err = federation.train(*RUN_ARGS)
+    assert code == 0, err
+    return summary

@@ -1,0 +1,175 @@
+"""fedvault.privacy: RDP accounting, composition and noise calibration.
+
+Every ``epsilon`` call runs Opacus' RDP analysis over ~170 orders (tens of ms),
+so the property tests use few, derandomised examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedvault.errors import ConfigError
+from fedvault.privacy import (
+    MECHANISM_DP_SGD,
+    MECHANISM_NON_PRIVATE,
+    GaussianEvent,
+    PrivacyCharge,
+    calibrate_noise_multiplier,
+    epsilon,
+    non_private_charge,
+)
+
+DELTA = 1e-5
+FEW = settings(max_examples=5, deadline=None, derandomize=True)
+
+sigmas = st.floats(min_value=0.5, max_value=5.0, allow_nan=False)
+rates = st.floats(min_value=1e-3, max_value=1.0, allow_nan=False)
+step_counts = st.integers(min_value=1, max_value=2000)
+
+
+def test_no_events_cost_nothing() -> None:
+    assert epsilon([], DELTA) == 0.0
+
+
+@FEW
+@given(sigma=sigmas, q=rates, steps=step_counts, more=st.integers(min_value=1, max_value=2000))
+def test_epsilon_increases_with_steps(sigma: float, q: float, steps: int, more: int) -> None:
+    fewer = epsilon([GaussianEvent(sigma, q, steps)], DELTA)
+    assert fewer > 0
+    assert fewer < epsilon([GaussianEvent(sigma, q, steps + more)], DELTA)
+
+
+@FEW
+@given(
+    sigma=sigmas,
+    q=st.floats(min_value=1e-3, max_value=0.5, allow_nan=False),
+    factor=st.floats(min_value=1.1, max_value=2.0, allow_nan=False),
+    steps=step_counts,
+)
+def test_epsilon_increases_with_sample_rate(
+    sigma: float, q: float, factor: float, steps: int
+) -> None:
+    low = epsilon([GaussianEvent(sigma, q, steps)], DELTA)
+    high = epsilon([GaussianEvent(sigma, min(1.0, q * factor), steps)], DELTA)
+    assert low < high
+
+
+@FEW
+@given(
+    sigma=sigmas,
+    factor=st.floats(min_value=1.1, max_value=3.0, allow_nan=False),
+    q=rates,
+    steps=step_counts,
+)
+def test_epsilon_decreases_with_noise(sigma: float, factor: float, q: float, steps: int) -> None:
+    noisier = epsilon([GaussianEvent(sigma * factor, q, steps)], DELTA)
+    assert noisier < epsilon([GaussianEvent(sigma, q, steps)], DELTA)
+
+
+def test_composition_equals_combined_list_in_any_order() -> None:
+    a = GaussianEvent(1.1, 0.05, 300)
+    b = GaussianEvent(20.0, 1.0, 1)  # a statistics release
+    ab = epsilon([a, b], DELTA)
+    assert ab == pytest.approx(epsilon([b, a], DELTA), rel=1e-12)
+    assert ab > max(epsilon([a], DELTA), epsilon([b], DELTA))
+    # Two charges of the same mechanism compose like one charge of the summed steps.
+    split = epsilon([GaussianEvent(1.1, 0.05, 100), GaussianEvent(1.1, 0.05, 200)], DELTA)
+    assert split == pytest.approx(epsilon([a], DELTA), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [[None], [GaussianEvent(1.0, 0.1, 10), None], [None, GaussianEvent(50.0, 0.001, 1)]],
+)
+def test_a_non_private_release_costs_infinity(events: list[GaussianEvent | None]) -> None:
+    assert epsilon(events, DELTA) == math.inf
+
+
+def test_privacy_charge_event() -> None:
+    charge = PrivacyCharge(
+        run_id="r",
+        round=3,
+        mechanism=MECHANISM_DP_SGD,
+        noise_multiplier=1.2,
+        sample_rate=0.1,
+        steps=20,
+        max_grad_norm=1.0,
+        delta=DELTA,
+        accountant="rdp",
+        accountant_version="opacus-x",
+        epsilon_after=1.5,
+    )
+    assert charge.event == GaussianEvent(1.2, 0.1, 20)
+    assert charge.to_dict()["round"] == 3
+    baseline = non_private_charge("r", 1, 0.1, 20, DELTA)
+    assert baseline.mechanism == MECHANISM_NON_PRIVATE
+    assert baseline.event is None
+    assert baseline.epsilon_after == math.inf
+
+
+@pytest.mark.parametrize(
+    ("target", "planned", "prior"),
+    [
+        # The planned noise multiplier is a placeholder the search replaces.
+        (3.0, [GaussianEvent(0.3, 0.1, 100)], []),
+        (1.0, [GaussianEvent(1.0, 0.02, 500)], [GaussianEvent(20.0, 1.0, 1)]),
+    ],
+)
+def test_calibration_meets_the_target_tightly(
+    target: float, planned: list[GaussianEvent], prior: list[GaussianEvent | None]
+) -> None:
+    sigma = calibrate_noise_multiplier(target, DELTA, planned, prior=prior)
+
+    def spent(s: float) -> float:
+        return epsilon(
+            [*prior, *(GaussianEvent(s, p.sample_rate, p.steps) for p in planned)], DELTA
+        )
+
+    assert spent(sigma) <= target
+    assert spent(sigma * (1 - 0.02)) > target
+
+
+@pytest.mark.parametrize(
+    "prior",
+    [
+        [None],
+        [GaussianEvent(0.6, 1.0, 50)],  # already far beyond ε = 1
+    ],
+)
+def test_calibration_refuses_an_overspent_prior(prior: list[GaussianEvent | None]) -> None:
+    with pytest.raises(ConfigError, match="already cost"):
+        calibrate_noise_multiplier(1.0, DELTA, [GaussianEvent(1.0, 0.1, 10)], prior=prior)
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
+def test_calibration_refuses_an_unreachable_target() -> None:
+    with pytest.raises(ConfigError, match="unreachable"):
+        calibrate_noise_multiplier(1e-4, DELTA, [GaussianEvent(1.0, 1.0, 10_000)])
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps", "field"),
+    [
+        (0.0, 0.1, 1, "noise_multiplier"),
+        (-1.0, 0.1, 1, "noise_multiplier"),
+        (math.inf, 0.1, 1, "noise_multiplier"),
+        (math.nan, 0.1, 1, "noise_multiplier"),
+        (1.0, 0.0, 1, "sample_rate"),
+        (1.0, -0.1, 1, "sample_rate"),
+        (1.0, 1.5, 1, "sample_rate"),
+        (1.0, math.nan, 1, "sample_rate"),
+        (1.0, 0.1, 0, "steps"),
+        (1.0, 0.1, -3, "steps"),
+    ],
+)
+def test_gaussian_event_validation(sigma: float, q: float, steps: int, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        GaussianEvent(sigma, q, steps)
+
+
+def test_gaussian_event_accepts_the_boundary_rate() -> None:
+    assert GaussianEvent(1.0, 1.0, 1).sample_rate == 1.0
