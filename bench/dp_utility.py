@@ -44,7 +44,9 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -289,21 +291,29 @@ def federated_run(
     }
 
 
-def _job(args: tuple[str, str, HParams, float | None, int]) -> dict[str, Any]:
-    return federated_run(*args)
+Job = tuple[str, str, HParams, float | None, int]
+_POOL: ProcessPoolExecutor | None = None
 
 
-def run_jobs(jobs: list[tuple[str, str, HParams, float | None, int]], workers: int) -> list[Any]:
+def _job(args: tuple[Job, bool]) -> dict[str, Any]:
+    job, merged = args
+    return federated_run(*job, merged=merged)
+
+
+def run_jobs(jobs: list[Job], workers: int, *, merged: bool = False) -> list[Any]:
+    """Run jobs on a persistent pool (its processes keep split and σ caches)."""
+    global _POOL
     if workers <= 1:
-        return [_job(j) for j in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_job, jobs, chunksize=1))
+        return [_job((j, merged)) for j in jobs]
+    if _POOL is None:
+        _POOL = ProcessPoolExecutor(max_workers=workers)
+    return list(_POOL.map(_job, [(j, merged) for j in jobs], chunksize=1))
 
 
 # --------------------------------------------------------------------------- report
 def report(quick: bool, workers: int) -> dict[str, Any]:
     seeds = list(range(2 if quick else 5))
-    jobs: list[tuple[str, str, HParams, float | None, int]] = []
+    jobs: list[Job] = []
     for dataset, model, seed in itertools.product(DATASETS, MODELS, seeds):
         jobs.append((dataset, model, BASELINE_HP[model], None, seed))
         for eps in EPSILONS:
@@ -369,8 +379,111 @@ def main() -> None:
     print(json.dumps(out))
 
 
+# --------------------------------------------------------------------------- tuning
+TUNE_SEEDS = (100, 101, 102, 103, 104, 105)  # disjoint from the report seeds
+SPACE: dict[str, tuple[Any, ...]] = {
+    "rounds": (2, 3, 5, 8),
+    "local_steps": (3, 5, 10, 20),
+    "batch_size": (64, 128, 256, 100_000),  # ≥ n means q = 1 (full batch)
+    "learning_rate": (0.1, 0.25, 0.5, 1.0, 2.0),
+    "momentum": (0.0, 0.5, 0.9),
+    "max_grad_norm": (0.1, 0.5, 1.0, 2.0),
+    "stats_noise_multiplier": (5.0, 6.0, 8.0, 10.0, 15.0),
+    "hidden": (8, 16, 32, 64),
+}
+BASELINE_SPACE: dict[str, tuple[Any, ...]] = {
+    "rounds": (5, 10),
+    "local_steps": (20, 50),
+    "batch_size": (32, 64, 100_000),
+    "learning_rate": (0.02, 0.05, 0.1, 0.3, 1.0),
+    "momentum": (0.0, 0.9),
+}
+
+
+def _score(
+    accs: dict[tuple[str, float], list[float]], base: dict[str, float]
+) -> tuple[float, float]:
+    """(min over dataset×ε of ratio/target, mean ratio): higher is better."""
+    worst, ratios = math.inf, []
+    for (dataset, eps), values in accs.items():
+        ratio = statistics.mean(values) / base[dataset]
+        ratios.append(ratio)
+        worst = min(worst, ratio / TARGETS[eps])
+    return worst, statistics.mean(ratios)
+
+
+def _evaluate_hp(
+    model: str, hp: HParams, seeds: tuple[int, ...], workers: int, base: dict[str, float]
+) -> tuple[tuple[float, float], dict[tuple[str, float], list[float]]]:
+    keys = [(d, e, s) for d in DATASETS for e in TARGETS for s in seeds]
+    jobs = [(d, model, hp, e, s) for d, e, s in keys]
+    results = run_jobs(jobs, workers, merged=True)
+    accs: dict[tuple[str, float], list[float]] = {}
+    for (d, e, _), r in zip(keys, results, strict=True):
+        accs.setdefault((d, e), []).append(r["accuracy"])
+    return _score(accs, base), accs
+
+
 def tune(quick: bool, workers: int) -> dict[str, Any]:
-    raise NotImplementedError
+    """Baseline grid + private random search with successive halving, on TUNE_SEEDS."""
+    rng = random.Random(0)
+    n_candidates = 6 if quick else 60
+    out: dict[str, Any] = {"benchmark": "dp_utility-tune", "seeds": list(TUNE_SEEDS)}
+    for model in MODELS:
+        # 1. the baseline: best mean accuracy over a grid (its own settings).
+        best_base: tuple[float, HParams] | None = None
+        grid = list(itertools.product(*BASELINE_SPACE.values()))
+        if quick:
+            grid = grid[:: max(1, len(grid) // 4)]
+        for values in grid:
+            hp = HParams(**dict(zip(BASELINE_SPACE, values, strict=True)),
+                         max_grad_norm=1.0, stats_noise_multiplier=0.0,
+                         hidden=BASELINE_HP[model].hidden)
+            jobs = [(d, model, hp, None, s) for d in DATASETS for s in TUNE_SEEDS[:3]]
+            acc = statistics.mean(r["accuracy"] for r in run_jobs(jobs, workers))
+            if best_base is None or acc > best_base[0]:
+                best_base = (acc, hp)
+            log(f"[{model}] baseline {values} acc={acc:.4f}")
+        assert best_base is not None
+        base_hp = best_base[1]
+        base = {
+            d: statistics.mean(
+                r["accuracy"]
+                for r in run_jobs([(d, model, base_hp, None, s) for s in TUNE_SEEDS], workers)
+            )
+            for d in DATASETS
+        }
+        log(f"[{model}] baseline {base_hp} -> {base}")
+        # 2. private: random candidates on 2 seeds, the best quarter on all seeds.
+        cands = [PRIVATE_HP[model]]
+        while len(cands) < n_candidates:
+            pick = {k: rng.choice(v) for k, v in SPACE.items()}
+            if model == "logreg":
+                pick["hidden"] = PRIVATE_HP[model].hidden
+            cands.append(HParams(**pick))
+        stage1 = []
+        for hp in cands:
+            score, _ = _evaluate_hp(model, hp, TUNE_SEEDS[:2], workers, base)
+            stage1.append((score, hp))
+            log(f"[{model}] stage1 {score[0]:.3f}/{score[1]:.3f} {hp}")
+        stage1.sort(key=lambda t: t[0], reverse=True)
+        stage2 = []
+        for _, hp in stage1[: max(2, len(stage1) // 4)]:
+            score, accs = _evaluate_hp(model, hp, TUNE_SEEDS, workers, base)
+            stage2.append((score, hp, accs))
+            log(f"[{model}] stage2 {score[0]:.3f}/{score[1]:.3f} {hp}")
+        stage2.sort(key=lambda t: t[0], reverse=True)
+        score, hp, accs = stage2[0]
+        out[model] = {
+            "baseline_hp": asdict(base_hp),
+            "baseline_acc": base,
+            "private_hp": asdict(hp),
+            "score_min_ratio_over_target": round(score[0], 4),
+            "mean_ratio": round(score[1], 4),
+            "acc": {f"{d}/eps{e:g}": round(statistics.mean(v), 4) for (d, e), v in accs.items()},
+            "top": [[round(s[0], 4), asdict(h)] for s, h, _ in stage2[:5]],
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ A federation home (``--home``, default ``.fedvault``) holds::
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 import uuid
@@ -175,8 +176,17 @@ def run_flwr(paths: FederationPaths, args: list[str]) -> str:
     """Run a ``flwr`` CLI command against our SuperLink, with bounded retries."""
     retries, backoff_s = paths.connect_retries, paths.connect_backoff_s
     argv = [executable("flwr"), *args]
+    host, _, port = read_address(paths).rpartition(":")
     last = ""
     for attempt in range(retries):
+        # flwr itself retries an unreachable SuperLink for minutes; a TCP probe
+        # first keeps our retry policy bounded and the message clear.
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+        except OSError as exc:
+            last = f"cannot connect: {exc}"
+            time.sleep(backoff_s * (2**attempt))
+            continue
         result = subprocess.run(  # noqa: S603 - our own argv
             argv, env=flwr_env(paths), capture_output=True, text=True, timeout=120, check=False
         )

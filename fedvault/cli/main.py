@@ -50,7 +50,8 @@ for sub, name in (
 ):
     app.add_typer(sub, name=name)
 
-console = Console(stderr=True)
+# soft_wrap: messages name files and paths; never break them mid-word.
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 HomeOpt = Annotated[
