@@ -53,7 +53,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -231,7 +231,7 @@ def federated_run(
     )
     # Round 0: DP standardisation statistics (exact for the non-private baseline).
     total = None
-    for i, p in enumerate(parts):
+    for p in parts:
         rng = np.random.default_rng(_seed(seed, p.name, 0))
         s = noisy_sums(p.x_train, schema, hp.stats_noise_multiplier if private else 0.0, rng)
         total = s if total is None else total + s
@@ -265,7 +265,9 @@ def federated_run(
                 max_grad_norm=hp.max_grad_norm,
                 private=private,
             )
-            res = train_local(spec, params, x_train[i], p.y_train, plan, seed=_seed(seed, p.name, round_))
+            res = train_local(
+                spec, params, x_train[i], p.y_train, plan, seed=_seed(seed, p.name, round_)
+            )
             if private:
                 events[i].append(GaussianEvent(sigmas[i], res.sample_rate, res.steps))
             updates.append(res.params)
@@ -275,8 +277,17 @@ def federated_run(
     finite = all(np.isfinite(a).all() for a in params)
     loss, acc = evaluate(spec, params, x_test, y_test) if finite else (float("inf"), 0.0)
     if merged:  # tuning: same RDP, one event per distinct mechanism
-        events = [[ev[0], GaussianEvent(ev[1].noise_multiplier, ev[1].sample_rate,
-                                        sum(e.steps for e in ev[1:]))] if ev else [] for ev in events]
+        events = [
+            [
+                ev[0],
+                GaussianEvent(
+                    ev[1].noise_multiplier, ev[1].sample_rate, sum(e.steps for e in ev[1:])
+                ),
+            ]
+            if ev
+            else []
+            for ev in events
+        ]
     spent = [epsilon(ev, DELTA) if private else None for ev in events]
     return {
         "dataset": dataset,
@@ -392,11 +403,24 @@ SPACE: dict[str, tuple[Any, ...]] = {
     "hidden": (8, 16, 32, 64),
 }
 BASELINE_SPACE: dict[str, tuple[Any, ...]] = {
-    "rounds": (5, 10),
+    "rounds": (10,),
     "local_steps": (20, 50),
     "batch_size": (32, 64, 100_000),
-    "learning_rate": (0.02, 0.05, 0.1, 0.3, 1.0),
+    "learning_rate": (0.03, 0.1, 0.3, 1.0),
     "momentum": (0.0, 0.9),
+}
+# Hand-picked starting points from exploration, evaluated besides the random ones.
+SEED_CANDIDATES: dict[str, list[HParams]] = {
+    "logreg": [
+        HParams(5, 10, 100_000, 0.5, 0.5, 1.0, 8.0),
+        HParams(5, 10, 100_000, 2.0, 0.0, 0.5, 6.0),
+        HParams(5, 10, 100_000, 1.0, 0.0, 1.0, 8.0),
+    ],
+    "mlp": [
+        HParams(5, 10, 100_000, 0.5, 0.0, 1.0, 8.0, 64),
+        HParams(5, 10, 100_000, 0.5, 0.5, 1.0, 8.0, 32),
+        HParams(8, 10, 128, 0.5, 0.9, 0.1, 6.0, 16),
+    ],
 }
 
 
@@ -427,7 +451,7 @@ def _evaluate_hp(
 def tune(quick: bool, workers: int) -> dict[str, Any]:
     """Baseline grid + private random search with successive halving, on TUNE_SEEDS."""
     rng = random.Random(0)
-    n_candidates = 6 if quick else 60
+    n_candidates = 6 if quick else 72
     out: dict[str, Any] = {"benchmark": "dp_utility-tune", "seeds": list(TUNE_SEEDS)}
     for model in MODELS:
         # 1. the baseline: best mean accuracy over a grid (its own settings).
@@ -436,9 +460,12 @@ def tune(quick: bool, workers: int) -> dict[str, Any]:
         if quick:
             grid = grid[:: max(1, len(grid) // 4)]
         for values in grid:
-            hp = HParams(**dict(zip(BASELINE_SPACE, values, strict=True)),
-                         max_grad_norm=1.0, stats_noise_multiplier=0.0,
-                         hidden=BASELINE_HP[model].hidden)
+            hp = HParams(
+                **dict(zip(BASELINE_SPACE, values, strict=True)),
+                max_grad_norm=1.0,
+                stats_noise_multiplier=0.0,
+                hidden=BASELINE_HP[model].hidden,
+            )
             jobs = [(d, model, hp, None, s) for d in DATASETS for s in TUNE_SEEDS[:3]]
             acc = statistics.mean(r["accuracy"] for r in run_jobs(jobs, workers))
             if best_base is None or acc > best_base[0]:
@@ -455,7 +482,7 @@ def tune(quick: bool, workers: int) -> dict[str, Any]:
         }
         log(f"[{model}] baseline {base_hp} -> {base}")
         # 2. private: random candidates on 2 seeds, the best quarter on all seeds.
-        cands = [PRIVATE_HP[model]]
+        cands = [PRIVATE_HP[model], *SEED_CANDIDATES[model]]
         while len(cands) < n_candidates:
             pick = {k: rng.choice(v) for k, v in SPACE.items()}
             if model == "logreg":
