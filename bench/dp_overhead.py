@@ -201,11 +201,11 @@ def profile(
         ),
         "  of which copy.deepcopy of grads": cum("/copy.py", "deepcopy"),
         "  of which add_noise": cum("opacus/optimizers/", "add_noise"),
-        "  of which zero_grad": cum("opacus/optimizers/", "zero_grad"),
         "data loading (Poisson sampler, per-row __getitem__, collate)": cum(
             "torch/utils/data/dataloader.py", "__next__"
         ),
         "forward (with activation hooks)": cum("torch/nn/modules/container.py", "forward"),
+        "zero_grad (per-sample state reset)": cum("opacus/optimizers/", "zero_grad"),
         "make_private setup": cum("opacus/privacy_engine.py", "make_private"),
     }
     return {
