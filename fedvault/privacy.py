@@ -158,8 +158,14 @@ def calibrate_noise_multiplier(
     replaced by the sigma searched for. Bisection on sigma: ε is decreasing in sigma.
     """
 
+    # RDP is additive in steps, so releases sharing a sampling rate merge into
+    # one event: the same ε, one compute_rdp call per rate instead of per round.
+    steps_by_rate: dict[float, int] = {}
+    for p in planned:
+        steps_by_rate[p.sample_rate] = steps_by_rate.get(p.sample_rate, 0) + p.steps
+
     def eps_at(sigma: float) -> float:
-        events = [*prior, *(GaussianEvent(sigma, p.sample_rate, p.steps) for p in planned)]
+        events = [*prior, *(GaussianEvent(sigma, q, t) for q, t in steps_by_rate.items())]
         return epsilon(events, delta)
 
     if epsilon(prior, delta) >= target_epsilon:

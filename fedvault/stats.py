@@ -20,9 +20,11 @@ from fedvault.schema import DataSchema
 
 FloatArray = NDArray[np.float64]
 
-# Scaled-unit floor for the standard deviation: a constant feature (a blank
-# pixel) would otherwise be divided by noise alone.
-MIN_SCALED_STD = 0.05
+# Scaled-unit floor for the standard deviation (a fraction of the schema's
+# half-range). A near-constant feature (a blank pixel) would otherwise be
+# divided by noise alone and blow up under DP noise; bench/dp_utility.py
+# measured 0.35 against 0.05 on digits logreg: accuracy at ε=1 0.87 vs 0.80.
+MIN_SCALED_STD = 0.35
 
 
 def _centre_and_radius(schema: DataSchema) -> tuple[FloatArray, FloatArray]:

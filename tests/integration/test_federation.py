@@ -43,7 +43,7 @@ def test_dp_run_reaches_accuracy_ledgers_agree_and_model_is_signed(f_run: dict) 
     summary = f_run
     assert summary["status"] == "finished", summary
     assert summary["rounds_completed"] == 3
-    assert summary["final_accuracy"] >= 0.65  # chance is 0.10
+    assert summary["final_accuracy"] >= 0.80  # chance is 0.10
     eps = summary["epsilon_by_partner"]
     assert set(eps) == {"alpha", "beta", "gamma"}
     assert all(2.5 < e <= 3.0 + 1e-9 for e in eps.values()), eps
@@ -167,7 +167,7 @@ def test_coordinator_refuses_rounds_past_the_federation_budget(federation: Feder
 def test_node_refuses_a_round_past_its_own_cap_and_the_run_goes_on(
     federation: Federation,
 ) -> None:
-    federation.start_node("delta", 3, cap=0.5)  # enough for the stats release only
+    federation.start_node("delta", 3, cap=0.8)  # stats release (ε≈0.65) fits, a round does not
     try:
         time.sleep(3)
         code, summary, err = federation.train(*RUN_ARGS, "--rounds", "2")
