@@ -105,13 +105,28 @@ PRIVATE_HP: dict[str, HParams] = {
         rounds=8,
         local_steps=5,
         batch_size=256,
-        learning_rate=0.25,
+        # 0.25 before the std floor went to 0.35; a grid on TUNE_SEEDS (digits)
+        # then favoured 0.5 at both ε=3 (0.87 vs 0.72) and ε=1 (0.73 vs 0.67).
+        learning_rate=0.5,
         momentum=0.0,
         max_grad_norm=1.0,
         stats_noise_multiplier=8.0,
         hidden=16,
     ),
 }
+# A larger budget buys more rounds: for ε ≥ 3 softmax regression runs 10 rounds
+# (a small grid on TUNE_SEEDS: mean accuracy at ε=3 0.956 vs 0.941 with 5).
+PRIVATE_HP_FOR_EPSILON: dict[tuple[str, float], HParams] = {
+    ("logreg", 8.0): replace(PRIVATE_HP["logreg"], rounds=10),
+    ("logreg", 3.0): replace(PRIVATE_HP["logreg"], rounds=10),
+}
+
+
+def private_hp(model: str, eps: float) -> HParams:
+    """The settings a user with budget ``eps`` would pick for ``model``."""
+    return PRIVATE_HP_FOR_EPSILON.get((model, eps), PRIVATE_HP[model])
+
+
 # Non-private baselines: their own tuned settings (more steps), exact stats.
 BASELINE_HP: dict[str, HParams] = {
     "logreg": HParams(
@@ -336,7 +351,7 @@ def report(quick: bool, workers: int) -> dict[str, Any]:
     for dataset, model, seed in itertools.product(DATASETS, MODELS, seeds):
         jobs.append((dataset, model, BASELINE_HP[model], None, seed))
         for eps in EPSILONS:
-            jobs.append((dataset, model, PRIVATE_HP[model], eps, seed))
+            jobs.append((dataset, model, private_hp(model, eps), eps, seed))
     log(f"dp_utility: {len(jobs)} federated runs on {workers} worker(s), seeds {seeds}")
     t0 = time.perf_counter()
     results = run_jobs(jobs, workers)
@@ -382,6 +397,9 @@ def report(quick: bool, workers: int) -> dict[str, Any]:
         "epsilon_within_target": eps_ok,
         "hparams": {
             "private": {m: asdict(h) for m, h in PRIVATE_HP.items()},
+            "private_for_epsilon": {
+                f"{m}@eps{e:g}": asdict(h) for (m, e), h in PRIVATE_HP_FOR_EPSILON.items()
+            },
             "baseline": {m: asdict(h) for m, h in BASELINE_HP.items()},
         },
         "elapsed_s": round(elapsed, 1),
