@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedvault.errors import UnavailableError
+from fedvault.errors import ConflictError, UnavailableError
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -48,11 +48,20 @@ CHARGE_COLUMNS = (
 
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception.
+
+    SQLite's own errors are translated here, once for every store: a violated
+    constraint (a duplicate charge, run or model) is a :class:`ConflictError`,
+    anything else from the database an :class:`UnavailableError`.
+    """
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.IntegrityError):
+            raise ConflictError(f"database constraint violated: {exc}") from None
+        if isinstance(exc, sqlite3.Error):
+            raise UnavailableError(f"database error: {exc}") from None
         raise
     conn.execute("COMMIT")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedvault.errors import CheckpointError, NotFoundError
+from fedvault.errors import CheckpointError, ConflictError, NotFoundError
 from fedvault.privacy import (
     ACCOUNTANT_NAME,
     MECHANISM_DP_SGD,
@@ -82,7 +82,7 @@ def test_runs(store: FederationStore) -> None:
 
 def test_duplicate_run_is_refused(store: FederationStore) -> None:
     store.create_run("run-1", CONFIG, SCHEMA)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(ConflictError):
         store.create_run("run-1", {}, SCHEMA)
     assert store.run("run-1").config == CONFIG
 
@@ -266,7 +266,7 @@ def test_duplicate_model_version_is_refused(store: FederationStore) -> None:
         signing_key_id="k",
         lineage={},
     )
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(ConflictError):
         store.add_model(
             model_id="b",
             name="n",

@@ -205,3 +205,19 @@ def f_run(federation: Federation) -> dict:  # type: ignore[type-arg]
     code, summary, err = federation.train(*RUN_ARGS)
     assert code == 0, err
     return summary
+
+
+def test_a_node_whose_key_was_never_registered_is_refused(federation: Federation) -> None:
+    # mallory holds a well-formed P-384 key pair, but the operator never
+    # registered its public key with the SuperLink.
+    federation.start_node("mallory", 0, cap=100.0, register=False)
+    node = federation.nodes.pop("mallory")
+    try:
+        deadline = time.monotonic() + 60
+        while node.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not node.alive(), "an unregistered node stayed connected"
+        assert node.popen.returncode != 0
+        assert "Failed to activate SuperNode" in node.log_tail(30)
+    finally:
+        node.stop()
