@@ -99,6 +99,18 @@ class RunState:
             ) from None
 
 
+def _model_message(state: RunState, run: ConfigRecord, node_id: int, message_type: str) -> Message:
+    """A message carrying the current global model and standardisation."""
+    content = RecordDict(
+        {
+            wire.RUN: run,
+            wire.MODEL: ArrayRecord(numpy_ndarrays=state.params),
+            wire.SCALER: ArrayRecord(numpy_ndarrays=[state.scaler.mean, state.scaler.std]),
+        }
+    )
+    return Message(content, dst_node_id=node_id, message_type=message_type)
+
+
 class RunAborted(FedvaultError):
     """The run cannot continue (too few partners, budget, failures)."""
 
@@ -303,22 +315,22 @@ class Coordinator:
                 p.noise_multiplier,
             )
 
-    def _projected_epsilon(self, p: PartnerState) -> float:
+    def _projected_epsilon(self, p: PartnerState, history: list[GaussianEvent | None]) -> float:
         """ε of partner ``p`` in this run if it takes part in one more round."""
-        history = [
-            row.charge.event for row in self.store.ledger(self.run_id) if row.partner == p.name
-        ]
         nxt = GaussianEvent(p.noise_multiplier, p.sample_rate, self.config.local_steps)
         return epsilon([*history, nxt], self.config.delta)
 
     def _select(self, state: RunState) -> list[PartnerState]:
         cfg = self.config
+        history: dict[str, list[GaussianEvent | None]] = {}
+        for row in self.store.ledger(self.run_id):  # read once per round, not per partner
+            history.setdefault(row.partner, []).append(row.charge.event)
         selected = []
         for p in state.partners.values():
             if not p.active:
                 continue
             if cfg.private:
-                projected = self._projected_epsilon(p)
+                projected = self._projected_epsilon(p, history.get(p.name, []))
                 if projected > cfg.epsilon_budget:
                     p.active = False
                     p.reason = (
@@ -355,14 +367,7 @@ class Coordinator:
                     "max-grad-norm": cfg.max_grad_norm,
                 },
             )
-            content = RecordDict(
-                {
-                    wire.RUN: run,
-                    wire.MODEL: ArrayRecord(numpy_ndarrays=state.params),
-                    wire.SCALER: ArrayRecord(numpy_ndarrays=[state.scaler.mean, state.scaler.std]),
-                }
-            )
-            messages.append(Message(content, dst_node_id=p.node_id, message_type=wire.TRAIN))
+            messages.append(_model_message(state, run, p.node_id, wire.TRAIN))
         by_node = {p.node_id: p for p in selected}
         updates: list[list[FloatArray]] = []
         weights: list[float] = []
@@ -457,16 +462,9 @@ class Coordinator:
 
     def _final_evaluation(self, state: RunState) -> dict[str, Any]:
         run = self._run_record(state.round)
-        messages = []
-        for p in state.partners.values():
-            content = RecordDict(
-                {
-                    wire.RUN: run,
-                    wire.MODEL: ArrayRecord(numpy_ndarrays=state.params),
-                    wire.SCALER: ArrayRecord(numpy_ndarrays=[state.scaler.mean, state.scaler.std]),
-                }
-            )
-            messages.append(Message(content, dst_node_id=p.node_id, message_type=wire.EVALUATE))
+        messages = [
+            _model_message(state, run, p.node_id, wire.EVALUATE) for p in state.partners.values()
+        ]
         n = loss = correct = 0.0
         for reply in self._exchange(messages):
             ok = self._ok(reply, "final evaluation")

@@ -153,7 +153,7 @@ def _train_and_watch(
 ) -> dict[str, Any]:
     from server.store import FederationStore
 
-    from .watch import run_summary, summary_table, wait_for_run
+    from .watch import run_summary, wait_for_run
 
     run_id = resume or fed.new_run_id()
     fed.submit_run(paths, run_id=run_id, config=None if resume else cfg, resume=resume is not None)
@@ -179,11 +179,17 @@ def _train_and_watch(
         summary = run_summary(store, record)
     finally:
         store.close()
+    _show_summary(summary, as_json)
+    return summary
+
+
+def _show_summary(summary: dict[str, Any], as_json: bool) -> None:
+    from .watch import summary_table
+
     if as_json:
         _print_json(summary)
     else:
         out.print(summary_table(summary))
-    return summary
 
 
 # --------------------------------------------------------------------- federation
@@ -354,17 +360,14 @@ def runs_show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> No
     """One run: status, accuracy per round, ε per partner, model."""
     from server.store import FederationStore
 
-    from .watch import run_summary, summary_table
+    from .watch import run_summary
 
     store = FederationStore(_settings(home).home / "federation.db")
     try:
         summary = run_summary(store, store.run(run_id))
     finally:
         store.close()
-    if as_json:
-        _print_json(summary)
-    else:
-        out.print(summary_table(summary))
+    _show_summary(summary, as_json)
 
 
 def _registry(home: Path | None) -> Any:
