@@ -85,6 +85,18 @@ class ConflictError(FedvaultError):
     """The request contradicts the current state (e.g. a run already finished)."""
 
 
+class UnsupportedModelError(ConfigError):
+    """A model cannot be served this way (e.g. a ReLU layer under homomorphic encryption)."""
+
+
+class PayloadTooLargeError(FedvaultError):
+    """A request body, context or ciphertext exceeds the size the server accepts."""
+
+
+class ExpiredError(FedvaultError):
+    """A named object existed but its lifetime is over (e.g. a registered HE context)."""
+
+
 class CheckpointError(FedvaultError):
     """A training checkpoint is missing or corrupt, so a run cannot resume."""
 
@@ -121,6 +133,9 @@ ERROR_TABLE: dict[type[FedvaultError], ErrorMapping] = {
     NotFoundError: ErrorMapping(7, 404, "NOT_FOUND"),
     ConflictError: ErrorMapping(8, 409, "FAILED_PRECONDITION"),
     CheckpointError: ErrorMapping(9, 409, "FAILED_PRECONDITION"),
+    UnsupportedModelError: ErrorMapping(2, 422, "FAILED_PRECONDITION"),
+    PayloadTooLargeError: ErrorMapping(12, 413, "RESOURCE_EXHAUSTED"),
+    ExpiredError: ErrorMapping(13, 410, "NOT_FOUND"),
     UnavailableError: ErrorMapping(10, 503, "UNAVAILABLE"),
     ProcessFailedError: ErrorMapping(11, 500, "INTERNAL"),
 }
