@@ -320,7 +320,6 @@ def _train(message: Message, settings: NodeSettings) -> Message:
         metrics = {
             "num-examples": train_data.n_rows,
             "num-test": test_data.n_rows,
-            "train-loss": result.mean_loss if np.isfinite(result.mean_loss) else -1.0,
             "eval-loss": eval_loss,
             "eval-accuracy": eval_acc,
         }

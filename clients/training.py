@@ -4,10 +4,12 @@ Privacy mechanics (Abadi et al. 2016, as implemented by Opacus):
 - Poisson sampling: each step includes each example independently with
   probability ``q = batch_size / n`` (Opacus' ``DPDataLoader``), which is what
   the RDP accountant's amplification-by-sampling assumes.
-- Per-sample gradients clipped to L2 norm ``max_grad_norm``; with ghost
-  clipping (``grad_sample_mode="ghost"``) norms are computed without
-  materialising per-sample gradients, where every layer supports it (Linear
-  layers do; our models are Linear + parameter-free activations).
+- Per-sample gradients clipped to L2 norm ``max_grad_norm``. The default
+  ``grad_sample_mode="fused"`` (``clients.fused_dp``) computes per-sample norms
+  in closed form in one pass, without materialising per-sample gradients; the
+  Opacus modes (``ghost`` clipping with two backward passes, ``hooks``, ``ew``,
+  ``functorch``) remain selectable and are the reference the fused path is
+  tested against.
 - Gaussian noise of std ``noise_multiplier · max_grad_norm`` added to the sum.
 
 The number of steps is fixed per round (not "epochs"), so the accountant sees
@@ -26,10 +28,13 @@ from numpy.typing import NDArray
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from clients.fused_dp import FusedPlan, train_fused
 from clients.model import build_model, get_parameters, load_parameters
 from fedvault.errors import ConfigError
 from fedvault.modelspec import FloatArray, ModelSpec
 from fedvault.privacy import poisson_sample_rate
+
+OPACUS_MODES = frozenset({"ghost", "hooks", "ew", "functorch"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +49,7 @@ class LocalPlan:
     max_grad_norm: float
     private: bool = True
     secure_mode: bool = False
-    grad_sample_mode: str = "ghost"
+    grad_sample_mode: str = "fused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,33 @@ def train_local(
 ) -> LocalResult:
     """Run ``plan.steps`` (DP-)SGD steps from ``params`` and return new parameters."""
     torch.set_num_threads(1)  # tiny models: threads cost more than they give
+    if plan.grad_sample_mode == "fused":
+        q = sample_rate(plan.batch_size, len(y))
+        new_params, mean_loss = train_fused(
+            spec,
+            params,
+            x,
+            y,
+            FusedPlan(
+                learning_rate=plan.learning_rate,
+                momentum=plan.momentum,
+                batch_size=plan.batch_size,
+                steps=plan.steps,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm,
+                private=plan.private,
+                secure_mode=plan.secure_mode,
+                sample_rate=q,
+            ),
+            sampling_generator=_generator(seed, plan.secure_mode),
+            noise_generator=_generator(None if seed is None else seed + 1, plan.secure_mode),
+        )
+        return LocalResult(params=new_params, sample_rate=q, steps=plan.steps, mean_loss=mean_loss)
+    if plan.grad_sample_mode not in OPACUS_MODES:
+        raise ConfigError(
+            f"grad_sample_mode must be 'fused' or one of {sorted(OPACUS_MODES)}, "
+            f"got {plan.grad_sample_mode!r}"
+        )
     model = build_model(spec)
     load_parameters(model, params)
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
