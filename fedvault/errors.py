@@ -77,6 +77,10 @@ class PermissionDeniedError(SecurityError):
     """The caller is known but not allowed to do this."""
 
 
+class InvalidRequestError(FedvaultError):
+    """A request's parameters are impossible (e.g. a proof for an index past the tree)."""
+
+
 class NotFoundError(FedvaultError):
     """A run, model, partner or other named object does not exist."""
 
@@ -130,6 +134,7 @@ ERROR_TABLE: dict[type[FedvaultError], ErrorMapping] = {
     IntegrityError: ErrorMapping(6, 422, "DATA_LOSS"),
     AuthenticationError: ErrorMapping(5, 401, "UNAUTHENTICATED"),
     PermissionDeniedError: ErrorMapping(5, 403, "PERMISSION_DENIED"),
+    InvalidRequestError: ErrorMapping(2, 400, "INVALID_ARGUMENT"),
     NotFoundError: ErrorMapping(7, 404, "NOT_FOUND"),
     ConflictError: ErrorMapping(8, 409, "FAILED_PRECONDITION"),
     CheckpointError: ErrorMapping(9, 409, "FAILED_PRECONDITION"),

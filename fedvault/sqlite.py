@@ -14,11 +14,17 @@ from pathlib import Path
 from fedvault.errors import ConflictError, UnavailableError
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating parents) a durable, autocommit-off connection."""
+def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """Open (creating parents) a durable, autocommit-off connection.
+
+    ``check_same_thread=False`` is for stores that pool connections across
+    threads and serialise each connection's use themselves.
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        conn = sqlite3.connect(
+            path, timeout=30, isolation_level=None, check_same_thread=check_same_thread
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")

@@ -1,0 +1,321 @@
+"""The audit log a process writes to: durable group-committed appends, signed checkpoints.
+
+Why a single writer thread with a queue: SQLite (and one PostgreSQL
+connection) commits one transaction at a time, and an fsync costs the same
+for one row as for a hundred. Producers — request handlers on threads or on
+the event loop — hand their encoded record to the writer and wait; the writer
+drains whatever queued up while the previous commit was in flight and commits
+it as one transaction (group commit). Every producer learns its index only
+after that commit returned, so an acknowledged entry is durable, and a failed
+commit fails every producer in the batch: the gateway's request fails closed
+instead of leaving without an audit record.
+
+Checkpoints are signed at most once per ``checkpoint_interval`` (1 s), when
+asked (``checkpoint()``, used by ``GET /v2/audit/checkpoint``) or by the
+optional background thread, and immediately with ``force=True``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Final, Protocol, runtime_checkable
+
+from fedvault.errors import FedvaultError, IntegrityError, InvalidRequestError, UnavailableError
+from secure.signed_note import NoteSigner, format_checkpoint, open_note, parse_checkpoint
+from server.audit import merkle
+from server.audit.records import AuditRecord, encode_record
+from server.audit.storage import AuditStorage
+
+__all__ = ["MAX_PAGE", "AuditLog", "AuditSink", "GroupCommitter", "SignedCheckpoint"]
+
+MAX_PAGE: Final = 1000
+"""Most entries one ``entries()`` call (one API page) returns."""
+
+
+@runtime_checkable
+class AuditSink(Protocol):
+    """What the gateway and the coordinator call on their request path.
+
+    ``append`` returns the entry's index only once the entry is durable, and
+    raises (a :class:`~fedvault.errors.FedvaultError`, typically
+    :class:`~fedvault.errors.UnavailableError`) otherwise: callers must then
+    fail the request — never answer without the audit record.
+    """
+
+    def append(self, record: AuditRecord) -> int: ...
+
+
+_STOP: Final = object()
+
+
+class GroupCommitter:
+    """Funnel single-item appends from many threads into batched commits.
+
+    ``commit(batch) -> index of batch[0]`` must be durable when it returns.
+    """
+
+    def __init__(self, commit: Callable[[Sequence[bytes]], int], *, max_batch: int = 1024) -> None:
+        self._commit = commit
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[bytes, Future[int]] | object] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+        self.batches = 0
+        self.items = 0
+
+    def submit(self, item: bytes) -> Future[int]:
+        if self._closed:
+            raise UnavailableError("audit log is closed")
+        fut: Future[int] = Future()
+        self._queue.put((item, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._flush(batch)  # type: ignore[arg-type]
+            if stop:
+                return
+
+    def _flush(self, batch: list[tuple[bytes, Future[int]]]) -> None:
+        try:
+            start = self._commit([item for item, _ in batch])
+        except BaseException as exc:  # every waiter must hear about it
+            error = (
+                exc
+                if isinstance(exc, FedvaultError)
+                else UnavailableError(f"audit append failed: {type(exc).__name__}")
+            )
+            for _, fut in batch:
+                fut.set_exception(error)
+            return
+        self.batches += 1
+        self.items += len(batch)
+        for offset, (_, fut) in enumerate(batch):
+            fut.set_result(start + offset)
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+        while True:  # anything that raced past the closed flag
+            try:
+                left = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(left, tuple):
+                left[1].set_exception(UnavailableError("audit log is closed"))
+
+
+@dataclass(frozen=True, slots=True)
+class SignedCheckpoint:
+    size: int
+    root: bytes
+    note: str
+    made_at: float
+
+
+class AuditLog:
+    """The append side and the read side (proofs, pages, checkpoints) of one log.
+
+    Opening checks, in O(log n), that the store still matches its latest
+    signed checkpoint (same root at that size, no entries lost) and refuses to
+    start otherwise: a damaged log must be noticed before it is appended to.
+    """
+
+    def __init__(
+        self,
+        storage: AuditStorage,
+        signer: NoteSigner,
+        *,
+        origin: str | None = None,
+        checkpoint_interval: float = 1.0,
+        max_batch: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+        node_cache: int = 65536,
+    ) -> None:
+        self.storage = storage
+        self.signer = signer
+        self.origin = origin or signer.name
+        self._interval = checkpoint_interval
+        self._clock = clock
+        self._cp_lock = threading.Lock()
+        self._cache: dict[merkle.NodeKey, bytes] = {}
+        self._cache_limit = node_cache
+        self._latest = self._check_store()
+        self._committer = GroupCommitter(storage.append, max_batch=max_batch)
+        self._bg_stop = threading.Event()
+        self._bg: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- appends
+    def append(self, record: AuditRecord) -> int:
+        """Durably append ``record``; its index. Raises instead of losing it."""
+        return self.append_entry(encode_record(record))
+
+    def append_entry(self, entry: bytes) -> int:
+        return self._committer.submit(entry).result()
+
+    async def append_async(self, record: AuditRecord) -> int:
+        """The same, for handlers on an event loop: awaits without blocking the loop."""
+        return await asyncio.wrap_future(self._committer.submit(encode_record(record)))
+
+    @property
+    def group_commit_stats(self) -> tuple[int, int]:
+        """(batches, items) committed so far: items/batches is the batching factor."""
+        return self._committer.batches, self._committer.items
+
+    # -------------------------------------------------------------------- reads
+    def size(self) -> int:
+        return self.storage.size()
+
+    def _fetch(self, keys: Sequence[merkle.NodeKey]) -> dict[merkle.NodeKey, bytes]:
+        """Stored nodes, through a cache: perfect subtrees never change once written."""
+        found = {k: self._cache[k] for k in keys if k in self._cache}
+        missing = [k for k in keys if k not in found]
+        if missing:
+            fetched = self.storage.nodes(missing)
+            found.update(fetched)
+            if len(self._cache) + len(fetched) > self._cache_limit:
+                self._cache.clear()
+            self._cache.update(fetched)
+        return found
+
+    def root(self, size: int) -> bytes:
+        return merkle.root_from_nodes(size, self._fetch(merkle.Frontier.keys_for(size)))
+
+    def entries(self, start: int, end: int) -> list[tuple[int, bytes]]:
+        """A bounded page: at most :data:`MAX_PAGE` entries, clipped to the log size."""
+        size = self.size()
+        if start < 0 or end < start:
+            raise InvalidRequestError(f"bad range: start={start}, end={end}")
+        if start > size:
+            raise InvalidRequestError(f"start {start} is beyond the log size {size}")
+        return self.storage.entries(start, min(end, size, start + MAX_PAGE))
+
+    def _check_tree_size(self, tree_size: int) -> None:
+        size = self.size()
+        if tree_size > size:
+            raise InvalidRequestError(f"tree_size {tree_size} exceeds the log size {size}")
+
+    def inclusion_proof(self, index: int, tree_size: int) -> list[bytes]:
+        if not 0 <= index < tree_size:
+            raise InvalidRequestError(f"index {index} is not below tree_size {tree_size}")
+        self._check_tree_size(tree_size)
+        return merkle.inclusion_proof(index, tree_size, self._fetch)
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        if not 1 <= first <= second:
+            raise InvalidRequestError(f"need 1 <= first <= second, got {first} and {second}")
+        self._check_tree_size(second)
+        return merkle.consistency_proof(first, second, self._fetch)
+
+    # -------------------------------------------------------------- checkpoints
+    def checkpoint(self, *, force: bool = False) -> str:
+        """The latest signed note; a new one if the tree grew and the rate limit allows."""
+        with self._cp_lock:
+            latest = self._latest
+            size = self.size()
+            if latest is not None and latest.size == size:
+                return latest.note
+            if latest is not None and not force and self._clock() - latest.made_at < self._interval:
+                return latest.note
+            root = self.root(size)
+            note = self.signer.sign(format_checkpoint(self.origin, size, root))
+            self.storage.save_checkpoint(size, note)
+            self._latest = SignedCheckpoint(size, root, note, self._clock())
+            return note
+
+    def start_checkpointing(self) -> None:
+        """Sign a checkpoint every interval while the log grows (background thread)."""
+        if self._bg is None:
+            self._bg = threading.Thread(target=self._checkpoint_loop, name="audit-cp", daemon=True)
+            self._bg.start()
+
+    def _checkpoint_loop(self) -> None:
+        while not self._bg_stop.wait(self._interval):
+            try:
+                self.checkpoint()
+            except FedvaultError:
+                continue  # the next tick retries; appends do not depend on it
+
+    def _check_store(self) -> SignedCheckpoint | None:
+        stored = self.storage.latest_checkpoint()
+        if stored is None:
+            return None
+        size, note = stored
+        cp = parse_checkpoint(note[: note.rfind("\n\n") + 1])
+        if cp.origin != self.origin:
+            raise IntegrityError(
+                f"store's checkpoint is for log {cp.origin!r}, not {self.origin!r}"
+            )
+        if cp.size != size:
+            raise IntegrityError("store's checkpoint row disagrees with its note")
+        try:
+            open_note(note, self.signer.verifier)
+            ours = True
+        except IntegrityError:
+            ours = False  # signed by a previous key: its root still binds the store
+        have = self.storage.size()
+        if have < size:
+            raise IntegrityError(
+                f"audit store holds {have} entries but its checkpoint covers {size}: "
+                "entries were lost"
+            )
+        if self.root(size) != cp.root:
+            raise IntegrityError(
+                f"audit store's tree at size {size} does not match its signed checkpoint"
+            )
+        return (
+            SignedCheckpoint(size, cp.root, note, self._clock() - self._interval) if ours else None
+        )
+
+    def verify_store(self) -> int:
+        """Rehash every entry against the stored leaves and nodes (O(n)); the size checked.
+
+        For operators after a restore or a disk scare; the verifier does the
+        same from outside, without trusting the stored hashes.
+        """
+        size = self.size()
+        frontier = merkle.Frontier()
+        for start in range(0, size, MAX_PAGE):
+            rows = self.storage.entries(start, min(size, start + MAX_PAGE))
+            leaves = self.storage.nodes([(0, i) for i, _ in rows])
+            for index, entry in rows:
+                if index != frontier.size:
+                    raise IntegrityError(f"audit store: entry {frontier.size} is missing")
+                leaf = merkle.leaf_hash(entry)
+                if leaves[(0, index)] != leaf:
+                    raise IntegrityError(f"audit store: entry {index} does not match its hash")
+                frontier.append(leaf)
+        if frontier.size != size or frontier.root() != self.root(size):
+            raise IntegrityError("audit store: stored tree does not match the entries")
+        return size
+
+    def close(self) -> None:
+        self._bg_stop.set()
+        if self._bg is not None:
+            self._bg.join()
+        self._committer.close()
+        self.storage.close()

@@ -1,0 +1,106 @@
+"""Shared helpers for the audit-log tests: a throwaway PostgreSQL, records, keys.
+
+The PostgreSQL server is real (Debian's packages, installed by ``.ci/run``):
+``initdb`` into a temporary directory, started on a free loopback port, as the
+``postgres`` account when running as root (PostgreSQL refuses to run as root).
+Where the binaries are missing the tests are skipped — except in CI
+(``FEDVAULT_REQUIRE_POSTGRES=1`` or ``CI``), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from fedvault.cli.processes import free_port
+from server.audit.records import AuditRecord
+
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def record(i: int, **over: object) -> AuditRecord:
+    fields: dict[str, object] = {
+        "time": T0 + timedelta(seconds=i),
+        "actor": f"user{i % 3}",
+        "role": "analyst",
+        "action": "infer" if i % 2 else "model.read",
+        "resource": f"models/m{i % 4}",
+        "outcome": "ok" if i % 5 else "denied",
+        "request_id": f"req-{i}",
+    }
+    fields.update(over)
+    return AuditRecord.model_validate(fields)
+
+
+def _pg_bindir() -> Path | None:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Yield an admin URL (``postgresql+psycopg://postgres@127.0.0.1:PORT/postgres``)."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        if os.environ.get("FEDVAULT_REQUIRE_POSTGRES") == "1" or os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries are missing but CI requires the PostgreSQL tests")
+        pytest.skip("PostgreSQL binaries (pg_ctl, initdb) are not installed")
+    base = Path(tempfile.mkdtemp(prefix="fedvault-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        user = "postgres"
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            user = "nobody"
+        shutil.chown(base, user)
+        prefix = ["runuser", "-u", user, "--"]
+    data, port = base / "data", free_port()
+    try:
+        subprocess.run(
+            [*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1"
+        start = ["-o", options, "-w", "-t", "60", "-l", str(base / "log"), "start"]
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), *start],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def fresh_database(admin_url: str, name: str) -> str:
+    """Create database ``name`` and return its URL."""
+    import psycopg
+
+    plain = admin_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return admin_url.rsplit("/", 1)[0] + f"/{name}"
