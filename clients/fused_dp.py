@@ -9,34 +9,37 @@ clipping computes the same norms but runs two backward passes through hooks,
 and its hook and data-loader machinery dominate the step time of models this
 small (``bench/dp_overhead.py``: 13–18× a non-private step here). Our models
 are exactly this shape (softmax regression, or Linear → square/ReLU → Linear),
-so the output gradients have a closed form too and a step is a handful of
-tensor operations.
+so the output gradients have a closed form and a step is a handful of NumPy
+operations. NumPy rather than torch also keeps torch's ~1.5 s import out of
+every ClientApp process (Flower starts one per message).
 
 What stays Opacus' semantics, so the privacy analysis is the one its
-accountant assumes: Poisson sampling (the draw of Opacus'
-``UniformWithReplacementSampler``: each example in a step independently with
-probability ``q``), the clip factor ``min(1, C / (‖g_i‖ + 1e-6))``, Gaussian
-noise of std ``σ·C`` on the clipped sum, and division by the expected batch
-size ``int(n·q)`` (``loss_reduction="mean"``). ``tests/test_fused_dp.py``
-checks that a noise-free run follows Opacus' trajectory step for step, from the
-same seed. In ``secure_mode`` sampling and noise come from the OS CSPRNG
-(:mod:`secure.csprng`), with Opacus' floating-point hardening.
+accountant assumes: Poisson sampling (as Opacus' ``UniformWithReplacementSampler``
+draws it: each example in a step independently with probability ``q``,
+``int(1/q)`` steps per epoch), the clip factor ``min(1, C / (‖g_i‖ + 1e-6))``,
+Gaussian noise of std ``σ·C`` on the clipped sum, and division by the expected
+batch size ``int(n·q)`` (``loss_reduction="mean"``). ``tests/test_fused_dp.py``
+checks that, fed the same batches without noise, a run follows Opacus'
+``GradSampleModule`` + ``DPOptimizer`` step for step. In ``secure_mode``
+sampling and noise come from the OS CSPRNG (:mod:`secure.csprng`), with Opacus'
+floating-point hardening; otherwise from a seeded PCG64 generator
+(reproducible, hence predictable to whoever knows the seed).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from fedvault.modelspec import FloatArray, ModelSpec
 from secure import csprng
 
 CLIP_EPSILON = 1e-6  # Opacus' guard in the clip factor (DPOptimizer.clip_and_accumulate)
+IndexArray = NDArray[np.intp]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,180 +56,182 @@ class FusedPlan:
 
 
 class _FlatModel:
-    """Parameters (and gradient) as views into one flat tensor each.
+    """Parameters (and gradient) as views into one flat array each.
 
-    One flat buffer lets noise and the SGD update be one tensor operation each
-    instead of one per parameter.
+    One flat buffer lets noise and the SGD update be one operation each instead
+    of one per parameter.
     """
 
     def __init__(self, spec: ModelSpec, params: list[FloatArray]) -> None:
         self.spec = spec
-        self.flat = torch.from_numpy(
-            np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in params])
-        )
-        self.grad = torch.zeros_like(self.flat)
-        self.params: list[torch.Tensor] = []
-        self.grads: list[torch.Tensor] = []
+        self.flat = np.concatenate([np.asarray(p, dtype=np.float32).ravel() for p in params])
+        self.grad = np.zeros_like(self.flat)
+        self.params: list[FloatArray] = []
+        self.grads: list[FloatArray] = []
         offset = 0
         for p in params:
             size = int(np.prod(p.shape))
-            self.params.append(self.flat[offset : offset + size].view(p.shape))
-            self.grads.append(self.grad[offset : offset + size].view(p.shape))
+            self.params.append(self.flat[offset : offset + size].reshape(p.shape))
+            self.grads.append(self.grad[offset : offset + size].reshape(p.shape))
             offset += size
-
-    def numpy_params(self) -> list[FloatArray]:
-        return [p.numpy().copy() for p in self.params]
 
     def accumulate(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        x_norm_sq: torch.Tensor | None,
+        x: FloatArray,
+        y: NDArray[np.int64],
+        x_norm_sq: FloatArray | None,
         max_grad_norm: float,
-    ) -> torch.Tensor:
+    ) -> float:
         """Add the sum of (clipped) per-sample gradients of a batch to ``self.grad``.
 
         ``x_norm_sq`` holds ``‖x_i‖² + 1`` per example when clipping, ``None``
-        for no clipping. Returns the batch's summed cross-entropy as a 0-d
-        tensor (no host sync per step).
+        for no clipping. Returns the batch's summed cross-entropy.
         """
         if self.spec.kind == "logreg":
             w, b = self.params
-            g, loss = _cross_entropy_grad(torch.addmm(b, x, w.t()), y)
+            g, loss = _cross_entropy_grad(x @ w.T + b, y)
             if x_norm_sq is not None:
-                sq = torch.linalg.vecdot(g, g).mul_(x_norm_sq)
-                g.mul_(_clip_factor(sq, max_grad_norm))
+                sq = np.vecdot(g, g)
+                sq *= x_norm_sq
+                g *= _clip_factor(sq, max_grad_norm)
             gw, gb = self.grads
-            gw.addmm_(g.t(), x)
-            gb.add_(g.sum(0))
+            gw += g.T @ x
+            gb += g.sum(0)
             return loss
         w1, b1, w2, b2 = self.params
-        z1 = torch.addmm(b1, x, w1.t())
+        z1 = x @ w1.T + b1
         if self.spec.activation == "square":
             a1 = z1 * z1
-            slope = z1.mul_(2.0)
+            slope = z1
+            slope *= 2.0
         else:
-            a1 = torch.relu(z1)
-            slope = (z1 > 0).to(z1.dtype)
-        g2, loss = _cross_entropy_grad(torch.addmm(b2, a1, w2.t()), y)
-        g1 = torch.mm(g2, w2).mul_(slope)
+            a1 = np.maximum(z1, 0.0)
+            slope = (z1 > 0).astype(np.float32)
+        g2, loss = _cross_entropy_grad(a1 @ w2.T + b2, y)
+        g1 = g2 @ w2
+        g1 *= slope
         if x_norm_sq is not None:
-            sq = torch.linalg.vecdot(g2, g2) * (torch.linalg.vecdot(a1, a1) + 1.0)
-            sq.addcmul_(torch.linalg.vecdot(g1, g1), x_norm_sq)
+            sq = np.vecdot(g2, g2) * (np.vecdot(a1, a1) + 1.0)
+            sq += np.vecdot(g1, g1) * x_norm_sq
             c = _clip_factor(sq, max_grad_norm)
-            g1.mul_(c)
-            g2.mul_(c)
+            g1 *= c
+            g2 *= c
         gw1, gb1, gw2, gb2 = self.grads
-        gw1.addmm_(g1.t(), x)
-        gb1.add_(g1.sum(0))
-        gw2.addmm_(g2.t(), a1)
-        gb2.add_(g2.sum(0))
+        gw1 += g1.T @ x
+        gb1 += g1.sum(0)
+        gw2 += g2.T @ a1
+        gb2 += g2.sum(0)
         return loss
 
 
-def _cross_entropy_grad(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cross_entropy_grad(z: FloatArray, y: NDArray[np.int64]) -> tuple[FloatArray, float]:
     """Per-sample gradients of cross-entropy w.r.t. the logits, and the summed loss."""
-    log_p = torch.log_softmax(z, dim=1)
-    loss = torch.nn.functional.nll_loss(log_p, y, reduction="sum")
-    g = log_p.exp_()
-    g[torch.arange(len(y)), y] -= 1.0
+    z -= z.max(axis=1, keepdims=True)
+    g = np.exp(z)
+    norm = g.sum(axis=1, keepdims=True)
+    g /= norm
+    rows = np.arange(len(y))
+    loss = float(np.log(norm).sum() - z[rows, y].sum())
+    g[rows, y] -= 1.0
     return g, loss
 
 
-def _clip_factor(squared_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+def _clip_factor(squared_norms: FloatArray, max_grad_norm: float) -> FloatArray:
     """Opacus' per-sample clip factor, as a column to scale rows by."""
-    return (max_grad_norm / squared_norms.sqrt_().add_(CLIP_EPSILON)).clamp_(max=1.0).unsqueeze_(1)
+    np.sqrt(squared_norms, out=squared_norms)
+    squared_norms += CLIP_EPSILON
+    factor: FloatArray = np.minimum(max_grad_norm / squared_norms, 1.0).astype(np.float32)
+    return factor[:, None]
 
 
 def train_fused(
     spec: ModelSpec,
     params: list[FloatArray],
-    x_np: NDArray[np.float32],
-    y_np: NDArray[np.int64],
+    x: NDArray[np.float32],
+    y: NDArray[np.int64],
     plan: FusedPlan,
     *,
-    sampling_generator: torch.Generator,
-    noise_generator: torch.Generator,
+    seed: int | None,
 ) -> tuple[list[FloatArray], float]:
     """Run ``plan.steps`` SGD steps; returns (parameters, mean training loss).
 
     Private: Poisson batches at ``plan.sample_rate``, clipped sums plus noise,
     divided by the expected batch size. Non-private: shuffled mini-batches of
     ``plan.batch_size`` (epochs, as a ``DataLoader`` with ``shuffle=True``
-    would) and the mean gradient. The mean loss is over the examples the steps
-    used, before each update; it stays on the node (it is not DP).
+    would) and the mean gradient. ``seed=None`` or ``secure_mode`` draw fresh
+    randomness. The mean loss (over the examples the steps used, before each
+    update) stays on the node: it is not differentially private.
     """
+    rng = np.random.default_rng(None if plan.secure_mode else seed)
+    batches = _batches(len(y), plan, rng)
+    return run_steps(spec, params, x, y, batches, plan, rng)
+
+
+def run_steps(
+    spec: ModelSpec,
+    params: list[FloatArray],
+    x_in: NDArray[np.float32],
+    y_in: NDArray[np.int64],
+    batches: Iterable[IndexArray],
+    plan: FusedPlan,
+    rng: np.random.Generator,
+) -> tuple[list[FloatArray], float]:
+    """One SGD step per batch of indices (the core, separate so tests can fix batches)."""
     model = _FlatModel(spec, params)
-    x = torch.from_numpy(np.ascontiguousarray(x_np, dtype=np.float32))
-    y = torch.from_numpy(np.ascontiguousarray(y_np, dtype=np.int64))
-    n = len(y)
+    x = np.ascontiguousarray(x_in, dtype=np.float32)
+    y = np.ascontiguousarray(y_in, dtype=np.int64)
     # ‖(x_i, 1)‖² is fixed per example: computed once, not once per step.
-    x_norm_sq = torch.linalg.vecdot(x, x).add_(1.0) if plan.private else None
-    velocity = torch.zeros_like(model.flat) if plan.momentum else None
+    x_norm_sq = np.vecdot(x, x) + np.float32(1.0) if plan.private else None
+    velocity = np.zeros_like(model.flat) if plan.momentum else None
     noise_std = plan.noise_multiplier * plan.max_grad_norm
-    expected_batch = int(n * plan.sample_rate)
-    total_loss = torch.zeros((), dtype=torch.float64)
+    expected_batch = int(len(y) * plan.sample_rate)
+    total_loss = 0.0
     seen = 0
-    with torch.no_grad():
-        for batch in _batches(n, plan, sampling_generator):
-            size = len(batch)
-            if plan.private:
-                # The noise goes in first; the clipped sums are added onto it.
-                if plan.secure_mode:
-                    model.grad.copy_(
-                        torch.from_numpy(csprng.hardened_normal(noise_std, model.grad.numel()))
-                    )
-                else:
-                    model.grad.normal_(0.0, noise_std, generator=noise_generator)
-                denominator = expected_batch
-            elif size:
-                model.grad.zero_()
-                denominator = size
+    for batch in batches:
+        size = len(batch)
+        if plan.private:
+            # The noise goes in first; the clipped sums are added onto it.
+            if plan.secure_mode:
+                model.grad[:] = csprng.hardened_normal(noise_std, model.grad.size)
             else:
-                continue
-            if size:
-                xb, yb = x.index_select(0, batch), y.index_select(0, batch)
-                norms = None if x_norm_sq is None else x_norm_sq.index_select(0, batch)
-                total_loss += model.accumulate(xb, yb, norms, plan.max_grad_norm)
-                seen += size
-            # An empty Poisson batch is still a step: the noise-only update is
-            # what the accountant charged for.
-            if velocity is not None:
-                velocity.mul_(plan.momentum).add_(model.grad, alpha=1.0 / denominator)
-                model.flat.sub_(velocity, alpha=plan.learning_rate)
-            else:
-                model.flat.sub_(model.grad, alpha=plan.learning_rate / denominator)
-    mean_loss = float(total_loss) / seen if seen else math.nan
-    return model.numpy_params(), mean_loss
+                rng.standard_normal(dtype=np.float32, out=model.grad)
+                model.grad *= noise_std
+            denominator = expected_batch
+        elif size:
+            model.grad.fill(0.0)
+            denominator = size
+        else:
+            continue
+        if size:
+            norms = None if x_norm_sq is None else x_norm_sq[batch]
+            total_loss += model.accumulate(x[batch], y[batch], norms, plan.max_grad_norm)
+            seen += size
+        # An empty Poisson batch is still a step: the noise-only update is what
+        # the accountant charged for.
+        if velocity is not None:
+            velocity *= plan.momentum
+            velocity += model.grad / np.float32(denominator)
+            model.flat -= np.float32(plan.learning_rate) * velocity
+        else:
+            model.flat -= np.float32(plan.learning_rate / denominator) * model.grad
+    mean_loss = total_loss / seen if seen else math.nan
+    return [p.copy() for p in model.params], mean_loss
 
 
-def _batches(n: int, plan: FusedPlan, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index tensors of ``plan.steps`` batches: Poisson when private, else shuffled.
-
-    Private batches are drawn as Opacus' ``UniformWithReplacementSampler``
-    draws them (``rand(n) < q`` per step, ``int(1/q)`` steps per epoch), and a
-    ``DataLoader``'s per-epoch base-seed draw is mirrored, so the same seed
-    gives the same batches as Opacus.
-    """
+def _batches(n: int, plan: FusedPlan, rng: np.random.Generator) -> Iterator[IndexArray]:
+    """Index arrays of ``plan.steps`` batches: Poisson when private, else shuffled epochs."""
     done = 0
-    per_epoch = max(1, int(1 / plan.sample_rate))
-    while done < plan.steps:
-        if plan.private and plan.secure_mode:
-            epoch: list[torch.Tensor] | Iterator[torch.Tensor] = (
-                torch.from_numpy(np.flatnonzero(csprng.uniform(n) < plan.sample_rate))
-                for _ in range(per_epoch)
-            )
-        elif plan.private:
-            torch.empty((), dtype=torch.int64).random_(generator=generator)
+    while True:
+        epoch: Iterable[IndexArray]
+        if plan.private:
+            uniforms = csprng.uniform if plan.secure_mode else rng.random
             epoch = (
-                (torch.rand(n, generator=generator) < plan.sample_rate).nonzero().view(-1)
-                for _ in range(per_epoch)
+                np.flatnonzero(uniforms(n) < plan.sample_rate)
+                for _ in range(max(1, int(1 / plan.sample_rate)))
             )
         else:
-            torch.empty((), dtype=torch.int64).random_(generator=generator)
-            epoch = list(
-                torch.split(torch.randperm(n, generator=generator), min(plan.batch_size, n))
-            )
+            perm = rng.permutation(n)
+            epoch = np.array_split(perm, range(plan.batch_size, n, plan.batch_size))
         for batch in epoch:
             if done >= plan.steps:
                 return

@@ -18,18 +18,12 @@ exactly ``steps`` compositions at rate ``q``.
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from clients.fused_dp import FusedPlan, train_fused
-from clients.model import build_model, get_parameters, load_parameters
 from fedvault.errors import ConfigError
 from fedvault.modelspec import FloatArray, ModelSpec
 from fedvault.privacy import poisson_sample_rate
@@ -67,17 +61,6 @@ def sample_rate(batch_size: int, n: int) -> float:
     return poisson_sample_rate(batch_size, n)
 
 
-def _generator(seed: int | None, secure_mode: bool) -> torch.Generator:
-    # In secure mode the seed comes from the OS CSPRNG, so nobody (including
-    # this node's operator replaying a run) can predict the noise.
-    g = torch.Generator()
-    if secure_mode or seed is None:
-        g.manual_seed(int.from_bytes(os.urandom(8), "little") & (2**63 - 1))
-    else:
-        g.manual_seed(seed)
-    return g
-
-
 def train_local(
     spec: ModelSpec,
     params: list[FloatArray],
@@ -88,7 +71,6 @@ def train_local(
     seed: int | None,
 ) -> LocalResult:
     """Run ``plan.steps`` (DP-)SGD steps from ``params`` and return new parameters."""
-    torch.set_num_threads(1)  # tiny models: threads cost more than they give
     if plan.grad_sample_mode == "fused":
         q = sample_rate(plan.batch_size, len(y))
         new_params, mean_loss = train_fused(
@@ -107,8 +89,7 @@ def train_local(
                 secure_mode=plan.secure_mode,
                 sample_rate=q,
             ),
-            sampling_generator=_generator(seed, plan.secure_mode),
-            noise_generator=_generator(None if seed is None else seed + 1, plan.secure_mode),
+            seed=seed,
         )
         return LocalResult(params=new_params, sample_rate=q, steps=plan.steps, mean_loss=mean_loss)
     if plan.grad_sample_mode not in OPACUS_MODES:
@@ -116,66 +97,14 @@ def train_local(
             f"grad_sample_mode must be 'fused' or one of {sorted(OPACUS_MODES)}, "
             f"got {plan.grad_sample_mode!r}"
         )
-    model = build_model(spec)
-    load_parameters(model, params)
-    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
-    q = sample_rate(plan.batch_size, len(dataset))
-    loader = DataLoader(
-        dataset,
-        # Opacus samples at 1 / len(loader) = 1 / ceil(n / B): the rate charged.
-        batch_size=min(plan.batch_size, len(dataset)),
-        shuffle=True,
-        generator=_generator(seed, plan.secure_mode),
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=plan.learning_rate, momentum=plan.momentum)
-    criterion: nn.Module = nn.CrossEntropyLoss()
-    if plan.private:
-        from opacus import PrivacyEngine
+    # Imported here: torch and Opacus cost ~2 s per ClientApp process, and
+    # the default (fused) path needs neither.
+    from clients.opacus_training import train_with_opacus
 
-        engine = PrivacyEngine(accountant="rdp")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # secure-mode advice; we handle seeding
-            wrapped = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                criterion=criterion,
-                data_loader=loader,
-                noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=plan.max_grad_norm,
-                poisson_sampling=True,
-                noise_generator=_generator(None if seed is None else seed + 1, plan.secure_mode),
-                grad_sample_mode=plan.grad_sample_mode,
-            )
-        # Ghost clipping also wraps the criterion (two backward passes).
-        if len(wrapped) == 4:
-            model, optimizer, criterion, loader = wrapped
-        else:
-            model, optimizer, loader = wrapped
-    model.train()
-    losses: list[float] = []
-    done = 0
-    while done < plan.steps:
-        for xb, yb in loader:
-            if done >= plan.steps:
-                break
-            optimizer.zero_grad(set_to_none=True)
-            if len(yb) == 0:
-                # An empty Poisson batch is still a step: the noise-only update
-                # is what the accountant charged for.
-                if plan.private:
-                    optimizer.step()
-                done += 1
-                continue
-            loss = criterion(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            done += 1
-    if plan.private:
-        model = model._module  # type: ignore[assignment]  # unwrap GradSampleModule
+    params_out, steps_done, mean_loss = train_with_opacus(spec, params, x, y, plan, seed=seed)
     return LocalResult(
-        params=get_parameters(model),
-        sample_rate=q,
-        steps=done,
-        mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        params=params_out,
+        sample_rate=sample_rate(plan.batch_size, len(y)),
+        steps=steps_done,
+        mean_loss=mean_loss,
     )
