@@ -1,0 +1,108 @@
+"""Compile a registered model into an HE plan (pure NumPy, no TenSEAL).
+
+A plan is the model rewritten for encrypted evaluation:
+
+- the stored standardisation ``(x - mean) / std`` is folded into the first
+  layer (``W' = W / std``, ``b' = b - W' · mean``) so that callers encrypt
+  their *raw* features and never need the scaler;
+- each activation must be a polynomial (CKKS evaluates only additions and
+  multiplications); ``square`` costs one multiplicative level. ReLU is refused
+  with an error that names the layer, because any polynomial stand-in would
+  silently change the model's predictions;
+- ``depth`` counts the rescales one evaluation consumes, which fixes the CKKS
+  parameters (:mod:`secure.he.params`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedvault.errors import UnsupportedModelError
+from fedvault.modelspec import FloatArray, ModelSpec, check_parameters
+from fedvault.stats import Scaler
+
+F64 = NDArray[np.float64]
+Activation = Literal["square"]
+
+
+@dataclass(frozen=True, slots=True)
+class DenseLayer:
+    """``y = weight @ x + bias`` with ``weight`` of shape (out, in), float64."""
+
+    weight: F64
+    bias: F64
+
+    @property
+    def n_in(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def n_out(self) -> int:
+        return int(self.weight.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class HEPlan:
+    """Dense layers with a polynomial activation between consecutive ones."""
+
+    layers: tuple[DenseLayer, ...]
+    activations: tuple[Activation, ...]  # len(layers) - 1 entries
+
+    @property
+    def n_features(self) -> int:
+        return self.layers[0].n_in
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layers[-1].n_out
+
+    @property
+    def depth(self) -> int:
+        """One rescale per dense layer plus one per square activation."""
+        return len(self.layers) + len(self.activations)
+
+    def forward(self, x_raw: NDArray[np.floating]) -> F64:
+        """Reference logits in float64 for raw features of shape (n, d)."""
+        h = np.asarray(x_raw, dtype=np.float64)
+        for i, layer in enumerate(self.layers):
+            h = h @ layer.weight.T + layer.bias
+            if i < len(self.activations):
+                h = h * h
+        return h
+
+
+def compile_plan(spec: ModelSpec, params: list[FloatArray], scaler: Scaler) -> HEPlan:
+    """Rewrite ``spec``/``params``/``scaler`` as an :class:`HEPlan`, or refuse.
+
+    Raises:
+        UnsupportedModelError: an activation has no exact polynomial form.
+        ConfigError: parameters do not match the spec or the scaler is unusable.
+    """
+    check_parameters(spec, params)
+    if spec.kind == "mlp" and spec.activation != "square":
+        raise UnsupportedModelError(
+            f"layer 'activation_1' (after dense layer 1 of {spec.kind}) is {spec.activation!r}, "
+            "which CKKS cannot evaluate: only polynomial activations (square) run under "
+            "homomorphic encryption; retrain with --activation square"
+        )
+    mean = np.asarray(scaler.mean, dtype=np.float64)
+    std = np.asarray(scaler.std, dtype=np.float64)
+    if mean.shape != (spec.n_features,) or std.shape != (spec.n_features,):
+        raise UnsupportedModelError(
+            f"standardisation has shape {mean.shape}/{std.shape}, expected ({spec.n_features},)"
+        )
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise UnsupportedModelError("standardisation has a non-finite mean or a non-positive std")
+    w1 = np.asarray(params[0], dtype=np.float64) / std
+    b1 = np.asarray(params[1], dtype=np.float64) - w1 @ mean
+    first = DenseLayer(w1, b1)
+    if spec.kind == "logreg":
+        return HEPlan(layers=(first,), activations=())
+    second = DenseLayer(
+        np.asarray(params[2], dtype=np.float64), np.asarray(params[3], dtype=np.float64)
+    )
+    return HEPlan(layers=(first, second), activations=("square",))
