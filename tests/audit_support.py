@@ -104,3 +104,37 @@ def fresh_database(admin_url: str, name: str) -> str:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@contextmanager
+def serve_log(log: object, *, token: str | None = None) -> Iterator[str]:
+    """Serve ``log`` (an AuditLog) with a real uvicorn on a free loopback port; yield the URL."""
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from server.audit.api import bearer_token_auth, create_audit_router, require_auditor
+    from server.audit.log import AuditLog
+    from server.problem import install_problem_handlers
+
+    assert isinstance(log, AuditLog)
+    app = FastAPI()
+    install_problem_handlers(app)
+    app.include_router(create_audit_router(log))
+    app.dependency_overrides[require_auditor] = bearer_token_auth(token)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

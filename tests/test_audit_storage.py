@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from audit_support import fresh_database, postgres_server
 
 from fedvault.errors import IntegrityError, UnavailableError
 from server.audit import merkle
 from server.audit.storage import AuditStorage, PostgresStorage, SQLiteStorage, open_storage
+from tests.audit_support import fresh_database, postgres_server
 
 _counter = itertools.count()
 
@@ -201,7 +201,7 @@ def test_rogue_row_makes_the_next_append_fail_closed(tmp_path: Path) -> None:
     try:
         s.append([b"a"])
         conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
-        conn.execute("INSERT INTO audit_entries VALUES (1, x'00', x'00')")  # behind our back
+        conn.execute("INSERT INTO audit_entries VALUES (1, x'00')")  # behind our back
         conn.close()
         # The writer re-reads the size, finds no tree for the rogue row, refuses.
         with pytest.raises(IntegrityError):

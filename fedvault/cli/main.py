@@ -22,6 +22,7 @@ from fedvault.settings import FedvaultSettings
 from fedvault.training_config import DatasetName, load_training_config
 
 from . import federation as fed
+from .audit import audit_app
 from .processes import ProcessGroup, free_port
 
 app = typer.Typer(
@@ -49,6 +50,7 @@ for sub, name in (
     (ledger_app, "ledger"),
 ):
     app.add_typer(sub, name=name)
+app.add_typer(audit_app, name="audit")
 
 # soft_wrap: messages name files and paths; never break them mid-word.
 console = Console(stderr=True, soft_wrap=True)

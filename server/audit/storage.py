@@ -67,14 +67,20 @@ class AuditStorage(Protocol):
 
 def _plan(
     frontier: Frontier, entries: Sequence[bytes]
-) -> tuple[list[tuple[int, bytes, bytes]], list[tuple[int, int, bytes]]]:
-    """Rows for ``entries`` appended to ``frontier`` (mutated): entries and inner nodes."""
-    entry_rows: list[tuple[int, bytes, bytes]] = []
+) -> tuple[list[tuple[int, bytes]], list[tuple[int, int, bytes]]]:
+    """Rows for ``entries`` appended to ``frontier`` (mutated): entries, leaves and nodes.
+
+    Leaf hashes live with the inner nodes, not beside the entry: an entry
+    altered in place then disagrees with every proof the store serves, which
+    is how the verifier pinpoints it.
+    """
+    entry_rows: list[tuple[int, bytes]] = []
     node_rows: list[tuple[int, int, bytes]] = []
     for entry in entries:
         index = frontier.size
         leaf = leaf_hash(entry)
-        entry_rows.append((index, leaf, entry))
+        entry_rows.append((index, entry))
+        node_rows.append((0, index, leaf))
         node_rows.extend((lvl, idx, h) for (lvl, idx), h in frontier.append(leaf))
     return entry_rows, node_rows
 
@@ -90,7 +96,7 @@ def _missing(keys: Sequence[NodeKey], found: dict[NodeKey, bytes]) -> dict[NodeK
 _SQLITE_SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS audit_entries (
-        idx INTEGER PRIMARY KEY, leaf_hash BLOB NOT NULL, entry BLOB NOT NULL);
+        idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
     CREATE TABLE IF NOT EXISTS audit_nodes (
         level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,
         PRIMARY KEY (level, idx)) WITHOUT ROWID;
@@ -154,7 +160,7 @@ class SQLiteStorage:
                         frontier = _load_frontier(size, lambda k: _nodes(conn, k))
                     frontier = frontier.copy()
                     entry_rows, node_rows = _plan(frontier, entries)
-                    conn.executemany("INSERT INTO audit_entries VALUES (?, ?, ?)", entry_rows)
+                    conn.executemany("INSERT INTO audit_entries VALUES (?, ?)", entry_rows)
                     conn.executemany("INSERT INTO audit_nodes VALUES (?, ?, ?)", node_rows)
             except BaseException:
                 self._frontier = None
@@ -206,16 +212,12 @@ def _size(conn: sqlite3.Connection) -> int:
 
 def _nodes(conn: sqlite3.Connection, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
     found: dict[NodeKey, bytes] = {}
-    for level, idx in keys:
-        if level == 0:
-            row = conn.execute("SELECT leaf_hash FROM audit_entries WHERE idx = ?", (idx,))
-        else:
-            row = conn.execute(
-                "SELECT hash FROM audit_nodes WHERE level = ? AND idx = ?", (level, idx)
-            )
-        value = row.fetchone()
+    for key in keys:
+        value = conn.execute(
+            "SELECT hash FROM audit_nodes WHERE level = ? AND idx = ?", key
+        ).fetchone()
         if value is not None:
-            found[(level, idx)] = bytes(value[0])
+            found[key] = bytes(value[0])
     return _missing(keys, found)
 
 
@@ -230,7 +232,6 @@ _entries = sa.Table(
     "audit_entries",
     _meta,
     sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("leaf_hash", sa.LargeBinary, nullable=False),
     sa.Column("entry", sa.LargeBinary, nullable=False),
 )
 _nodes_t = sa.Table(
@@ -301,15 +302,11 @@ class PostgresStorage:
                         frontier = _load_frontier(size, lambda k: _pg_nodes(conn, k))
                     frontier = frontier.copy()
                     entry_rows, node_rows = _plan(frontier, entries)
+                    conn.execute(_entries.insert(), [{"idx": i, "entry": e} for i, e in entry_rows])
                     conn.execute(
-                        _entries.insert(),
-                        [{"idx": i, "leaf_hash": h, "entry": e} for i, h, e in entry_rows],
+                        _nodes_t.insert(),
+                        [{"level": lv, "idx": i, "hash": h} for lv, i, h in node_rows],
                     )
-                    if node_rows:
-                        conn.execute(
-                            _nodes_t.insert(),
-                            [{"level": lv, "idx": i, "hash": h} for lv, i, h in node_rows],
-                        )
             except SQLAlchemyError as exc:
                 self._frontier = None
                 raise UnavailableError(f"audit append failed: {_pg_reason(exc)}") from None
@@ -381,22 +378,14 @@ def _pg_size(conn: sa.Connection) -> int:
 
 
 def _pg_nodes(conn: sa.Connection, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
-    found: dict[NodeKey, bytes] = {}
-    leaves = [idx for level, idx in keys if level == 0]
-    inner = [(level, idx) for level, idx in keys if level > 0]
-    if leaves:
-        rows = conn.execute(
-            sa.select(_entries.c.idx, _entries.c.leaf_hash).where(_entries.c.idx.in_(leaves))
+    if not keys:
+        return {}
+    rows = conn.execute(
+        sa.select(_nodes_t.c.level, _nodes_t.c.idx, _nodes_t.c.hash).where(
+            sa.tuple_(_nodes_t.c.level, _nodes_t.c.idx).in_(list(keys))
         )
-        found.update({(0, int(i)): bytes(h) for i, h in rows})
-    if inner:
-        inner_rows = conn.execute(
-            sa.select(_nodes_t.c.level, _nodes_t.c.idx, _nodes_t.c.hash).where(
-                sa.tuple_(_nodes_t.c.level, _nodes_t.c.idx).in_(inner)
-            )
-        )
-        found.update({(int(lv), int(i)): bytes(h) for lv, i, h in inner_rows})
-    return _missing(keys, found)
+    )
+    return _missing(keys, {(int(lv), int(i)): bytes(h) for lv, i, h in rows})
 
 
 def open_storage(location: str | Path) -> AuditStorage:

@@ -1,0 +1,258 @@
+"""``fedvault audit``: keys, a development server, verification, search and export.
+
+The verifier trusts one thing only, the verifier key given with ``--key`` (a
+key line or a file holding one), obtained out of band — never the key the
+server publishes. It remembers the last checkpoint it verified (``--state``)
+so that a rewritten or rolled-back history fails on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from fedvault.errors import ConfigError, IntegrityError
+from fedvault.settings import FedvaultSettings
+
+if TYPE_CHECKING:
+    from secure.signed_note import NoteVerifier
+    from server.audit.records import AuditRecord
+    from server.audit.verifier import LogSource
+
+audit_app = typer.Typer(
+    help="Tamper-evident audit log: keys, verification, search, export.", no_args_is_help=True
+)
+
+UrlOpt = Annotated[str | None, typer.Option("--url", help="Base URL of the API serving /v2/audit.")]
+BundleOpt = Annotated[
+    Path | None, typer.Option("--bundle", help="Offline bundle written by --export.")
+]
+TokenOpt = Annotated[
+    Path | None, typer.Option("--token-file", help="File holding the bearer token (0600).")
+]
+KeyOpt = Annotated[
+    str, typer.Option("--key", help="Verifier key line <name>+<id>+<key>, or a file holding it.")
+]
+
+
+def _verifier(key: str) -> NoteVerifier:
+    from secure.signed_note import NoteVerifier
+
+    path = Path(key)
+    if "+" not in key or path.is_file():
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read verifier key {path}: {exc.strerror}") from None
+    return NoteVerifier.parse(key)
+
+
+def _token(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    from secure.keyfiles import read_secret_file
+
+    return read_secret_file(path).decode("utf-8", errors="replace").strip()
+
+
+def _source(url: str | None, bundle: Path | None, token: Path | None) -> LogSource:
+    from server.audit.verifier import BundleSource, HttpSource
+
+    if bundle is not None and url is None:
+        return BundleSource(bundle)
+    if url is None or bundle is not None:
+        raise ConfigError("give exactly one of --url or --bundle")
+    return HttpSource(url, token=_token(token))
+
+
+@audit_app.command("keygen")
+def keygen(
+    name: Annotated[str, typer.Option("--name", help="Log origin / key name, e.g. org/audit.")],
+    out: Annotated[Path, typer.Option("--out", help="Private key file to create (0600).")],
+) -> None:
+    """Create a checkpoint signing key; print the verifier key to publish."""
+    from secure.signed_note import generate_note_key, save_note_signer
+
+    if out.exists():
+        raise ConfigError(f"{out} exists; refusing to overwrite a signing key")
+    signer = generate_note_key(name)
+    save_note_signer(out, signer)
+    typer.echo(signer.verifier.line)
+
+
+@audit_app.command("checkpoint")
+def checkpoint(
+    db: Annotated[str, typer.Option("--db", help="SQLite path or postgresql:// URL.")],
+    key: Annotated[Path, typer.Option("--key", help="Signing key file (0600).")],
+) -> None:
+    """Sign a checkpoint now (on demand) and print it."""
+    from secure.signed_note import load_note_signer
+    from server.audit.log import AuditLog
+    from server.audit.storage import open_storage
+
+    log = AuditLog(open_storage(db), load_note_signer(key))
+    try:
+        typer.echo(log.checkpoint(force=True), nl=False)
+    finally:
+        log.close()
+
+
+@audit_app.command("serve")
+def serve(
+    db: Annotated[str, typer.Option("--db", help="SQLite path or postgresql:// URL.")],
+    key: Annotated[Path, typer.Option("--key", help="Signing key file (0600).")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="0 picks a free port.")] = 0,
+    token_file: TokenOpt = None,
+) -> None:
+    """Serve the audit API alone (development; the gateway mounts the same router)."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    from secure.signed_note import load_note_signer
+    from server.audit.api import bearer_token_auth, create_audit_router, require_auditor
+    from server.audit.log import AuditLog
+    from server.audit.storage import open_storage
+    from server.problem import install_problem_handlers
+
+    from .processes import free_port
+
+    token = _token(token_file)
+    if token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError("--token-file is required when serving beyond loopback")
+    log = AuditLog(open_storage(db), load_note_signer(key))
+    app = FastAPI(title="fedvault audit log")
+    install_problem_handlers(app)
+    app.include_router(create_audit_router(log))
+    app.dependency_overrides[require_auditor] = bearer_token_auth(token)
+    log.start_checkpointing()
+    port = port or free_port()
+    typer.echo(f"serving http://{host}:{port}/v2/audit", err=False)
+    sys.stdout.flush()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        log.close()
+
+
+def _state_dir(state: Path | None, name: str, key_id: int) -> Path:
+    if state is not None:
+        return state
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return FedvaultSettings().home / "audit-verifier" / f"{safe}-{key_id:08x}"
+
+
+@audit_app.command("verify")
+def verify(
+    key: KeyOpt,
+    url: UrlOpt = None,
+    bundle: BundleOpt = None,
+    state: Annotated[
+        Path | None,
+        typer.Option("--state", help="Where the last verified checkpoint is kept."),
+    ] = None,
+    export: Annotated[
+        Path | None, typer.Option("--export", help="Also write an offline bundle here.")
+    ] = None,
+    token_file: TokenOpt = None,
+) -> None:
+    """Recompute the tree from every entry and check it against the signed checkpoint."""
+    from server.audit.verifier import BundleWriter, VerifierState, verify_log
+
+    verifier = _verifier(key)
+    source = _source(url, bundle, token_file)
+    # An archived bundle is checked on its own unless a state is named explicitly.
+    state_dir = state if bundle is not None else _state_dir(state, verifier.name, verifier.key_id)
+    previous = VerifierState.load(state_dir, verifier) if state_dir is not None else None
+    writer = BundleWriter(export, verifier.line) if export is not None else None
+    try:
+        result = verify_log(source, verifier, previous, bundle=writer)
+    finally:
+        if writer is not None:
+            writer.close()
+    if state_dir is not None:
+        VerifierState(result.note, result.checkpoint, result.leaves).save(state_dir)
+    cp = result.checkpoint
+    since = (
+        f"; consistent with the checkpoint of size {result.previous_size} seen before"
+        if result.previous_size is not None
+        else ""
+    )
+    typer.echo(f"verified {cp.size} entries of {cp.origin} (signed root matches{since})")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"not an ISO 8601 time: {value!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _records(
+    url: str | None, bundle: Path | None, token_file: Path | None
+) -> Iterator[tuple[int, AuditRecord]]:
+    from server.audit.records import InvalidEntry, decode_entry
+    from server.audit.verifier import PAGE
+
+    source = _source(url, bundle, token_file)
+    start = 0
+    while True:
+        rows = source.entries(start, start + PAGE)
+        if not rows:
+            return
+        for index, entry in rows:
+            try:
+                yield index, decode_entry(entry)
+            except InvalidEntry as exc:
+                raise IntegrityError(f"FAILED at index {index}: {exc}") from None
+        start = rows[-1][0] + 1
+
+
+@audit_app.command("search")
+def search(
+    url: UrlOpt = None,
+    bundle: BundleOpt = None,
+    actor: Annotated[str | None, typer.Option("--actor")] = None,
+    action: Annotated[str | None, typer.Option("--action")] = None,
+    resource: Annotated[str | None, typer.Option("--resource")] = None,
+    outcome: Annotated[str | None, typer.Option("--outcome")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="ISO 8601, inclusive.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="ISO 8601, exclusive.")] = None,
+    token_file: TokenOpt = None,
+) -> None:
+    """Print matching entries as JSON Lines (run `verify` first to trust them)."""
+    lo, hi = _parse_time(since), _parse_time(until)
+    wanted = {"actor": actor, "action": action, "resource": resource, "outcome": outcome}
+    for index, record in _records(url, bundle, token_file):
+        if any(v is not None and getattr(record, k) != v for k, v in wanted.items()):
+            continue
+        if (lo is not None and record.time < lo) or (hi is not None and record.time >= hi):
+            continue
+        typer.echo(json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False))
+
+
+@audit_app.command("export")
+def export_jsonl(
+    out: Annotated[Path, typer.Option("--out", help="JSON Lines file to write.")],
+    url: UrlOpt = None,
+    bundle: BundleOpt = None,
+    token_file: TokenOpt = None,
+) -> None:
+    """Write every entry, decoded, as JSON Lines (one record per line, with its index)."""
+    count = 0
+    with out.open("w", encoding="utf-8") as fh:
+        for index, record in _records(url, bundle, token_file):
+            fh.write(json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False))
+            fh.write("\n")
+            count += 1
+    typer.echo(f"wrote {count} entries to {out}")

@@ -1,0 +1,67 @@
+"""RFC 9457 problem+json for every HTTP front door, from the one error table.
+
+Why here and not in each router: the mapping from a
+:class:`~fedvault.errors.FedvaultError` to an HTTP status lives in
+:data:`fedvault.errors.ERROR_TABLE`; every FastAPI app (the gateway, the audit
+API, the HE API) installs these handlers once so a 400 looks the same
+everywhere. Unexpected exceptions become a bare 500 whose body says nothing
+about the cause: messages of unknown errors may carry data we must not leak.
+"""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from fedvault.errors import FedvaultError, InvalidRequestError, mapping_for
+
+__all__ = ["PROBLEM_JSON", "install_problem_handlers", "problem_response"]
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def _slug(cls: type) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", cls.__name__.removesuffix("Error")).lower()
+
+
+def problem_response(error: FedvaultError) -> JSONResponse:
+    """The problem document for ``error``: status from the table, its message as detail."""
+    status = mapping_for(error).http_status
+    return JSONResponse(
+        {
+            "type": f"urn:fedvault:problem:{_slug(type(error))}",
+            "title": (type(error).__doc__ or "Error").splitlines()[0],
+            "status": status,
+            "detail": str(error),
+        },
+        status_code=status,
+        media_type=PROBLEM_JSON,
+    )
+
+
+async def _fedvault_error(_: Request, exc: Exception) -> JSONResponse:
+    return problem_response(exc if isinstance(exc, FedvaultError) else FedvaultError("error"))
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):
+        return problem_response(InvalidRequestError("invalid request"))
+    where = ", ".join(
+        ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+        for err in exc.errors()
+    )
+    return problem_response(InvalidRequestError(f"invalid or missing parameter(s): {where}"))
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    return problem_response(FedvaultError("internal error"))
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    """Register the handlers on ``app`` (routers cannot carry exception handlers)."""
+    app.add_exception_handler(FedvaultError, _fedvault_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
