@@ -18,6 +18,7 @@ optional background thread, and immediately with ``force=True``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -33,6 +34,8 @@ from server.audit.records import AuditRecord, encode_record
 from server.audit.storage import AuditStorage
 
 __all__ = ["MAX_PAGE", "AuditLog", "AuditSink", "GroupCommitter", "SignedCheckpoint"]
+
+_log = logging.getLogger(__name__)
 
 MAX_PAGE: Final = 1000
 """Most entries one ``entries()`` call (one API page) returns."""
@@ -241,7 +244,15 @@ class AuditLog:
                 return latest.note
             if latest is not None and not force and self._clock() - latest.made_at < self._interval:
                 return latest.note
-            root = self.root(size)
+            try:
+                root = self.root(size)
+            except IntegrityError:
+                if latest is None:
+                    raise
+                # The store is damaged past the last checkpoint: keep serving the
+                # last signed one (auditors then find the bad index) and say so.
+                _log.error("audit store damaged beyond tree size %d; not signing", latest.size)
+                return latest.note
             note = self.signer.sign(format_checkpoint(self.origin, size, root))
             self.storage.save_checkpoint(size, note)
             self._latest = SignedCheckpoint(size, root, note, self._clock())

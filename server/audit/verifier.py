@@ -100,6 +100,7 @@ class HttpSource:
                 403: PermissionDeniedError,
                 404: NotFoundError,
                 400: ConfigError,
+                422: IntegrityError,
             }.get(response.status_code, UnavailableError)
             raise error(f"audit API {path}: HTTP {response.status_code} {detail}".strip())
         return response
