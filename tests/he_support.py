@@ -97,10 +97,11 @@ def public_copy(ctx: ts.Context) -> ts.Context:
     return ts.context_from(ctx.serialize(save_secret_key=False))
 
 
-def make_registry(home: Path) -> tuple[FederationStore, ModelRegistry]:
+def make_registry(home: Path, *, create_run: bool = True) -> tuple[FederationStore, ModelRegistry]:
     ensure_model_keys(home / "keys")
     store = FederationStore(home / "federation.db")
-    store.create_run("run-he", {}, {})
+    if create_run:
+        store.create_run("run-he", {}, {})
     return store, ModelRegistry(store, home / "registry", load_model_keys(home / "keys"))
 
 

@@ -1,0 +1,192 @@
+"""Thin HTTP front door for encrypted inference (FastAPI ``APIRouter``).
+
+Until the gateway (OIP v2, authentication, audit) exists, this router is the
+HE extension's only transport; the gateway will mount the same router (or
+call :class:`secure.he.service.HEService` from its gRPC servicer) and replace
+:func:`caller_identity` with its authenticated principal.
+
+Endpoints (JSON; ciphertexts are standard base64 of TenSEAL's serialisation):
+
+- ``GET  /v2/models/{model_id}/he``            parameters, keys, layouts, features, outputs
+- ``POST /v2/models/{model_id}/he/contexts``   body: the raw bytes of
+  ``context.serialize(save_secret_key=False)`` (``application/octet-stream``)
+  → ``{"context_id", "expires_in_s", "layouts"}``
+- ``DELETE /v2/he/contexts/{context_id}``
+- ``POST /v2/models/{model_id}/he/infer``      ``{"context_id", "layout", "inputs": [b64]}``
+  → ``{"model_id", "layout", "outputs": [b64]}``
+
+Errors are RFC 9457 problem+json with the status of
+:data:`fedvault.errors.ERROR_TABLE`, produced in one handler.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from fedvault.errors import (
+    AuthenticationError,
+    ConfigError,
+    FedvaultError,
+    PayloadTooLargeError,
+    mapping_for,
+)
+from fedvault.schema import BUILTIN_DATASETS, builtin_schema
+from secure.he.engine import CompiledModel
+from secure.he.plan import compile_plan
+from secure.he.service import HEModel, HEService, context_size_limit
+from server.registry import ModelRegistry
+from server.store import FederationStore
+
+IDENTITY_HEADER = "X-Fedvault-Caller"
+MAX_INFER_BODY = 256 * 1024**2  # a full digits batch is ~20 MB of base64
+
+
+def caller_identity(
+    x_fedvault_caller: Annotated[str | None, Header(alias=IDENTITY_HEADER)] = None,
+) -> str:
+    """Who is calling: a stand-in until the gateway authenticates callers.
+
+    The header is *asserted*, not proven: deploy this router only on loopback or
+    behind the gateway, which overrides this dependency with its authenticated
+    principal (``app.dependency_overrides[caller_identity] = ...``).
+    """
+    if not x_fedvault_caller or len(x_fedvault_caller) > 200:
+        raise AuthenticationError(f"missing or invalid {IDENTITY_HEADER} header")
+    return x_fedvault_caller
+
+
+Caller = Annotated[str, Depends(caller_identity)]
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    context_id: str = Field(min_length=1, max_length=200)
+    layout: str
+    inputs: list[str] = Field(min_length=1, max_length=100_000)
+
+
+def _b64(value: str, index: int) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"input {index} is not valid base64") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused early (Content-Length) or while streaming past ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is {declared} bytes, the limit is {limit}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_router(service: HEService) -> APIRouter:
+    router = APIRouter(tags=["homomorphic inference"])
+
+    @router.get("/v2/models/{model_id}/he")
+    async def he_metadata(model_id: str, caller: Caller) -> dict[str, Any]:
+        return await run_in_threadpool(service.metadata, model_id)
+
+    @router.post("/v2/models/{model_id}/he/contexts", status_code=201)
+    async def register_context(model_id: str, request: Request, caller: Caller) -> dict[str, Any]:
+        params = (await run_in_threadpool(service.model, model_id)).compiled.params
+        body = await _read_body(request, context_size_limit(params))
+        return await service.register_context_async(caller, model_id, body)
+
+    @router.delete("/v2/he/contexts/{context_id}", status_code=204)
+    async def delete_context(context_id: str, caller: Caller) -> None:
+        service.delete_context(caller, context_id)
+
+    @router.post("/v2/models/{model_id}/he/infer")
+    async def infer(model_id: str, request: Request, caller: Caller) -> dict[str, Any]:
+        body = await _read_body(request, MAX_INFER_BODY)
+        try:
+            req = InferRequest.model_validate_json(body)
+        except ValueError as exc:
+            fields = sorted({".".join(map(str, e["loc"])) for e in getattr(exc, "errors", list)()})
+            raise ConfigError(f"malformed infer request (fields: {', '.join(fields)})") from None
+        inputs = [_b64(value, i) for i, value in enumerate(req.inputs)]
+        outputs = await service.infer_async(caller, model_id, req.context_id, req.layout, inputs)
+        return {
+            "model_id": model_id,
+            "layout": req.layout,
+            "outputs": [base64.b64encode(o).decode() for o in outputs],
+        }
+
+    return router
+
+
+async def _problem(request: Request, exc: Exception) -> JSONResponse:
+    """RFC 9457 problem+json from the one error table; never internals."""
+    if not isinstance(exc, FedvaultError):  # registered for FedvaultError only
+        raise exc
+    mapping = mapping_for(exc)
+    detail = str(exc) if mapping.http_status < 500 else "internal error"
+    return JSONResponse(
+        status_code=mapping.http_status,
+        media_type="application/problem+json",
+        content={
+            "type": "about:blank",
+            "title": type(exc).__name__,
+            "status": mapping.http_status,
+            "detail": detail,
+            "grpc_status": mapping.grpc_status,
+        },
+    )
+
+
+def install_error_handler(app: FastAPI) -> None:
+    app.add_exception_handler(FedvaultError, _problem)
+
+
+def create_app(service: HEService) -> FastAPI:
+    """A stand-alone app serving only the HE extension (``fedvault he serve``)."""
+    app = FastAPI(title="fedvault encrypted inference", version="0.1.0")
+    install_error_handler(app)
+    app.include_router(build_router(service))
+    return app
+
+
+def registry_model_source(
+    open_registry: Callable[[], tuple[FederationStore, ModelRegistry]],
+) -> Callable[[str], HEModel]:
+    """Load, verify and compile registry models for :class:`HEService`.
+
+    A store is opened per load (and closed): loads are rare (the service caches
+    compiled models) and happen on worker threads, which SQLite connections
+    must not be shared across.
+    """
+
+    def load(model_id: str) -> HEModel:
+        store, registry = open_registry()
+        try:
+            loaded = registry.load(model_id)  # NotFoundError / IntegrityError propagate
+        finally:
+            store.close()
+        plan = compile_plan(loaded.spec, loaded.params, loaded.scaler)
+        dataset = loaded.lineage.get("dataset")
+        if dataset in BUILTIN_DATASETS:
+            schema = builtin_schema(dataset)
+            features, classes = schema.feature_names, schema.classes
+        else:
+            features = tuple(f"x{i}" for i in range(loaded.spec.n_features))
+            classes = tuple(str(i) for i in range(loaded.spec.n_classes))
+        return HEModel(model_id, CompiledModel(plan), features, classes)
+
+    return load
