@@ -78,6 +78,43 @@ class NodeSettings:
             raise ConfigError("node config: epsilon-cap must be > 0 and cap-delta in (0, 1)")
         return settings
 
+    @classmethod
+    def from_context(cls, context: Context) -> NodeSettings:
+        """A deployed site's node config, or a simulated partner's derived settings.
+
+        Flower's simulation engine gives each virtual node only
+        ``partition-id``/``num-partitions``. For many-partner experiments the
+        run config then names a ``fedvault data split`` directory
+        (``sim-data-dir``) and the nodes' cap (``sim-epsilon-cap``); virtual
+        partner ``i`` reads ``partner-{i}/`` there and keeps its ledger in
+        ``ledgers/partner-{i}.db`` beside it. Deployed nodes never take this
+        path: their node config always names their partner.
+        """
+        node = dict(context.node_config)
+        if "partner" in node or "partition-id" not in node:
+            return cls.from_node_config(node)
+        run = dict(context.run_config)
+        data_dir = str(run.get("sim-data-dir", ""))
+        if not data_dir:
+            raise ConfigError(
+                "simulated node: the run config must set sim-data-dir "
+                "(a `fedvault data split` directory) and sim-epsilon-cap"
+            )
+        try:
+            partner = f"partner-{int(node['partition-id'])}"
+        except (TypeError, ValueError):
+            raise ConfigError("simulated node: partition-id is not an integer") from None
+        root = Path(data_dir)
+        return cls.from_node_config(
+            {
+                "partner": partner,
+                "train-csv": str(root / partner / "train.csv"),
+                "test-csv": str(root / partner / "test.csv"),
+                "ledger": str(root / "ledgers" / f"{partner}.db"),
+                "epsilon-cap": run.get("sim-epsilon-cap", 0.0),
+            }
+        )
+
 
 class Refusal(FedvaultError):
     """Raised inside a handler to answer with a typed refusal."""
@@ -96,7 +133,7 @@ def _refusal(message: Message, code: str, text: str) -> Message:
 def _handle(message: Message, context: Context, handler: Any) -> Message:
     """Run ``handler`` and turn every expected failure into a typed refusal."""
     try:
-        settings = NodeSettings.from_node_config(dict(context.node_config))
+        settings = NodeSettings.from_context(context)
         return handler(message, settings)  # type: ignore[no-any-return]
     except Refusal as exc:
         return _refusal(message, exc.code, str(exc))

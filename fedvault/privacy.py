@@ -14,10 +14,14 @@ partner's dataset (example-level DP per partner).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
+from pathlib import Path
+from types import ModuleType
 
 from fedvault.errors import ConfigError
 
@@ -96,9 +100,30 @@ class PrivacyCharge:
         return asdict(self)
 
 
-def _rdp(events: Iterable[GaussianEvent]) -> list[float]:
-    from opacus.accountants.analysis.rdp import compute_rdp
+@functools.cache
+def _opacus_rdp() -> ModuleType:
+    """Opacus' RDP analysis module, loaded without importing the ``opacus`` package.
 
+    Why go around the package: ``import opacus`` imports torch and all of its DP
+    machinery (~2.7 s here), and every node checks its ledger in a fresh
+    ClientApp process each round, while the analysis module itself needs only
+    NumPy and SciPy. Loading that one file by path runs Opacus' accountant
+    code unchanged (a test compares it with the normally imported module).
+    """
+    package = importlib.util.find_spec("opacus")  # locates, does not execute
+    if package is None or package.origin is None:
+        raise ConfigError("opacus is not installed; it provides the RDP accountant")
+    path = Path(package.origin).parent / "accountants" / "analysis" / "rdp.py"
+    spec = importlib.util.spec_from_file_location("fedvault._opacus_rdp", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load Opacus' RDP accountant from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rdp(events: Iterable[GaussianEvent]) -> list[float]:
+    compute_rdp = _opacus_rdp().compute_rdp
     total = [0.0] * len(RDP_ORDERS)
     for ev in events:
         rdp = compute_rdp(
@@ -117,9 +142,7 @@ def epsilon(events: Sequence[GaussianEvent | None], delta: float) -> float:
         return 0.0
     if any(ev is None for ev in events):
         return math.inf
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    eps, _ = get_privacy_spent(
+    eps, _ = _opacus_rdp().get_privacy_spent(
         orders=RDP_ORDERS, rdp=_rdp(ev for ev in events if ev is not None), delta=delta
     )
     return float(eps)

@@ -173,3 +173,46 @@ def test_gaussian_event_validation(sigma: float, q: float, steps: int, field: st
 
 def test_gaussian_event_accepts_the_boundary_rate() -> None:
     assert GaussianEvent(1.0, 1.0, 1).sample_rate == 1.0
+
+
+def test_accountant_loaded_by_path_is_opacus_own() -> None:
+    from opacus.accountants.analysis import rdp as imported
+
+    from fedvault.privacy import RDP_ORDERS, _opacus_rdp
+
+    loaded = _opacus_rdp()
+    args = {"q": 0.05, "noise_multiplier": 1.1, "steps": 40, "orders": RDP_ORDERS}
+    assert list(loaded.compute_rdp(**args)) == list(imported.compute_rdp(**args))
+    rdp = imported.compute_rdp(**args)
+    assert loaded.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=1e-5) == (
+        imported.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=1e-5)
+    )
+
+
+def test_node_training_path_does_not_import_torch() -> None:
+    # Flower starts a fresh ClientApp process per message: torch's import alone
+    # costs ~1.5 s of every round. The default training path and the ledger's
+    # accountant must not pull it in.
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import numpy as np
+import clients.app
+from clients.training import LocalPlan, train_local
+from fedvault.modelspec import ModelSpec, init_parameters
+from fedvault.privacy import GaussianEvent, epsilon
+spec = ModelSpec(kind="mlp", n_features=4, n_classes=3, hidden=5)
+x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+y = (np.arange(50) % 3).astype(np.int64)
+plan = LocalPlan(learning_rate=0.1, momentum=0.0, batch_size=10, steps=3,
+                 noise_multiplier=1.0, max_grad_norm=1.0)
+train_local(spec, init_parameters(spec, 0), x, y, plan, seed=0)
+assert epsilon([GaussianEvent(1.0, 0.2, 3)], 1e-5) > 0
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "opacus"))))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"

@@ -58,6 +58,10 @@ state-dir = ""
 training = ""
 resume = false
 poll-interval = 0.2
+# Simulation engine only (virtual nodes have no site config of their own):
+# a `fedvault data split` directory and the nodes' lifetime ε cap.
+sim-data-dir = ""
+sim-epsilon-cap = 0.0
 """
 
 

@@ -28,6 +28,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_SECONDS = "0.1"
+
+
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for children: our venv's ``bin`` first on PATH (Flower starts
     ``flwr-serverapp``/``flwr-clientapp`` by name) and telemetry off."""
@@ -36,6 +40,11 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["PYTHONUNBUFFERED"] = "1"
+    # Flower's SuperExec asks its SuperNode for a ClientApp task once a second
+    # by default; each round waits for that poll. 0.1 s is Flower's own
+    # documented knob, costs ~10 loopback requests/s per node, and takes ~0.5 s
+    # off every round. An operator's value wins.
+    env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
     if extra:
         env.update(extra)
     return env
