@@ -40,6 +40,7 @@ from secure import csprng
 
 CLIP_EPSILON = 1e-6  # Opacus' guard in the clip factor (DPOptimizer.clip_and_accumulate)
 IndexArray = NDArray[np.intp]
+_LOGIT_FLOOR = np.float32(-69.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,10 @@ class _FlatModel:
 def _cross_entropy_grad(z: FloatArray, y: NDArray[np.int64]) -> tuple[FloatArray, float]:
     """Per-sample gradients of cross-entropy w.r.t. the logits, and the summed loss."""
     z -= z.max(axis=1, keepdims=True)
+    # Probabilities below e^-69 ≈ 1e-30 are 0 to float32 arithmetic anyway;
+    # flooring there keeps exp() and the products after it out of subnormal
+    # floats, which run ~100× slower on x86 once a model's logits spread.
+    np.maximum(z, _LOGIT_FLOOR, out=z)
     g = np.exp(z)
     norm = g.sum(axis=1, keepdims=True)
     g /= norm
