@@ -38,6 +38,7 @@ bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/rounds.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/dp_overhead.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/dp_utility.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/audit.py
 
 clean:
 	rm -rf $(VENV) .fedvault .mypy_cache .pytest_cache .ruff_cache
