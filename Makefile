@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest install clean bench
+.PHONY: demo test lint typecheck pytest install clean bench proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/dp_overhead.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/dp_utility.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/audit.py
+
+# Regenerate the gRPC stubs from proto/ (checked in; tests fail if they drift).
+proto: $(STAMP)
+	$(BIN)/python -m server.gateway.protogen
 
 clean:
 	rm -rf $(VENV) .fedvault .mypy_cache .pytest_cache .ruff_cache

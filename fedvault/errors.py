@@ -101,6 +101,18 @@ class ExpiredError(FedvaultError):
     """A named object existed but its lifetime is over (e.g. a registered HE context)."""
 
 
+class RateLimitedError(FedvaultError):
+    """The caller sent more requests than its rate allows; retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(FedvaultError):
+    """A request took longer than the server allows it to run."""
+
+
 class CheckpointError(FedvaultError):
     """A training checkpoint is missing or corrupt, so a run cannot resume."""
 
@@ -141,6 +153,8 @@ ERROR_TABLE: dict[type[FedvaultError], ErrorMapping] = {
     UnsupportedModelError: ErrorMapping(2, 422, "FAILED_PRECONDITION"),
     PayloadTooLargeError: ErrorMapping(12, 413, "RESOURCE_EXHAUSTED"),
     ExpiredError: ErrorMapping(13, 410, "NOT_FOUND"),
+    RateLimitedError: ErrorMapping(14, 429, "RESOURCE_EXHAUSTED"),
+    DeadlineExceededError: ErrorMapping(15, 504, "DEADLINE_EXCEEDED"),
     UnavailableError: ErrorMapping(10, 503, "UNAVAILABLE"),
     ProcessFailedError: ErrorMapping(11, 500, "INTERNAL"),
 }

@@ -10,6 +10,7 @@ about the cause: messages of unknown errors may carry data we must not leak.
 
 from __future__ import annotations
 
+import math
 import re
 
 from fastapi import FastAPI, Request
@@ -30,6 +31,7 @@ def _slug(cls: type) -> str:
 def problem_response(error: FedvaultError) -> JSONResponse:
     """The problem document for ``error``: status from the table, its message as detail."""
     status = mapping_for(error).http_status
+    retry_after = getattr(error, "retry_after_s", None)  # RateLimitedError (429)
     return JSONResponse(
         {
             "type": f"urn:fedvault:problem:{_slug(type(error))}",
@@ -39,6 +41,7 @@ def problem_response(error: FedvaultError) -> JSONResponse:
         },
         status_code=status,
         media_type=PROBLEM_JSON,
+        headers={"Retry-After": str(math.ceil(retry_after))} if retry_after else None,
     )
 
 

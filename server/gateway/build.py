@@ -1,0 +1,130 @@
+"""Wire one gateway process: repository, keys, auth, audit, metrics, HE and audit routers.
+
+The CLI (``fedvault gateway start``), the tests and the benchmark all build
+the gateway here, so the object graph they exercise is the one that ships.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedvault.schema import BUILTIN_DATASETS, builtin_schema
+from server.audit.log import AuditLog, AuditSink
+from server.gateway.audit import AuditGate
+from server.gateway.auth import Authenticator, RateLimiter
+from server.gateway.keys import GatewayStore, KeyVerifier
+from server.gateway.metrics import GatewayMetrics
+from server.gateway.repository import ModelRepository
+from server.gateway.rest import GatewayApp, Limits
+from server.gateway.service import InferenceService
+from server.registry import ModelKeys, ModelRegistry
+from server.store import FederationStore
+
+__all__ = ["GatewayConfig", "build_gateway"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    federation_db: Path
+    registry_dir: Path
+    model_keys: ModelKeys
+    gateway_db: Path
+    rate_limit_per_s: float = 0.0  # 0: unlimited
+    rate_burst: float = 100.0
+    key_cache_ttl_s: float = 30.0
+    limits: Limits = field(default_factory=Limits)
+    enable_he: bool = True
+    he_context_ttl_s: float = 3600.0
+
+
+def build_gateway(
+    config: GatewayConfig, audit_log: AuditLog | None, sink: AuditSink | None = None
+) -> GatewayApp:
+    """Everything both front doors share; loads (and verifies) every model now.
+
+    ``sink`` defaults to ``audit_log``; the audit API is mounted when a log is given.
+    """
+    sink = sink if sink is not None else audit_log
+    if sink is None:
+        raise ValueError("the gateway needs an audit sink: it never serves unaudited")
+
+    def open_federation() -> FederationStore:
+        return FederationStore(config.federation_db)
+
+    def open_registry() -> tuple[FederationStore, ModelRegistry]:
+        store = open_federation()
+        return store, ModelRegistry(store, config.registry_dir, config.model_keys)
+
+    store = GatewayStore(config.gateway_db)
+    metrics = GatewayMetrics()
+    repository = ModelRepository(open_registry, store, on_load_failure=metrics.load_failed)
+    metrics.repository = repository
+    failures = repository.load_all()
+    if failures:
+        _log.error("%d model version(s) refused at load", len(failures))
+    audit = AuditGate(sink, observe=metrics.observe_audit)
+    service = InferenceService(repository, metrics, audit_healthy=lambda: audit.healthy)
+    authenticator = Authenticator(
+        KeyVerifier(store, cache_ttl_s=config.key_cache_ttl_s),
+        RateLimiter(config.rate_limit_per_s, config.rate_burst),
+    )
+    gw = GatewayApp(
+        service=service,
+        authenticator=authenticator,
+        audit=audit,
+        metrics=metrics,
+        store=store,
+        open_federation=open_federation,
+        limits=config.limits,
+    )
+    if audit_log is not None:
+        from server.audit.api import create_audit_router, require_auditor
+
+        gw.audit_router = create_audit_router(audit_log)
+        gw.audit_dependency = require_auditor
+    if config.enable_he:
+        from secure.he.service import HEService
+        from server.he_api import build_router, caller_identity
+
+        gw.he_service = HEService(
+            he_model_source(repository), context_ttl_s=config.he_context_ttl_s
+        )
+        gw.he_router = build_router(gw.he_service)
+        gw.he_owner_dependency = caller_identity
+    return gw
+
+
+def he_model_source(repository: ModelRepository) -> Callable[[str], Any]:
+    """HE models from the gateway's already-verified repository (no second decrypt).
+
+    A reference is a registry model id or a model name (its default version
+    at first use; the HE service caches compiled models by reference).
+    """
+
+    def load(ref: str) -> Any:
+        from fedvault.errors import NotFoundError
+        from secure.he.engine import CompiledModel
+        from secure.he.plan import compile_plan
+        from secure.he.service import HEModel
+
+        try:
+            served = repository.by_model_id(ref)
+        except NotFoundError:
+            served = repository.resolve(ref, None)
+        plan = compile_plan(served.spec, served.params, served.scaler)
+        dataset = served.lineage.get("dataset")
+        if dataset in BUILTIN_DATASETS:
+            schema = builtin_schema(dataset)
+            features, classes = schema.feature_names, schema.classes
+        else:
+            features = tuple(f"x{i}" for i in range(served.spec.n_features))
+            classes = tuple(str(i) for i in range(served.spec.n_classes))
+        return HEModel(served.model_id, CompiledModel(plan), features, classes)
+
+    return load

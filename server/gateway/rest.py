@@ -1,0 +1,743 @@
+"""REST front door: Open Inference Protocol v2 over FastAPI, audited before it answers.
+
+Why a pure ASGI middleware for audit (and not a FastAPI dependency): it must
+see *every* request — our routes, the mounted HE and audit routers, 404s,
+validation errors, timeouts — and it must hold the response until the audit
+record is durable. It buffers the response (a few KB for plaintext
+inference), appends the record, and only then sends; if the append fails the
+caller gets 503 problem+json instead (fail closed) and readiness turns false.
+Request and response bodies are hashed as they stream; only digests reach
+the log.
+
+Health probes (``/v2/health/live``, ``/v2/health/ready``) are the only
+requests not audited: they are unauthenticated, carry no data, and a
+Kubernetes probe every few seconds would bury the log in noise.
+"""
+
+# No ``from __future__ import annotations``: FastAPI must resolve the
+# dependency aliases defined inside create_rest_app at runtime.
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Final, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fedvault.errors import (
+    DeadlineExceededError,
+    FedvaultError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
+from server.gateway.audit import AuditEvent, AuditGate
+from server.gateway.auth import Action, Authenticator, Principal, authorize
+from server.gateway.keys import ROLES, GatewayStore, parse_expiry
+from server.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from server.gateway.service import InferenceService
+from server.gateway.tensors import decode_rest_request, encode_rest_response
+from server.problem import PROBLEM_JSON, install_problem_handlers, problem_response
+from server.store import FederationStore
+
+__all__ = ["AUDIT_SCOPE_KEY", "GatewayApp", "Limits", "create_rest_app"]
+
+AUDIT_SCOPE_KEY: Final = "fedvault.audit"
+UNAUDITED: Final = frozenset({"/v2/health/live", "/v2/health/ready"})
+INLINE_ELEMENTS: Final = 65_536  # larger batches run on a worker thread, not the loop
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 64 * 1024**2
+    request_timeout_s: float = 30.0
+
+
+@dataclass
+class GatewayApp:
+    """Everything the front doors share (one per gateway process)."""
+
+    service: InferenceService
+    authenticator: Authenticator
+    audit: AuditGate
+    metrics: GatewayMetrics
+    store: GatewayStore
+    open_federation: Callable[[], FederationStore]
+    limits: Limits = field(default_factory=Limits)
+    he_service: Any = None  # secure.he.service.HEService, when enabled
+    he_router: APIRouter | None = None
+    he_owner_dependency: Any = None  # server.he_api.caller_identity, when mounted
+    audit_router: APIRouter | None = None
+    audit_dependency: Any = None  # server.audit.api.require_auditor, when mounted
+
+
+# ----------------------------------------------------------------- schemas (docs)
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class ServerMetadataResponse(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadataResponse(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequestBody(BaseModel):
+    """OIP v2 inference request (JSON form; the binary extension appends raw data)."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponseBody(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[ResponseOutput]
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = Field(default=None, max_length=32)
+
+
+class KeyCreateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["admin", "analyst", "partner", "auditor"]
+    models: list[str] = Field(default_factory=list, max_length=100)
+    partner: str | None = Field(default=None, max_length=200)
+    expires: str | None = Field(default=None, max_length=64)
+    description: str = Field(default="", max_length=200)
+
+
+class KeyInfo(BaseModel):
+    key_id: str
+    role: str
+    models: list[str]
+    partner: str | None
+    description: str
+    created_at: str | None
+    expires_at: str | None
+    revoked: bool
+
+
+class CreatedKey(KeyInfo):
+    token: str = Field(description="Shown once; store it now.")
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        code: {"model": Problem, "content": {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}}
+        for code in codes
+    }
+
+
+AUTHED = (401, 403, 429, 503, 504)
+_INFER_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferRequestBody"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Binary tensor data extension: a JSON header of "
+                "Inference-Header-Content-Length bytes, then raw tensor data.",
+            },
+        },
+    },
+}
+
+
+# ------------------------------------------------------------------- middleware
+class AuditMiddleware:
+    """Time, hash, limit and audit every HTTP request; hold the response until audited."""
+
+    def __init__(self, app: ASGIApp, gateway: GatewayApp) -> None:
+        self.app = app
+        self.gw = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] in UNAUDITED:
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        client = scope.get("client")
+        event = AuditEvent(
+            protocol="rest",
+            endpoint="unmatched",
+            resource=scope["path"][:500],
+            started=time.time(),
+            peer=f"{client[0]}:{client[1]}" if client else None,
+            mtls_subject=scope.get("fedvault.mtls_subject"),
+            request_id=_header(scope, b"x-request-id") or uuid.uuid4().hex,
+        )
+        scope[AUDIT_SCOPE_KEY] = event
+        limit = self.gw.limits.max_body_bytes
+        req_hash = hashlib.sha256()
+        received = 0
+
+        async def receive_hashed() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                chunk = message.get("body", b"")
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
+                req_hash.update(chunk)
+            return message
+
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def send_buffered(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        declared = _header(scope, b"content-length")
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise PayloadTooLargeError(
+                    f"request body is {declared} bytes, the limit is {limit}"
+                )
+            await asyncio.wait_for(
+                self.app(scope, receive_hashed, send_buffered), self.gw.limits.request_timeout_s
+            )
+        except TimeoutError:
+            start, chunks = _problem_messages(
+                DeadlineExceededError(
+                    f"request took longer than {self.gw.limits.request_timeout_s:g} s"
+                )
+            )
+        except FedvaultError as exc:
+            start, chunks = _problem_messages(exc)
+        except Exception:
+            start, chunks = _problem_messages(FedvaultError("internal error"))
+        if start is None:
+            start, chunks = _problem_messages(FedvaultError("internal error"))
+        body = b"".join(chunks)
+        status = int(start["status"])
+        route = scope.get("route")
+        event.endpoint = getattr(route, "name", None) or "unmatched"
+        event.status = str(status)
+        if status >= 400:
+            event.error_type = _problem_type(start, body)
+        event.request_digest = req_hash.hexdigest()
+        event.response_digest = hashlib.sha256(body).hexdigest()
+        event.latency_s = time.perf_counter() - t0
+        try:
+            await self.gw.audit.append(event)
+        except FedvaultError as exc:
+            start, chunks = _problem_messages(exc)
+            body = b"".join(chunks)
+            status = int(start["status"])
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        headers.append((b"x-request-id", (event.request_id or "").encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        self.gw.metrics.observe_request(
+            "rest",
+            event.endpoint,
+            event.model,
+            event.version,
+            str(status),
+            time.perf_counter() - t0,
+        )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            text: str = value.decode("latin-1")[:200]
+            return text
+    return None
+
+
+def _problem_messages(error: FedvaultError) -> tuple[Message, list[bytes]]:
+    response = problem_response(error)
+    return (
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        },
+        [bytes(response.body)],
+    )
+
+
+def _problem_type(start: Message, body: bytes) -> str:
+    for key, value in start.get("headers", ()):
+        if key.lower() == b"content-type" and value.startswith(PROBLEM_JSON.encode()):
+            try:
+                kind = json.loads(body).get("type")
+            except (ValueError, AttributeError):
+                break
+            return str(kind)[:100] if kind else "-"
+    return f"http-{start['status']}"
+
+
+# ------------------------------------------------------------------------ auth
+_bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer fvk_...`")
+
+
+def _event(request: Request) -> AuditEvent | None:
+    event = request.scope.get(AUDIT_SCOPE_KEY)
+    return event if isinstance(event, AuditEvent) else None
+
+
+def principal_dependency(gw: GatewayApp) -> Callable[..., Awaitable[Principal]]:
+    auth = gw.authenticator
+
+    async def authenticated(
+        request: Request,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Principal:
+        event = _event(request)
+        token, key, hit = auth.fast(request.headers.get("authorization"))
+        if not hit:
+            key = await run_in_threadpool(auth.verifier.verify, token)
+        principal = auth.finish(
+            key,
+            peer=event.peer if event else None,
+            mtls_subject=event.mtls_subject if event else None,
+        )
+        if event is not None:
+            event.key_id, event.role = principal.key_id, principal.role
+        return principal
+
+    return authenticated
+
+
+def _note_model(request: Request, name: str | None, version: str | None) -> None:
+    event = _event(request)
+    if event is not None:
+        event.model, event.version = name, version
+
+
+ModelName = Annotated[str, Path(min_length=1, max_length=200)]
+ModelVersion = Annotated[str, Path(min_length=1, max_length=32)]
+
+
+# ------------------------------------------------------------------------- app
+def create_rest_app(gw: GatewayApp) -> FastAPI:
+    """The REST app: OIP v2, repository admin, keys, partner reads, metrics, HE, audit."""
+    app = FastAPI(
+        title="fedvault gateway",
+        version="0.1.0",
+        description="Open Inference Protocol v2 with authentication, authorisation and audit.",
+    )
+    install_problem_handlers(app)
+
+    async def http_exception(_: Request, exc: Exception) -> Response:
+        code = getattr(exc, "status_code", 500)
+        if code == 404:
+            return problem_response(NotFoundError("no such endpoint"))
+        if code == 405:
+            body = json.loads(
+                bytes(problem_response(InvalidRequestError("method not allowed here")).body)
+            )
+            body["status"] = 405
+            return Response(json.dumps(body), status_code=405, media_type=PROBLEM_JSON)
+        return problem_response(InvalidRequestError("bad request"))
+
+    app.add_exception_handler(StarletteHTTPException, http_exception)
+    app.add_middleware(AuditMiddleware, gateway=gw)
+    svc = gw.service
+    Authed = Annotated[Principal, Depends(principal_dependency(gw))]
+
+    # -- health (unauthenticated) -------------------------------------------------
+    @app.get("/v2/health/live", name="health_live", tags=["health"])
+    async def health_live() -> Response:
+        """Liveness: 200 while the process runs."""
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", name="health_ready", tags=["health"], responses=_problems(503))
+    async def health_ready() -> Response:
+        """Readiness: 200 when models are loaded and the audit log is writable, else 503."""
+        if not svc.ready():
+            raise UnavailableError("not ready (audit log failing or no model loaded)")
+        return Response(status_code=200)
+
+    # -- OIP metadata --------------------------------------------------------------
+    @app.get(
+        "/v2",
+        name="server_metadata",
+        tags=["inference"],
+        response_model=ServerMetadataResponse,
+        responses=_problems(*AUTHED),
+    )
+    async def server_metadata(principal: Authed) -> dict[str, Any]:
+        return svc.server_metadata(principal)
+
+    async def _model_metadata(
+        request: Request, principal: Principal, name: str, version: str | None
+    ) -> dict[str, Any]:
+        _note_model(request, name, version)
+        model, meta = svc.model_metadata(principal, name, version)
+        _note_model(request, name, model.version)
+        return meta.as_dict()
+
+    @app.get(
+        "/v2/models/{model_name}",
+        name="model_metadata",
+        tags=["inference"],
+        response_model=ModelMetadataResponse,
+        responses=_problems(*AUTHED, 404),
+    )
+    async def model_metadata(
+        request: Request, model_name: ModelName, principal: Authed
+    ) -> dict[str, Any]:
+        return await _model_metadata(request, principal, model_name, None)
+
+    @app.get(
+        "/v2/models/{model_name}/versions/{model_version}",
+        name="model_version_metadata",
+        tags=["inference"],
+        response_model=ModelMetadataResponse,
+        responses=_problems(*AUTHED, 404),
+    )
+    async def model_version_metadata(
+        request: Request, model_name: ModelName, model_version: ModelVersion, principal: Authed
+    ) -> dict[str, Any]:
+        return await _model_metadata(request, principal, model_name, model_version)
+
+    async def _model_ready(
+        request: Request, principal: Principal, name: str, version: str | None
+    ) -> Response:
+        _note_model(request, name, version)
+        if not svc.model_ready(principal, name, version):
+            raise UnavailableError("model is not ready (refused at load or no such version)")
+        return Response(status_code=200)
+
+    @app.get(
+        "/v2/models/{model_name}/ready",
+        name="model_ready",
+        tags=["inference"],
+        responses=_problems(*AUTHED, 404),
+    )
+    async def model_ready(request: Request, model_name: ModelName, principal: Authed) -> Response:
+        """200 when the default version can serve; 503 problem+json otherwise."""
+        return await _model_ready(request, principal, model_name, None)
+
+    @app.get(
+        "/v2/models/{model_name}/versions/{model_version}/ready",
+        name="model_version_ready",
+        tags=["inference"],
+        responses=_problems(*AUTHED, 404),
+    )
+    async def model_version_ready(
+        request: Request, model_name: ModelName, model_version: ModelVersion, principal: Authed
+    ) -> Response:
+        """200 when this version can serve; 503 problem+json otherwise."""
+        return await _model_ready(request, principal, model_name, model_version)
+
+    # -- OIP infer -----------------------------------------------------------------
+    async def _infer(
+        request: Request, principal: Principal, name: str, version: str | None
+    ) -> Response:
+        _note_model(request, name, version)
+        body = await request.body()
+        req = decode_rest_request(
+            name, version, body, request.headers.get("inference-header-content-length")
+        )
+        elements = sum(t.data.size for t in req.inputs)
+        if elements > INLINE_ELEMENTS:
+            result = await run_in_threadpool(svc.infer, principal, req)
+        else:
+            result = svc.infer(principal, req)
+        _note_model(request, name, result.model_version)
+        payload, header_length = encode_rest_response(req, result)
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(header_length)},
+        )
+
+    infer_responses: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": "Inference result (JSON, or JSON header + binary data).",
+            "content": {
+                "application/json": {"schema": InferResponseBody.model_json_schema()},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **_problems(*AUTHED, 400, 404, 413),
+    }
+
+    @app.post(
+        "/v2/models/{model_name}/infer",
+        name="infer",
+        tags=["inference"],
+        openapi_extra=_INFER_OPENAPI,
+        responses=infer_responses,
+    )
+    async def infer(request: Request, model_name: ModelName, principal: Authed) -> Response:
+        return await _infer(request, principal, model_name, None)
+
+    @app.post(
+        "/v2/models/{model_name}/versions/{model_version}/infer",
+        name="infer_version",
+        tags=["inference"],
+        openapi_extra=_INFER_OPENAPI,
+        responses=infer_responses,
+    )
+    async def infer_version(
+        request: Request, model_name: ModelName, model_version: ModelVersion, principal: Authed
+    ) -> Response:
+        return await _infer(request, principal, model_name, model_version)
+
+    # -- repository admin (Triton's model-repository extension, admin only) ---------
+    @app.post(
+        "/v2/repository/index",
+        name="repository_index",
+        tags=["admin"],
+        responses=_problems(*AUTHED),
+    )
+    async def repository_index(principal: Authed) -> list[dict[str, Any]]:
+        """Every registered version: READY, or UNAVAILABLE with the refusal reason."""
+        authorize(principal, Action.MODELS_ADMIN)
+        return gw.service.repository.index()
+
+    @app.post(
+        "/v2/repository/reload",
+        name="repository_reload",
+        tags=["admin"],
+        responses=_problems(*AUTHED),
+    )
+    async def repository_reload(principal: Authed) -> list[dict[str, Any]]:
+        """Reload every version from the registry (verifying each again); the new index."""
+        authorize(principal, Action.MODELS_ADMIN)
+        await run_in_threadpool(gw.service.repository.load_all)
+        return gw.service.repository.index()
+
+    @app.post(
+        "/v2/repository/models/{model_name}/rollback",
+        name="model_rollback",
+        tags=["admin"],
+        responses=_problems(*AUTHED, 400, 404, 409),
+    )
+    async def model_rollback(
+        request: Request, model_name: ModelName, body: RollbackBody, principal: Authed
+    ) -> dict[str, Any]:
+        """Make ``version`` (default: the version before the current default) the default."""
+        authorize(principal, Action.MODELS_ADMIN)
+        _note_model(request, model_name, body.version)
+        version = await run_in_threadpool(
+            gw.service.repository.rollback,
+            model_name,
+            body.version,
+            actor=f"key:{principal.key_id}",
+        )
+        _note_model(request, model_name, version)
+        return {"name": model_name, "default_version": version}
+
+    # -- keys (admin) ----------------------------------------------------------------
+    @app.get(
+        "/v2/admin/keys",
+        name="keys_list",
+        tags=["admin"],
+        response_model=list[KeyInfo],
+        responses=_problems(*AUTHED),
+    )
+    async def keys_list(principal: Authed) -> list[dict[str, Any]]:
+        authorize(principal, Action.KEYS_ADMIN)
+        return [k.public() for k in await run_in_threadpool(gw.store.keys)]
+
+    @app.post(
+        "/v2/admin/keys",
+        name="keys_create",
+        tags=["admin"],
+        status_code=201,
+        response_model=CreatedKey,
+        responses=_problems(*AUTHED, 400),
+    )
+    async def keys_create(body: KeyCreateBody, principal: Authed) -> dict[str, Any]:
+        """Create a key; the token is in this response only."""
+        authorize(principal, Action.KEYS_ADMIN)
+        if body.role not in ROLES:  # pragma: no cover - Literal already enforces it
+            raise InvalidRequestError("unknown role")
+        token, key = await run_in_threadpool(
+            lambda: gw.store.create_key(
+                body.role,
+                models=frozenset(body.models),
+                partner=body.partner,
+                expires_at=parse_expiry(body.expires),
+                description=body.description,
+            )
+        )
+        return {**key.public(), "token": token}
+
+    @app.delete(
+        "/v2/admin/keys/{key_id}",
+        name="keys_revoke",
+        tags=["admin"],
+        response_model=KeyInfo,
+        responses=_problems(*AUTHED, 404),
+    )
+    async def keys_revoke(
+        key_id: Annotated[str, Path(max_length=32)], principal: Authed
+    ) -> dict[str, Any]:
+        authorize(principal, Action.KEYS_ADMIN)
+        key = await run_in_threadpool(gw.store.revoke, key_id)
+        gw.authenticator.verifier.forget(key_id)
+        return key.public()
+
+    # -- partner reads ----------------------------------------------------------------
+    def _partner_runs(partner: str) -> list[dict[str, Any]]:
+        store = gw.open_federation()
+        try:
+            mine = {row.charge.run_id for row in store.ledger() if row.partner == partner}
+            return [
+                {
+                    "run_id": r.run_id,
+                    "status": r.status,
+                    "round": r.current_round,
+                    "model_id": r.model_id,
+                    "created_at": r.created_at,
+                }
+                for r in store.runs()
+                if r.run_id in mine
+            ]
+        finally:
+            store.close()
+
+    def _partner_ledger(partner: str, run_id: str) -> list[dict[str, Any]]:
+        store = gw.open_federation()
+        try:
+            rows = [r for r in store.ledger(run_id) if r.partner == partner]
+        finally:
+            store.close()
+        if not rows:
+            raise NotFoundError("no ledger rows of this partner for that run")
+        return [{"partner": r.partner, **asdict(r.charge)} for r in rows]
+
+    @app.get(
+        "/v2/partner/runs", name="partner_runs", tags=["partner"], responses=_problems(*AUTHED)
+    )
+    async def partner_runs(principal: Authed) -> list[dict[str, Any]]:
+        """Runs this partner took part in."""
+        authorize(principal, Action.PARTNER_READ)
+        return await run_in_threadpool(_partner_runs, principal.key.partner or "")
+
+    @app.get(
+        "/v2/partner/runs/{run_id}/ledger",
+        name="partner_ledger",
+        tags=["partner"],
+        responses=_problems(*AUTHED, 404),
+    )
+    async def partner_ledger(
+        run_id: Annotated[str, Path(max_length=200)], principal: Authed
+    ) -> list[dict[str, Any]]:
+        """This partner's privacy-ledger rows of one run (other partners' rows stay hidden)."""
+        authorize(principal, Action.PARTNER_READ)
+        return await run_in_threadpool(_partner_ledger, principal.key.partner or "", run_id)
+
+    # -- metrics (auditor) ----------------------------------------------------------
+    @app.get(
+        "/metrics",
+        name="metrics",
+        tags=["monitoring"],
+        responses={200: {"content": {CONTENT_TYPE: {}}}, **_problems(*AUTHED)},
+    )
+    async def metrics(principal: Authed) -> Response:
+        """Prometheus exposition (scrape with an auditor key as a bearer credential)."""
+        authorize(principal, Action.METRICS)
+        svc.ready()
+        payload = await run_in_threadpool(gw.metrics.exposition)
+        return Response(payload, media_type=CONTENT_TYPE)
+
+    # -- mounted routers: HE extension and audit log --------------------------------
+    if gw.he_router is not None and gw.he_owner_dependency is not None:
+        app.include_router(gw.he_router)
+
+        async def he_owner(
+            request: Request,
+            principal: Annotated[Principal, Depends(principal_dependency(gw))],
+        ) -> str:
+            model_ref = request.path_params.get("model_id")
+            name = _he_model_name(gw, model_ref) if model_ref else None
+            _note_model(request, name, None)
+            authorize(principal, Action.HE, model=name)
+            # The owner of registered contexts: a key can use only its own contexts.
+            return f"key:{principal.key_id}"
+
+        app.dependency_overrides[gw.he_owner_dependency] = he_owner
+    if gw.audit_router is not None and gw.audit_dependency is not None:
+        app.include_router(gw.audit_router)
+
+        async def auditor(
+            principal: Annotated[Principal, Depends(principal_dependency(gw))],
+        ) -> None:
+            authorize(principal, Action.AUDIT_READ)
+
+        app.dependency_overrides[gw.audit_dependency] = auditor
+    return app
+
+
+def _he_model_name(gw: GatewayApp, ref: str) -> str:
+    """HE routes address a model by registry id or by name; grants are by name."""
+    try:
+        return gw.service.repository.by_model_id(ref).name
+    except NotFoundError:
+        return ref

@@ -1,0 +1,271 @@
+"""Open Inference Protocol v2 tensors: the transport-independent form and its codecs.
+
+Why one module: REST (JSON, or JSON plus the *binary tensor data extension*)
+and gRPC (typed ``contents`` or ``raw_*_contents``) describe the same thing —
+a named, typed, shaped array — and every malformation must become the same
+client error (:class:`~fedvault.errors.InvalidRequestError`, HTTP 400 / gRPC
+INVALID_ARGUMENT), never a 500. Pure: no I/O, no clock. Error messages name the
+tensor and the problem, never its values.
+
+Binary tensor data extension (Triton/KServe): the request body is a JSON
+header of ``Inference-Header-Content-Length`` bytes followed by the raw
+little-endian data of every input whose ``parameters.binary_data_size`` is set,
+in input order; responses do the same for outputs asked for with
+``parameters.binary_data`` (or request-level ``binary_data_output``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fedvault.errors import InvalidRequestError
+
+__all__ = [
+    "DATATYPES",
+    "InferRequest",
+    "InferResponse",
+    "RequestedOutput",
+    "Tensor",
+    "decode_rest_request",
+    "encode_rest_response",
+]
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+"""Numeric OIP datatypes and their little-endian NumPy dtypes (BYTES is not served)."""
+
+MAX_ELEMENTS = 16 * 1024 * 1024
+"""Largest tensor accepted, in elements: a shape is checked before any allocation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A named, typed, shaped array; ``data`` already has ``shape``."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: NDArray[Any]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool | None = None  # None: the request-level default decides
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    model_name: str
+    model_version: str | None
+    inputs: Sequence[Tensor]
+    outputs: Sequence[RequestedOutput] | None = None
+    id: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    outputs: Sequence[Tensor]
+    id: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _shape(name: str, raw: Any) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in raw
+    ):
+        raise InvalidRequestError(f"tensor {name!r}: shape must be a list of integers")
+    if any(d < 0 for d in raw):
+        raise InvalidRequestError(f"tensor {name!r}: shape has a negative dimension")
+    count = math.prod(raw)
+    if count > MAX_ELEMENTS:
+        raise InvalidRequestError(f"tensor {name!r}: {count} elements exceed {MAX_ELEMENTS}")
+    return tuple(raw)
+
+
+def dtype_of(name: str, datatype: Any) -> np.dtype[Any]:
+    """The NumPy dtype of an OIP datatype; a client error for unknown or unserved ones."""
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise InvalidRequestError(f"tensor {name!r}: unsupported datatype {str(datatype)[:32]!r}")
+    return DATATYPES[datatype]
+
+
+def from_bytes(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> NDArray[Any]:
+    """Little-endian raw bytes → array of ``shape``; the size must match exactly."""
+    dtype = dtype_of(name, datatype)
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidRequestError(
+            f"tensor {name!r}: {len(raw)} data bytes, expected {expected} for shape "
+            f"{list(shape)} {datatype}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def from_list(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> NDArray[Any]:
+    """JSON ``data`` (flat or nested, row-major) → array of ``shape``."""
+    dtype = dtype_of(name, datatype)
+    if not isinstance(data, list):
+        raise InvalidRequestError(f"tensor {name!r}: data must be a list")
+    try:
+        arr = np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequestError(
+            f"tensor {name!r}: data is not a regular array of {datatype} values"
+        ) from None
+    if arr.dtype == np.object_ or arr.size != math.prod(shape):
+        raise InvalidRequestError(
+            f"tensor {name!r}: {arr.size} data elements do not fill shape {list(shape)}"
+        )
+    if datatype != "BOOL" and any(isinstance(v, bool) for v in _first(data)):
+        raise InvalidRequestError(f"tensor {name!r}: booleans given for {datatype}")
+    return arr.reshape(shape)
+
+
+def _first(data: list[Any]) -> list[Any]:
+    """The first innermost list (enough to catch JSON ``true`` sent as a number)."""
+    while data and isinstance(data[0], list):
+        data = data[0]
+    return data
+
+
+def _parameters(where: str, raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"{where}: parameters must be an object")
+    return raw
+
+
+def decode_rest_request(
+    model_name: str, model_version: str | None, body: bytes, header_length: str | None
+) -> InferRequest:
+    """Parse a REST infer body, JSON alone or JSON header + binary tensor data."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidRequestError("Inference-Header-Content-Length is not a valid length")
+        split = int(header_length)
+        head, tail = body[:split], memoryview(body)[split:]
+    else:
+        head, tail = body, memoryview(b"")
+    try:
+        doc = json.loads(head)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequestError("request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidRequestError("request needs a non-empty 'inputs' list")
+    inputs: list[Tensor] = []
+    offset = 0
+    for i, item in enumerate(raw_inputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidRequestError(f"input {i}: needs a string 'name'")
+        name = item["name"][:128]
+        shape = _shape(name, item.get("shape"))
+        datatype = item.get("datatype")
+        dtype_of(name, datatype)  # an unknown or missing datatype is a 400 before any data
+        datatype = str(datatype)
+        params = _parameters(f"input {name!r}", item.get("parameters"))
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidRequestError(f"tensor {name!r}: bad binary_data_size")
+            if offset + size > len(tail):
+                raise InvalidRequestError(f"tensor {name!r}: binary data is shorter than declared")
+            data = from_bytes(name, datatype, shape, bytes(tail[offset : offset + size]))
+            offset += size
+        else:
+            if "data" not in item:
+                raise InvalidRequestError(f"tensor {name!r}: needs 'data' or binary_data_size")
+            data = from_list(name, datatype, shape, item["data"])
+        inputs.append(Tensor(name, str(datatype), shape, data, params))
+    if offset != len(tail):
+        raise InvalidRequestError("binary data is longer than the inputs declare")
+    outputs: list[RequestedOutput] | None = None
+    if doc.get("outputs") is not None:
+        if not isinstance(doc["outputs"], list):
+            raise InvalidRequestError("'outputs' must be a list")
+        outputs = []
+        for j, out in enumerate(doc["outputs"]):
+            if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+                raise InvalidRequestError(f"output {j}: needs a string 'name'")
+            oparams = _parameters(f"output {j}", out.get("parameters"))
+            binary = oparams.get("binary_data")
+            outputs.append(
+                RequestedOutput(out["name"][:128], bool(binary) if binary is not None else None)
+            )
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidRequestError("'id' must be a string")
+    return InferRequest(
+        model_name,
+        model_version,
+        inputs,
+        outputs,
+        request_id,
+        _parameters("request", doc.get("parameters")),
+    )
+
+
+def wants_binary(request: InferRequest, name: str) -> bool:
+    """Whether output ``name`` goes back as binary data (per-output setting wins)."""
+    default = bool(request.parameters.get("binary_data_output", False))
+    for out in request.outputs or ():
+        if out.name == name and out.binary is not None:
+            return out.binary
+    return default
+
+
+def encode_rest_response(
+    request: InferRequest, response: InferResponse
+) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, its JSON header length."""
+    outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for t in response.outputs:
+        item: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        if wants_binary(request, t.name):
+            raw = np.ascontiguousarray(t.data, dtype=DATATYPES[t.datatype]).tobytes()
+            item["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            item["data"] = t.data.ravel().tolist()
+        outputs.append(item)
+    doc: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": outputs,
+    }
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = dict(response.parameters)
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)

@@ -1,0 +1,192 @@
+"""Shared set-up of the gateway tests: a registry with real sealed models, keys, a live gateway.
+
+Everything is real: SQLite registry and key store, sealed (signed + encrypted)
+artifacts, the audit log on SQLite, uvicorn and grpc.aio servers on free
+loopback ports. The only test-side object is :class:`SwitchableSink`, which
+stands in front of the real audit log so a test can make appends fail — the
+gateway's own seam, not HTTP, gRPC or the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedvault.errors import UnavailableError
+from fedvault.modelspec import ModelSpec
+from secure.signed_note import generate_note_key
+from server.audit.log import AuditLog
+from server.audit.records import AuditRecord
+from server.audit.storage import open_storage
+from server.gateway.build import GatewayConfig, build_gateway
+from server.gateway.keys import ROLES
+from server.gateway.rest import GatewayApp, Limits
+from server.registry import ModelRegistry, ensure_model_keys, load_model_keys
+from server.store import FederationStore
+from tests.he_support import trained
+
+MODEL = "bc-logreg"
+OTHER = "bc-mlp"
+TAMPERED = "bc-tampered"
+LINEAGE = {
+    "run_id": "run-gw",
+    "dataset": "breast-cancer",
+    "private": True,
+    "partners": ["alpha", "beta"],
+    "epsilon": {"alpha": 1.5, "beta": 2.75},
+    "delta": 1e-5,
+    "accountant": "rdp opacus-1.6",
+    "rounds_completed": 3,
+    "hyperparameters": {"max_grad_norm": 1.0, "target_epsilon": 3.0},
+}
+
+
+class SwitchableSink:
+    """The real audit log, with a switch that makes appends fail (the outage to test)."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log = log
+        self.broken = False
+
+    def append(self, record: AuditRecord) -> int:
+        if self.broken:
+            raise UnavailableError("audit store unreachable")
+        return self.log.append(record)
+
+    async def append_async(self, record: AuditRecord) -> int:
+        if self.broken:
+            raise UnavailableError("audit store unreachable")
+        return await self.log.append_async(record)
+
+
+def make_home(home: Path) -> dict[str, str]:
+    """Registry with MODEL v1+v2, OTHER v1 and TAMPERED v1 (artifact altered); model ids."""
+    ensure_model_keys(home / "keys")
+    store = FederationStore(home / "federation.db")
+    store.create_run("run-gw", {}, {})
+    registry = ModelRegistry(store, home / "registry", load_model_keys(home / "keys"))
+    ids: dict[str, str] = {}
+    spec, params, scaler = trained("breast-cancer", "logreg")
+    for version in (1, 2):
+        scaled = [p * (1.0 if version == 2 else 0.5) for p in params]
+        ids[f"{MODEL}:{version}"] = registry.register(
+            name=MODEL, run_id="run-gw", spec=spec, params=scaled, scaler=scaler, lineage=LINEAGE
+        )
+    mspec, mparams, mscaler = trained("breast-cancer", "mlp")
+    ids[OTHER] = registry.register(
+        name=OTHER, run_id="run-gw", spec=mspec, params=mparams, scaler=mscaler, lineage=LINEAGE
+    )
+    ids[TAMPERED] = registry.register(
+        name=TAMPERED, run_id="run-gw", spec=spec, params=params, scaler=scaler, lineage=LINEAGE
+    )
+    artifact = home / "registry" / f"{ids[TAMPERED]}.fvar"
+    blob = bytearray(artifact.read_bytes())
+    blob[-10] ^= 0x01
+    artifact.write_bytes(bytes(blob))
+    store.close()
+    return ids
+
+
+@dataclass
+class Harness:
+    home: Path
+    gw: GatewayApp
+    log: AuditLog
+    sink: SwitchableSink
+    ids: dict[str, str]
+    tokens: dict[str, str] = field(default_factory=dict)
+
+
+def build(
+    home: Path, *, rate: float = 0.0, burst: float = 100.0, limits: Limits | None = None
+) -> Harness:
+    ids = make_home(home)
+    log = AuditLog(open_storage(str(home / "audit.db")), generate_note_key("test/gateway-audit"))
+    sink = SwitchableSink(log)
+    config = GatewayConfig(
+        federation_db=home / "federation.db",
+        registry_dir=home / "registry",
+        model_keys=load_model_keys(home / "keys", signing=False),
+        gateway_db=home / "gateway.db",
+        rate_limit_per_s=rate,
+        rate_burst=burst,
+        limits=limits or Limits(),
+    )
+    gw = build_gateway(config, log, sink)
+    h = Harness(home, gw, log, sink, ids)
+    store = gw.store
+    for role in ROLES:
+        token, _ = store.create_key(
+            role,
+            models=frozenset({MODEL}) if role == "analyst" else frozenset(),
+            partner="alpha" if role == "partner" else None,
+        )
+        h.tokens[role] = token
+    h.tokens["analyst-other"], _ = store.create_key("analyst", models=frozenset({OTHER}))
+    h.tokens["partner-gamma"], _ = store.create_key("partner", partner="gamma")
+    revoked, key = store.create_key("analyst", models=frozenset({MODEL}))
+    store.revoke(key.key_id)
+    h.tokens["revoked"] = revoked
+    h.tokens["expired"], _ = store.create_key("analyst", models=frozenset({MODEL}), expires_at=1.0)
+    return h
+
+
+def features(n: int = 4) -> np.ndarray:  # type: ignore[type-arg]
+    from tests.he_support import dataset
+
+    x = dataset("breast-cancer")[2]
+    return np.asarray(x[:n], dtype=np.float32)
+
+
+def expected_logits(h: Harness, version: str, x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    from fedvault.modelspec import forward
+
+    m = h.gw.service.repository.resolve(MODEL, version)
+    z = ((x - m.scaler.mean) / m.scaler.std).astype(np.float32)
+    return forward(m.spec, m.params, z)
+
+
+def spec_of(h: Harness, name: str) -> ModelSpec:
+    return h.gw.service.repository.resolve(name, None).spec
+
+
+@contextmanager
+def grpc_server(h: Harness) -> Iterator[str]:
+    """The gateway's grpc.aio server on a free loopback port, in its own loop thread."""
+    from server.gateway.grpc_api import start_grpc_server
+
+    from tests.he_support import free_port
+
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, object] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def main() -> None:
+            server = await start_grpc_server(h.gw, f"127.0.0.1:{port}")
+            holder["server"] = server
+            ready.set()
+            await server.wait_for_termination()
+
+        loop.run_until_complete(main())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server = holder["server"]
+        fut = asyncio.run_coroutine_threadsafe(server.stop(1.0), loop)  # type: ignore[attr-defined]
+        fut.result(10)
+        thread.join(10)
+        loop.close()
