@@ -20,6 +20,7 @@ import numpy as np
 
 from fedvault.errors import UnavailableError
 from fedvault.modelspec import ModelSpec
+from fedvault.privacy import PrivacyCharge
 from secure.signed_note import generate_note_key
 from server.audit.log import AuditLog
 from server.audit.records import AuditRecord
@@ -28,7 +29,7 @@ from server.gateway.build import GatewayConfig, build_gateway
 from server.gateway.keys import ROLES
 from server.gateway.rest import GatewayApp, Limits
 from server.registry import ModelRegistry, ensure_model_keys, load_model_keys
-from server.store import FederationStore
+from server.store import FederationStore, LedgerRow
 from tests.he_support import trained
 
 MODEL = "bc-logreg"
@@ -70,6 +71,15 @@ def make_home(home: Path) -> dict[str, str]:
     ensure_model_keys(home / "keys")
     store = FederationStore(home / "federation.db")
     store.create_run("run-gw", {}, {})
+    store.create_run("run-other", {}, {})
+    charges = [
+        LedgerRow(
+            partner,
+            PrivacyCharge("run-gw", 1, "dp-sgd", 1.1, 0.1, 10, 1.0, 1e-5, "rdp", "1.6", eps),
+        )
+        for partner, eps in (("alpha", 1.5), ("beta", 2.75))
+    ]
+    store.commit_round("run-gw", 1, charges, {"round": 1}, b"state")
     registry = ModelRegistry(store, home / "registry", load_model_keys(home / "keys"))
     ids: dict[str, str] = {}
     spec, params, scaler = trained("breast-cancer", "logreg")
@@ -160,33 +170,26 @@ def spec_of(h: Harness, name: str) -> ModelSpec:
 def grpc_server(h: Harness) -> Iterator[str]:
     """The gateway's grpc.aio server on a free loopback port, in its own loop thread."""
     from server.gateway.grpc_api import start_grpc_server
-
     from tests.he_support import free_port
 
     port = free_port()
     loop = asyncio.new_event_loop()
     ready = threading.Event()
-    holder: dict[str, object] = {}
+    stop = asyncio.Event()
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
+    async def main() -> None:
+        server = await start_grpc_server(h.gw, f"127.0.0.1:{port}")
+        ready.set()
+        await stop.wait()
+        await server.stop(1.0)
 
-        async def main() -> None:
-            server = await start_grpc_server(h.gw, f"127.0.0.1:{port}")
-            holder["server"] = server
-            ready.set()
-            await server.wait_for_termination()
-
-        loop.run_until_complete(main())
-
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
-    ready.wait(10)
+    if not ready.wait(10):
+        raise RuntimeError("gRPC server did not start")
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        server = holder["server"]
-        fut = asyncio.run_coroutine_threadsafe(server.stop(1.0), loop)  # type: ignore[attr-defined]
-        fut.result(10)
+        loop.call_soon_threadsafe(stop.set)
         thread.join(10)
         loop.close()

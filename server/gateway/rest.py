@@ -495,6 +495,7 @@ def create_rest_app(gw: GatewayApp) -> FastAPI:
         request: Request, principal: Principal, name: str, version: str | None
     ) -> Response:
         _note_model(request, name, version)
+        svc.authorize_model(principal, Action.INFER, name)  # before reading the body
         body = await request.body()
         req = decode_rest_request(
             name, version, body, request.headers.get("inference-header-content-length")

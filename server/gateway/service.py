@@ -81,13 +81,14 @@ class InferenceService:
             partners |= self.repository.resolve(name, version).partners
         return frozenset(partners)
 
-    def _authorize_model(self, principal: Principal, action: Action, name: str) -> None:
+    def authorize_model(self, principal: Principal, action: Action, name: str) -> None:
+        """Role and per-model grant check; front doors call it before reading a body."""
         authorize(principal, action, model=name, model_partners=self.model_partners)
 
     def model_metadata(
         self, principal: Principal, name: str, version: str | None
     ) -> tuple[ServedModel, ModelMetadata]:
-        self._authorize_model(principal, Action.MODEL_METADATA, name)
+        self.authorize_model(principal, Action.MODEL_METADATA, name)
         model = self.repository.resolve(name, version)
         versions = [version] if version else self.repository.versions(name)
         return model, ModelMetadata(
@@ -99,7 +100,7 @@ class InferenceService:
         )
 
     def model_ready(self, principal: Principal, name: str, version: str | None) -> bool:
-        self._authorize_model(principal, Action.MODEL_READY, name)
+        self.authorize_model(principal, Action.MODEL_READY, name)
         try:
             self.repository.versions(name)
         except NotFoundError:
@@ -109,7 +110,7 @@ class InferenceService:
     # ------------------------------------------------------------------- infer
     def infer(self, principal: Principal, request: InferRequest) -> InferResponse:
         """Validate against the model's metadata, standardise, forward, shape the outputs."""
-        self._authorize_model(principal, Action.INFER, request.model_name)
+        self.authorize_model(principal, Action.INFER, request.model_name)
         model = self.repository.resolve(request.model_name, request.model_version)
         return self.infer_model(model, request)
 

@@ -1,0 +1,303 @@
+"""gRPC front door: ``inference.GRPCInferenceService`` on ``grpc.aio``, same core as REST.
+
+Each RPC authenticates from the ``authorization`` metadata (gRPC lower-cases
+keys), runs the shared :class:`~server.gateway.service.InferenceService`,
+appends the audit record, and only then answers — or aborts with the gRPC
+status of :data:`fedvault.errors.ERROR_TABLE` for the error raised, after
+auditing that too. ServerLive/ServerReady are unauthenticated and unaudited,
+like the REST health probes.
+
+Digests: gRPC hands us parsed messages, so the audit record carries SHA-256
+of each message's deterministic protobuf serialisation (for the requests
+stock clients send, the bytes on the wire).
+
+Only the few functions here touch ``*_pb2`` types (the serde edge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message as PbMessage
+
+from fedvault.errors import (
+    DeadlineExceededError,
+    FedvaultError,
+    InvalidRequestError,
+    mapping_for,
+)
+from server.gateway.audit import AuditEvent
+from server.gateway.auth import Action, Principal
+from server.gateway.pb import grpc_service_pb2 as pb
+from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
+from server.gateway.rest import INLINE_ELEMENTS, GatewayApp
+from server.gateway.tensors import (
+    DATATYPES,
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    Tensor,
+    _shape,
+    from_bytes,
+    from_list,
+)
+from server.problem import problem_response
+
+__all__ = ["GrpcTLS", "InferenceServicer", "start_grpc_server"]
+
+R = TypeVar("R", bound=PbMessage)
+
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcTLS:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # set: mTLS, client certificates required
+
+
+# ----------------------------------------------------------------------- serde
+def decode_infer_request(req: pb.ModelInferRequest) -> InferRequest:
+    """``ModelInferRequest`` → the transport-independent request (400s for malformations)."""
+    raw = list(req.raw_input_contents)
+    if raw and len(raw) != len(req.inputs):
+        raise InvalidRequestError(
+            f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs: they must pair up"
+        )
+    inputs: list[Tensor] = []
+    for i, t in enumerate(req.inputs):
+        name = t.name[:128]
+        shape = _shape(name, list(t.shape))
+        if raw:
+            data = from_bytes(name, t.datatype, shape, raw[i])
+        else:
+            field = _CONTENTS_FIELD.get(t.datatype)
+            if field is None:
+                raise InvalidRequestError(
+                    f"tensor {name!r}: unsupported datatype {t.datatype[:32]!r}"
+                )
+            data = from_list(name, t.datatype, shape, list(getattr(t.contents, field)))
+        inputs.append(Tensor(name, t.datatype, shape, data))
+    outputs = [RequestedOutput(o.name[:128]) for o in req.outputs] or None
+    return InferRequest(req.model_name, req.model_version or None, inputs, outputs, req.id or None)
+
+
+def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
+    """Outputs as ``raw_output_contents`` (what Triton sends and tritonclient reads)."""
+    out = pb.ModelInferResponse(
+        model_name=resp.model_name, model_version=resp.model_version, id=resp.id or ""
+    )
+    for t in resp.outputs:
+        out.outputs.add(name=t.name, datatype=t.datatype, shape=list(t.shape))
+        out.raw_output_contents.append(
+            np.ascontiguousarray(t.data, dtype=DATATYPES[t.datatype]).tobytes()
+        )
+    return out
+
+
+def _digest(message: PbMessage) -> str:
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).hexdigest()
+
+
+# -------------------------------------------------------------------- servicer
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """OIP v2 over gRPC; authorisation and inference in the shared service."""
+
+    def __init__(self, gw: GatewayApp) -> None:
+        self.gw = gw
+        self.svc = gw.service
+
+    async def _principal(
+        self, context: grpc.aio.ServicerContext[Any, Any], event: AuditEvent
+    ) -> Principal:
+        auth = self.gw.authenticator
+        header = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        token, key_, hit = auth.fast(header)
+        if not hit:
+            key_ = await asyncio.to_thread(auth.verifier.verify, token)
+        principal = auth.finish(key_, peer=event.peer, mtls_subject=event.mtls_subject)
+        event.key_id, event.role = principal.key_id, principal.role
+        return principal
+
+    async def _handle(
+        self,
+        endpoint: str,
+        request: PbMessage,
+        context: grpc.aio.ServicerContext[Any, Any],
+        work: Callable[[Principal, AuditEvent], Awaitable[R]],
+    ) -> R:
+        t0 = time.perf_counter()
+        subject = None
+        auth_ctx = context.auth_context()
+        for value in auth_ctx.get("x509_subject_name", ()):
+            subject = value.decode("utf-8", "replace")[:200]
+            break
+        event = AuditEvent(
+            protocol="grpc",
+            endpoint=endpoint,
+            resource=f"/inference.GRPCInferenceService/{endpoint}",
+            started=time.time(),
+            peer=context.peer(),
+            mtls_subject=subject,
+        )
+        response: R | None = None
+        error: FedvaultError | None = None
+        try:
+            principal = await self._principal(context, event)
+            response = await asyncio.wait_for(
+                work(principal, event), self.gw.limits.request_timeout_s
+            )
+        except TimeoutError:
+            error = DeadlineExceededError(
+                f"request took longer than {self.gw.limits.request_timeout_s:g} s"
+            )
+        except FedvaultError as exc:
+            error = exc
+        except Exception:
+            error = FedvaultError("internal error")
+        mapping = mapping_for(error) if error is not None else None
+        event.status = mapping.grpc_status if mapping else "OK"
+        if error is not None:
+            event.error_type = json.loads(bytes(problem_response(error).body))["type"]
+        event.request_digest = _digest(request)
+        event.response_digest = _digest(response) if response is not None else None
+        event.latency_s = time.perf_counter() - t0
+        try:
+            await self.gw.audit.append(event)
+        except FedvaultError as exc:
+            error, mapping = exc, mapping_for(exc)
+            event.status = mapping.grpc_status
+        self.gw.metrics.observe_request(
+            "grpc", endpoint, event.model, event.version, event.status, time.perf_counter() - t0
+        )
+        if error is not None and mapping is not None:
+            retry = getattr(error, "retry_after_s", None)
+            if retry:
+                context.set_trailing_metadata((("retry-after", str(int(retry))),))
+            detail = (
+                str(error)
+                if mapping.http_status < 500 or mapping.http_status == 503
+                else ("internal error")
+            )
+            await context.abort(grpc.StatusCode[mapping.grpc_status], detail)
+        assert response is not None  # noqa: S101 - abort() raised otherwise
+        return response
+
+    # -- unauthenticated probes --------------------------------------------------
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.svc.live())
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.svc.ready())
+
+    # -- authenticated ------------------------------------------------------------
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerMetadataResponse:
+        async def work(p: Principal, _: AuditEvent) -> pb.ServerMetadataResponse:
+            meta = self.svc.server_metadata(p)
+            return pb.ServerMetadataResponse(
+                name=meta["name"], version=meta["version"], extensions=meta["extensions"]
+            )
+
+        return await self._handle("ServerMetadata", request, context, work)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelReadyResponse:
+        async def work(p: Principal, ev: AuditEvent) -> pb.ModelReadyResponse:
+            ev.model, ev.version = request.name, request.version or None
+            return pb.ModelReadyResponse(
+                ready=self.svc.model_ready(p, request.name, request.version or None)
+            )
+
+        return await self._handle("ModelReady", request, context, work)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelMetadataResponse:
+        async def work(p: Principal, ev: AuditEvent) -> pb.ModelMetadataResponse:
+            ev.model, ev.version = request.name, request.version or None
+            model, meta = self.svc.model_metadata(p, request.name, request.version or None)
+            ev.version = model.version
+            out = pb.ModelMetadataResponse(
+                name=meta.name, versions=meta.versions, platform=meta.platform
+            )
+            for t in meta.inputs:
+                out.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+            for t in meta.outputs:
+                out.outputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+            return out
+
+        return await self._handle("ModelMetadata", request, context, work)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInferResponse:
+        async def work(p: Principal, ev: AuditEvent) -> pb.ModelInferResponse:
+            ev.model, ev.version = request.model_name, request.model_version or None
+            self.svc.authorize_model(p, Action.INFER, request.model_name)
+            req = decode_infer_request(request)
+            if sum(t.data.size for t in req.inputs) > INLINE_ELEMENTS:
+                result = await asyncio.to_thread(self.svc.infer, p, req)
+            else:
+                result = self.svc.infer(p, req)
+            ev.version = result.model_version
+            return encode_infer_response(result)
+
+        return await self._handle("ModelInfer", request, context, work)
+
+
+async def start_grpc_server(
+    gw: GatewayApp, address: str, *, tls: GrpcTLS | None = None
+) -> grpc.aio.Server:
+    """Bind and start the gRPC server; the caller owns ``stop(grace)``."""
+    limit = gw.limits.max_body_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gw), server)  # type: ignore[no-untyped-call]
+    if tls is None:
+        server.add_insecure_port(address)
+    else:
+        creds = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None,
+        )
+        server.add_secure_port(address, creds)
+    await server.start()
+    return server

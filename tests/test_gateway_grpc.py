@@ -1,0 +1,139 @@
+"""Gateway gRPC: the same core as REST behind ``inference.GRPCInferenceService``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from server.audit.records import decode_entry
+from server.gateway.pb import grpc_service_pb2 as pb
+from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
+from tests.gateway_support import (
+    MODEL,
+    Harness,
+    build,
+    expected_logits,
+    features,
+    grpc_server,
+)
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    h = build(tmp_path_factory.mktemp("gw-grpc"))
+    yield h
+    h.log.close()
+
+
+@pytest.fixture(scope="module")
+def stub(harness: Harness) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc_server(harness) as address, grpc.insecure_channel(address) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _md(h: Harness, role: str = "analyst") -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {h.tokens[role]}"),)
+
+
+def _request(x: np.ndarray, raw: bool = True) -> pb.ModelInferRequest:  # type: ignore[type-arg]
+    req = pb.ModelInferRequest(model_name=MODEL, id="r1")
+    t = req.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+    if raw:
+        req.raw_input_contents.append(x.astype("<f4").tobytes())
+    else:
+        t.contents.fp32_contents.extend(x.ravel().tolist())
+    return req
+
+
+def test_health_and_metadata(harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    assert stub.ServerLive(pb.ServerLiveRequest()).live
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready
+    meta = stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=_md(harness))
+    assert meta.name == "fedvault"
+    m = stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL), metadata=_md(harness))
+    assert list(m.versions) == ["1", "2"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in m.inputs] == [
+        ("features", "FP32", [-1, 30])
+    ]
+    assert [t.name for t in m.outputs] == ["logits", "probabilities", "class"]
+    ready = stub.ModelReady(pb.ModelReadyRequest(name=MODEL, version="1"), metadata=_md(harness))
+    assert ready.ready
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_infer_raw_and_typed_contents(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub, raw: bool
+) -> None:
+    x = features(3)
+    resp = stub.ModelInfer(_request(x, raw), metadata=_md(harness))
+    assert (resp.model_name, resp.model_version, resp.id) == (MODEL, "2", "r1")
+    assert [(o.name, o.datatype, list(o.shape)) for o in resp.outputs] == [
+        ("logits", "FP32", [3, 2]),
+        ("probabilities", "FP32", [3, 2]),
+        ("class", "INT64", [3]),
+    ]
+    logits = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(3, 2)
+    np.testing.assert_allclose(logits, expected_logits(harness, "2", x), rtol=1e-5, atol=1e-5)
+    cls = np.frombuffer(resp.raw_output_contents[2], dtype="<i8")
+    assert cls.tolist() == logits.argmax(axis=1).tolist()
+
+
+def test_errors_map_to_status_codes(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    x = features(2)
+    cases: list[tuple[pb.ModelInferRequest, tuple[tuple[str, str], ...], grpc.StatusCode]] = []
+    wrong_name = _request(x)
+    wrong_name.inputs[0].name = "pixels"
+    cases.append((wrong_name, _md(harness), grpc.StatusCode.INVALID_ARGUMENT))
+    wrong_type = _request(x)
+    wrong_type.inputs[0].datatype = "FP64"
+    cases.append((wrong_type, _md(harness), grpc.StatusCode.INVALID_ARGUMENT))
+    wrong_shape = _request(x)
+    wrong_shape.inputs[0].shape[:] = [2, 29]
+    cases.append((wrong_shape, _md(harness), grpc.StatusCode.INVALID_ARGUMENT))
+    short = _request(x)
+    short.raw_input_contents[0] = b"\0" * 8
+    cases.append((short, _md(harness), grpc.StatusCode.INVALID_ARGUMENT))
+    unknown = _request(x)
+    unknown.model_name = "nope"
+    cases.append((unknown, _md(harness, "admin"), grpc.StatusCode.PERMISSION_DENIED))
+    cases.append((_request(x), (), grpc.StatusCode.UNAUTHENTICATED))
+    cases.append(
+        (_request(x), (("authorization", "Bearer fvk_x"),), grpc.StatusCode.UNAUTHENTICATED)
+    )
+    cases.append((_request(x), _md(harness, "auditor"), grpc.StatusCode.PERMISSION_DENIED))
+    bad_version = _request(x)
+    bad_version.model_version = "7"
+    cases.append((bad_version, _md(harness), grpc.StatusCode.NOT_FOUND))
+    for req, md, code in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(req, metadata=md)
+        assert info.value.code() == code, (code, info.value.details())
+        assert harness.tokens["analyst"] not in (info.value.details() or "")
+
+
+def test_grpc_calls_are_audited(harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    stub.ModelInfer(_request(features(1)), metadata=_md(harness))
+    size = harness.log.size()
+    ((_, entry),) = harness.log.entries(size - 1, size)
+    rec = decode_entry(entry)
+    assert rec.action == "grpc:ModelInfer"
+    assert rec.role == "analyst"
+    assert rec.resource == f"model:{MODEL}/2"
+    assert rec.outcome.startswith("status=OK error=-")
+    assert rec.request_digest
+    assert rec.response_digest
+    harness.sink.broken = True
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(_request(features(1)), metadata=_md(harness))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+    finally:
+        harness.sink.broken = False
+    stub.ModelInfer(_request(features(1)), metadata=_md(harness))
+    assert stub.ServerReady(pb.ServerReadyRequest()).ready
