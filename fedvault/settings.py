@@ -32,6 +32,33 @@ class FedvaultSettings(BaseSettings):
         description="Env var that may hold the base64 AES-256 model key instead of a key file.",
     )
 
+    gateway_host: str = Field(default="127.0.0.1", description="Gateway bind address.")
+    gateway_http_port: int = Field(default=8080, ge=0, le=65535, description="REST (OIP v2).")
+    gateway_grpc_port: int = Field(default=8081, ge=0, le=65535, description="gRPC (OIP v2).")
+    gateway_tls_cert: Path | None = Field(default=None, description="Server certificate (PEM).")
+    gateway_tls_key: Path | None = Field(default=None, description="Server key (PEM, 0600).")
+    gateway_client_ca: Path | None = Field(
+        default=None, description="CA for client certificates: set, mTLS is required."
+    )
+    gateway_rate_limit_per_s: float = Field(
+        default=100.0, ge=0, description="Sustained requests/s per API key (0: unlimited)."
+    )
+    gateway_rate_burst: float = Field(default=200.0, ge=1)
+    gateway_max_body_bytes: int = Field(default=64 * 1024**2, ge=1024)
+    gateway_request_timeout_s: float = Field(default=30.0, gt=0)
+
+    @property
+    def gateway_db(self) -> Path:
+        return self.home / "gateway.db"
+
+    @property
+    def audit_db(self) -> Path:
+        return self.home / "audit.db"
+
+    @property
+    def audit_key_file(self) -> Path:
+        return self.keys_dir / "gateway-audit.key"
+
     @property
     def federation_db(self) -> Path:
         return self.home / "federation.db"

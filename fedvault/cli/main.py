@@ -23,6 +23,7 @@ from fedvault.training_config import DatasetName, load_training_config
 
 from . import federation as fed
 from .audit import audit_app
+from .gateway import gateway_app, keys_app
 from .he import he_app
 from .processes import ProcessGroup, free_port
 
@@ -53,6 +54,8 @@ for sub, name in (
     app.add_typer(sub, name=name)
 app.add_typer(audit_app, name="audit")
 app.add_typer(he_app, name="he")
+app.add_typer(gateway_app, name="gateway")
+app.add_typer(keys_app, name="keys")
 
 # soft_wrap: messages name files and paths; never break them mid-word.
 console = Console(stderr=True, soft_wrap=True)

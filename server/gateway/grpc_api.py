@@ -155,8 +155,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         subject = None
         auth_ctx = context.auth_context()
-        for value in auth_ctx.get("x509_subject_name", ()):
-            subject = value.decode("utf-8", "replace")[:200]
+        for value in auth_ctx.get("x509_subject", ()) or auth_ctx.get("x509_common_name", ()):
+            subject = value.decode("utf-8", "replace")[:200]  # verified client certificate
             break
         event = AuditEvent(
             protocol="grpc",

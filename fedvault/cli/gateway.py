@@ -1,0 +1,198 @@
+"""``fedvault gateway start`` and ``fedvault keys create|list|revoke``.
+
+The gateway serves the registry's verified models over OIP v2 (REST and
+gRPC), authenticates API keys, authorises by role and appends every request
+to the audit log before answering. Keys are managed offline here (the store
+is the gateway's SQLite file) or online by an admin key over REST.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedvault.errors import ConfigError
+from fedvault.settings import FedvaultSettings
+
+gateway_app = typer.Typer(help="The audited inference gateway (OIP v2).", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of the gateway.", no_args_is_help=True)
+
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
+]
+
+
+def _settings(home: Path | None, **overrides: object) -> FedvaultSettings:
+    values = {k: v for k, v in overrides.items() if v is not None}
+    if home is not None:
+        values["home"] = home
+    return FedvaultSettings(**values)  # type: ignore[arg-type]
+
+
+@gateway_app.command("start")
+def start(
+    home: HomeOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="REST port.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port.")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
+    client_ca: Annotated[
+        Path | None, typer.Option(help="Require client certificates from this CA (mTLS).")
+    ] = None,
+    rate_limit: Annotated[
+        float | None, typer.Option(help="Requests/s per API key (0: unlimited).")
+    ] = None,
+    no_he: Annotated[bool, typer.Option("--no-he", help="Do not serve the HE extension.")] = False,
+) -> None:
+    """Serve REST and gRPC until Ctrl-C / SIGTERM, then drain in-flight requests and stop."""
+    import asyncio
+
+    from secure.signed_note import generate_note_key, load_note_signer, save_note_signer
+    from server.audit.log import AuditLog
+    from server.audit.storage import open_storage
+    from server.gateway.build import GatewayConfig, build_gateway
+    from server.gateway.rest import Limits
+    from server.gateway.runner import Listen, serve
+    from server.registry import load_model_keys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = _settings(
+        home,
+        gateway_host=host,
+        gateway_http_port=http_port,
+        gateway_grpc_port=grpc_port,
+        gateway_tls_cert=tls_cert,
+        gateway_tls_key=tls_key,
+        gateway_client_ca=client_ca,
+        gateway_rate_limit_per_s=rate_limit,
+    )
+    if (settings.gateway_tls_cert is None) != (settings.gateway_tls_key is None):
+        raise ConfigError("give both --tls-cert and --tls-key, or neither")
+    if settings.gateway_client_ca is not None and settings.gateway_tls_cert is None:
+        raise ConfigError("--client-ca (mTLS) needs --tls-cert and --tls-key")
+    if not settings.federation_db.exists():
+        raise ConfigError(f"{settings.home} has no federation database; train a model first")
+    if not settings.audit_key_file.exists():
+        signer = generate_note_key("fedvault/gateway-audit")
+        save_note_signer(settings.audit_key_file, signer)
+        typer.echo(f"created audit signing key; verifier key: {signer.verifier.line}", err=True)
+    log = AuditLog(open_storage(str(settings.audit_db)), load_note_signer(settings.audit_key_file))
+    try:
+        keys = load_model_keys(
+            settings.keys_dir,
+            encryption_key_b64=os.environ.get(settings.model_key_env),
+            signing=False,
+        )
+        gw = build_gateway(
+            GatewayConfig(
+                federation_db=settings.federation_db,
+                registry_dir=settings.registry_dir,
+                model_keys=keys,
+                gateway_db=settings.gateway_db,
+                rate_limit_per_s=settings.gateway_rate_limit_per_s,
+                rate_burst=settings.gateway_rate_burst,
+                limits=Limits(
+                    max_body_bytes=settings.gateway_max_body_bytes,
+                    request_timeout_s=settings.gateway_request_timeout_s,
+                ),
+                enable_he=not no_he,
+            ),
+            log,
+        )
+        log.start_checkpointing()
+        listen = Listen(
+            settings.gateway_host,
+            settings.gateway_http_port,
+            settings.gateway_grpc_port,
+            settings.gateway_tls_cert,
+            settings.gateway_tls_key,
+            settings.gateway_client_ca,
+        )
+        scheme = "https" if listen.tls_cert else "http"
+
+        def announce() -> None:
+            typer.echo(
+                json.dumps(
+                    {
+                        "event": "gateway_started",
+                        "rest": f"{scheme}://{listen.host}:{listen.http_port}",
+                        "grpc": f"{listen.host}:{listen.grpc_port}",
+                        "models": gw.service.repository.index(),
+                    }
+                ),
+                err=True,
+            )
+
+        asyncio.run(serve(gw, listen, on_started=announce))
+        typer.echo(json.dumps({"event": "gateway_stopped"}), err=True)
+    finally:
+        log.close()
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option("--role", help="admin, analyst, partner or auditor.")],
+    home: HomeOpt = None,
+    model: Annotated[
+        list[str] | None, typer.Option("--model", help="Model name this key may use ('*': all).")
+    ] = None,
+    partner: Annotated[
+        str | None, typer.Option("--partner", help="Partner name (role partner).")
+    ] = None,
+    expires: Annotated[
+        str | None, typer.Option("--expires", help="30d, 12h, 90m or an ISO 8601 instant.")
+    ] = None,
+    description: Annotated[str, typer.Option("--description")] = "",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create a key and print its token ONCE (only a slow hash is stored)."""
+    from server.gateway.keys import GatewayStore, parse_expiry
+
+    store = GatewayStore(_settings(home).gateway_db)
+    try:
+        token, key = store.create_key(
+            role,
+            models=frozenset(model or ()),
+            partner=partner,
+            expires_at=parse_expiry(expires),
+            description=description,
+        )
+    finally:
+        store.close()
+    if as_json:
+        typer.echo(json.dumps({**key.public(), "token": token}))
+        return
+    typer.echo(f"key {key.key_id} ({key.role}) created; the token is shown only now:")
+    typer.echo(token)
+
+
+@keys_app.command("list")
+def keys_list(home: HomeOpt = None) -> None:
+    """Every key's id, role, grants, expiry and revocation (never tokens)."""
+    from server.gateway.keys import GatewayStore
+
+    store = GatewayStore(_settings(home).gateway_db)
+    try:
+        keys = store.keys()
+    finally:
+        store.close()
+    typer.echo(json.dumps([k.public() for k in keys], indent=2))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, home: HomeOpt = None) -> None:
+    """Revoke a key (running gateways stop accepting it within their cache TTL, 30 s)."""
+    from server.gateway.keys import GatewayStore
+
+    store = GatewayStore(_settings(home).gateway_db)
+    try:
+        key = store.revoke(key_id)
+    finally:
+        store.close()
+    typer.echo(f"key {key.key_id} revoked")

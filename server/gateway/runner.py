@@ -1,0 +1,111 @@
+"""Run both front doors in one event loop and stop them gracefully.
+
+Why our own signal handling: uvicorn's ``serve()`` captures SIGINT/SIGTERM
+and re-raises them once *it* has stopped, which would kill the process
+before the gRPC server drained. Here one handler starts an orderly shutdown:
+stop accepting, let in-flight REST requests and RPCs finish (up to
+``grace_s``), then close the audit log, which commits whatever is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.gateway.grpc_api import GrpcTLS, start_grpc_server
+from server.gateway.rest import GatewayApp, create_rest_app
+
+__all__ = ["Listen", "serve"]
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    http_port: int
+    grpc_port: int
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None  # mTLS on both doors when set
+    grace_s: float = 10.0
+
+
+class _MTLSHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol plus the verified client-certificate subject in the scope.
+
+    uvicorn does not expose the TLS peer certificate to ASGI apps; the audit
+    record needs it ("who": mTLS subject), so it rides in the scope under
+    ``fedvault.mtls_subject``, set once per connection from the handshake.
+    """
+
+    _fv_subject: str | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        cert = ssl_object.getpeercert() if ssl_object is not None else None
+        if cert:
+            parts = [f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn]
+            self._fv_subject = ",".join(parts)[:200] or None
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._fv_subject is not None:
+            self.scope["fedvault.mtls_subject"] = self._fv_subject  # type: ignore[typeddict-unknown-key]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal capture (the runner owns shutdown)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(
+    gw: GatewayApp, listen: Listen, *, on_started: Callable[[], None] | None = None
+) -> None:
+    """Serve REST and gRPC until SIGINT/SIGTERM, then drain and return."""
+    tls = None
+    if listen.tls_cert is not None and listen.tls_key is not None:
+        tls = GrpcTLS(listen.tls_cert, listen.tls_key, listen.client_ca)
+    grpc_server = await start_grpc_server(gw, f"{listen.host}:{listen.grpc_port}", tls=tls)
+    config = uvicorn.Config(
+        create_rest_app(gw),
+        host=listen.host,
+        port=listen.http_port,
+        log_level="warning",
+        access_log=False,  # the audit log is the access log; no paths or peers in two places
+        timeout_graceful_shutdown=int(listen.grace_s),
+        ssl_certfile=str(tls.cert) if tls else None,
+        ssl_keyfile=str(tls.key) if tls else None,
+        ssl_ca_certs=str(tls.client_ca) if tls and tls.client_ca else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
+        http=_MTLSHttpToolsProtocol if tls and tls.client_ca else "auto",
+    )
+    http_server = _Server(config)
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        http_server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    http_task = asyncio.create_task(http_server.serve())
+    while not http_server.started and not http_task.done():
+        await asyncio.sleep(0.02)
+    if on_started is not None and http_server.started:
+        on_started()
+    try:
+        await http_task  # returns after should_exit, once in-flight requests finished
+    finally:
+        await grpc_server.stop(listen.grace_s)  # refuses new RPCs, waits for running ones
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
