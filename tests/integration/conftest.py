@@ -79,7 +79,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     home = tmp_path_factory.mktemp("federation")
     paths = fed.FederationPaths(home)
-    fed.init_federation(paths, [*PARTNERS, "delta", "mallory"], ["127.0.0.1", "localhost"])
+    fed.init_federation(paths, [*PARTNERS, "delta", "mallory", "zeta"], ["127.0.0.1", "localhost"])
     split_dataset("digits", home / "data", partners=4, alpha=1.0, seed=0)
     with ProcessGroup() as group:
         port = free_port()

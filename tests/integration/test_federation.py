@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 
 import pytest
 
 from fedvault.cli.ledgers import compare_ledgers
+from fedvault.cli.processes import ManagedProcess
 from fedvault.errors import IntegrityError
 from server.registry import ModelRegistry, load_model_keys
 from server.store import FederationStore
 
-from .conftest import Federation
+from .conftest import PARTNERS, Federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -101,8 +104,6 @@ def test_kill9_coordinator_then_resume_matches_uninterrupted_run(federation: Fed
     code, baseline, err = federation.train(*args)
     assert code == 0, err
     # The interrupted twin: same config and seed, killed after round 1.
-    import sys
-
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
     watcher = subprocess.Popen(
         [sys.executable, "-m", "fedvault", "train", "--home", str(federation.paths.home),
@@ -221,3 +222,65 @@ def test_a_node_whose_key_was_never_registered_is_refused(federation: Federation
         assert "Failed to activate SuperNode" in node.log_tail(30)
     finally:
         node.stop()
+
+
+def _stats_reply_sent(node: ManagedProcess) -> bool:
+    # The SuperNode logs "Sending: <type> message" as it pushes a reply.
+    try:
+        return "Sending: query.stats" in node.log_path.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def test_a_partner_that_stops_answering_is_dropped_and_the_run_goes_on(
+    federation: Federation,
+) -> None:
+    # zeta answers the stats round, then freezes (SIGSTOP: alive, connected,
+    # silent), so every training round it is sent times out for it. With
+    # min_partners = 2 the run must finish on the other three.
+    federation.start_node("zeta", 3, cap=100.0)
+    node = federation.nodes["zeta"]
+    config = federation.paths.home / "timeout.toml"
+    config.write_text("[training]\nround_timeout_s = 15\nmin_partners = 2\n")
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0")
+    time.sleep(3)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "fedvault", "train", "--home", str(federation.paths.home),
+         "--json", *RUN_ARGS, "--rounds", "2", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    frozen = False
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and trainer.poll() is None:
+            if _stats_reply_sent(node):
+                # The push completes within milliseconds; after it the node
+                # finds nothing to pull and sleeps 3 s, well before the
+                # coordinator (0.2 s polls) can send round 1.
+                time.sleep(0.5)
+                os.killpg(node.pid, signal.SIGSTOP)
+                frozen = True
+                break
+            time.sleep(0.05)
+        assert frozen, "the node never answered the stats round"
+        out, err = trainer.communicate(timeout=240)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.communicate()
+        if frozen:
+            os.killpg(node.pid, signal.SIGKILL)
+            os.killpg(node.pid, signal.SIGCONT)
+        federation.nodes.pop("zeta").stop()
+    assert trainer.returncode == 0, out + err
+    summary = json.loads(out)
+    assert summary["status"] == "finished"
+    store = FederationStore(federation.paths.db)
+    try:
+        rounds = store.rounds(summary["run_id"])
+    finally:
+        store.close()
+    assert [r for r, _ in rounds] == [1, 2]
+    for _, metrics in rounds:
+        assert metrics["failed"] == ["zeta"]
+        assert metrics["partners"] == sorted(PARTNERS)
