@@ -32,6 +32,7 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import random
 import statistics
@@ -40,7 +41,12 @@ import time
 import warnings
 from typing import Any
 
-import numpy as np
+# As on a node (fedvault.cli.processes.child_env): one BLAS thread. Set before
+# NumPy loads OpenBLAS, which reads it once.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 MODES = ("fused", "ghost", "hooks", "ew")
 MODELS = ("logreg", "mlp")

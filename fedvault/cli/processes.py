@@ -30,6 +30,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_SECONDS = "0.1"
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -45,6 +46,11 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     # documented knob, costs ~10 loopback requests/s per node, and takes ~0.5 s
     # off every round. An operator's value wins.
     env.setdefault(SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_SECONDS)
+    # Our models' matrices are small: BLAS threads only add wake-up cost, and
+    # on a shared host they oversubscribe the cores (each node, the SuperLink
+    # and the coordinator would all spawn one thread per core).
+    for var in BLAS_THREAD_VARS:
+        env.setdefault(var, "1")
     if extra:
         env.update(extra)
     return env
