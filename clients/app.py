@@ -252,8 +252,7 @@ def _stats(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
     schema = from_json(wire.config_str(run, "schema"))
     train, test = _load(settings, schema)
-    ledger = NodeLedger(settings.ledger)
-    try:
+    with NodeLedger(settings.ledger) as ledger:
         digest = _digest(message)
         cached = ledger.cached_reply(schema.name, wire.config_str(run, "run-id"), 0, digest)
         if cached is not None:
@@ -274,8 +273,6 @@ def _stats(message: Message, settings: NodeSettings) -> Message:
             {wire.PARTNER: partner, wire.CHARGE: wire.charge_to_record(charge)},
             {},
         )
-    finally:
-        ledger.close()
 
 
 def _model_and_scaler(message: Message, spec: ModelSpec) -> tuple[list[Any], Scaler]:
@@ -309,8 +306,7 @@ def _train(message: Message, settings: NodeSettings) -> Message:
     if not private and not settings.allow_non_private:
         raise Refusal(wire.REFUSE_REQUEST, "this site does not train without differential privacy")
     train_data, test_data = _load(settings, schema)
-    ledger = NodeLedger(settings.ledger)
-    try:
+    with NodeLedger(settings.ledger) as ledger:
         digest = _digest(message)
         cached = ledger.cached_reply(schema.name, wire.config_str(run, "run-id"), round_, digest)
         if cached is not None:
@@ -370,8 +366,6 @@ def _train(message: Message, settings: NodeSettings) -> Message:
             {wire.CHARGE: wire.charge_to_record(charge), wire.PARTNER: {"name": settings.partner}},
             {wire.METRICS: metrics},
         )
-    finally:
-        ledger.close()
 
 
 @app.evaluate()

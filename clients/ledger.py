@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import fields
 from pathlib import Path
+from typing import Self
 
 from fedvault.errors import ConflictError
 from fedvault.privacy import GaussianEvent, PrivacyCharge, epsilon
@@ -65,6 +66,12 @@ class NodeLedger:
 
     def close(self) -> None:
         self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def charges(self, dataset: str, run_id: str | None = None) -> list[PrivacyCharge]:
         sql = _SELECT_CHARGES

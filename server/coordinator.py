@@ -120,11 +120,8 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     state_dir = Path(str(run_config["state-dir"]))
     run_id = str(run_config["fedvault-run-id"])
-    store = FederationStore(state_dir / "federation.db")
-    try:
+    with FederationStore(state_dir / "federation.db") as store:
         Coordinator(grid, store, state_dir, run_id, run_config).run()
-    finally:
-        store.close()
 
 
 class Coordinator:

@@ -14,7 +14,7 @@ import json
 import sqlite3
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from fedvault.errors import CheckpointError, NotFoundError
 from fedvault.privacy import PrivacyCharge
@@ -110,6 +110,12 @@ class FederationStore:
 
     def close(self) -> None:
         self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- runs ---------------------------------------------------------------
     def create_run(self, run_id: str, config: dict[str, Any], schema: dict[str, Any]) -> None:

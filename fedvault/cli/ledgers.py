@@ -12,21 +12,15 @@ from server.store import FederationStore
 
 def compare_ledgers(db: Path, run_id: str, node_ledgers: dict[str, Path]) -> dict[str, Any]:
     """Row-by-row join of both views; ``agree`` only if every row matches exactly."""
-    store = FederationStore(db)
-    try:
+    with FederationStore(db) as store:
         record = store.run(run_id)
         federation = store.ledger(run_id)
-    finally:
-        store.close()
     dataset = str(record.schema["name"])
     node_rows: dict[tuple[str, int, str], Any] = {}
     for partner, path in node_ledgers.items():
-        ledger = NodeLedger(path)
-        try:
+        with NodeLedger(path) as ledger:
             for charge in ledger.charges(dataset, run_id):
                 node_rows[(partner, charge.round, charge.mechanism)] = charge
-        finally:
-            ledger.close()
     rows, problems = [], []
     seen = set()
     for row in federation:

@@ -171,8 +171,7 @@ def _train_and_watch(
         if group is not None:
             group.check_alive()
         time.sleep(0.2)
-    store = FederationStore(paths.db)
-    try:
+    with FederationStore(paths.db) as store:
         planned = cfg.rounds if cfg is not None else store.run(run_id).config["rounds"]
         record = wait_for_run(
             store,
@@ -184,8 +183,6 @@ def _train_and_watch(
             liveness=group.check_alive if group is not None else lambda: None,
         )
         summary = run_summary(store, record)
-    finally:
-        store.close()
     _show_summary(summary, as_json)
     return summary
 
@@ -318,14 +315,11 @@ def train(
     else:
         from server.store import FederationStore
 
-        store = FederationStore(paths.db)
-        try:
+        with FederationStore(paths.db) as store:
             record = store.run(resume)
             if record.status == "finished":
                 raise ConfigError(f"run {resume} already finished; nothing to resume")
             store.checkpoint(resume)  # refuse early on a corrupt checkpoint
-        finally:
-            store.close()
     summary = _train_and_watch(paths, cfg, resume=resume, group=None, as_json=as_json)
     if summary["status"] != "finished":
         raise typer.Exit(code=1)
@@ -337,11 +331,8 @@ def runs_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """All runs, oldest first."""
     from server.store import FederationStore
 
-    store = FederationStore(_settings(home).home / "federation.db")
-    try:
+    with FederationStore(_settings(home).home / "federation.db") as store:
         runs = store.runs()
-    finally:
-        store.close()
     if as_json:
         _print_json(
             [
@@ -369,11 +360,8 @@ def runs_show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> No
 
     from .watch import run_summary
 
-    store = FederationStore(_settings(home).home / "federation.db")
-    try:
+    with FederationStore(_settings(home).home / "federation.db") as store:
         summary = run_summary(store, store.run(run_id))
-    finally:
-        store.close()
     _show_summary(summary, as_json)
 
 
@@ -396,11 +384,8 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Registered model versions."""
     from server.store import FederationStore
 
-    store = FederationStore(_settings(home).federation_db)
-    try:
+    with FederationStore(_settings(home).federation_db) as store:
         models = store.models()
-    finally:
-        store.close()
     if as_json:
         _print_json([{k: v for k, v in m.items() if k != "lineage"} for m in models])
         return
