@@ -51,14 +51,12 @@ def start(
     no_he: Annotated[bool, typer.Option("--no-he", help="Do not serve the HE extension.")] = False,
 ) -> None:
     """Serve REST and gRPC until Ctrl-C / SIGTERM, then drain in-flight requests and stop."""
-    import asyncio
-
     from secure.signed_note import generate_note_key, load_note_signer, save_note_signer
     from server.audit.log import AuditLog
     from server.audit.storage import open_storage
     from server.gateway.build import GatewayConfig, build_gateway
     from server.gateway.rest import Limits
-    from server.gateway.runner import Listen, serve
+    from server.gateway.runner import Listen, run
     from server.registry import load_model_keys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -129,7 +127,7 @@ def start(
                 err=True,
             )
 
-        asyncio.run(serve(gw, listen, on_started=announce))
+        run(gw, listen, on_started=announce)
         typer.echo(json.dumps({"event": "gateway_stopped"}), err=True)
     finally:
         log.close()

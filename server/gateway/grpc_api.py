@@ -39,7 +39,7 @@ from server.gateway.audit import AuditEvent
 from server.gateway.auth import Action, Principal
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
-from server.gateway.rest import INLINE_ELEMENTS, GatewayApp
+from server.gateway.rest import INLINE_ELEMENTS, GatewayApp, benchmark_principal
 from server.gateway.tensors import (
     DATATYPES,
     InferRequest,
@@ -125,9 +125,10 @@ def _digest(message: PbMessage) -> str:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """OIP v2 over gRPC; authorisation and inference in the shared service."""
 
-    def __init__(self, gw: GatewayApp) -> None:
+    def __init__(self, gw: GatewayApp, *, unaudited_for_benchmark: bool = False) -> None:
         self.gw = gw
         self.svc = gw.service
+        self._bare = unaudited_for_benchmark  # bench/gateway.py's baseline only
 
     async def _principal(
         self, context: grpc.aio.ServicerContext[Any, Any], event: AuditEvent
@@ -153,6 +154,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         work: Callable[[Principal, AuditEvent], Awaitable[R]],
     ) -> R:
         t0 = time.perf_counter()
+        if self._bare:
+            return await work(benchmark_principal(), AuditEvent("grpc", endpoint, "", 0.0))
         subject = None
         auth_ctx = context.auth_context()
         for value in auth_ctx.get("x509_subject", ()) or auth_ctx.get("x509_common_name", ()):
@@ -279,7 +282,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_grpc_server(
-    gw: GatewayApp, address: str, *, tls: GrpcTLS | None = None
+    gw: GatewayApp,
+    address: str,
+    *,
+    tls: GrpcTLS | None = None,
+    unaudited_for_benchmark: bool = False,
 ) -> grpc.aio.Server:
     """Bind and start the gRPC server; the caller owns ``stop(grace)``."""
     limit = gw.limits.max_body_bytes
@@ -289,7 +296,8 @@ async def start_grpc_server(
             ("grpc.max_send_message_length", limit),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gw), server)  # type: ignore[no-untyped-call]
+    servicer = InferenceServicer(gw, unaudited_for_benchmark=unaudited_for_benchmark)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     if tls is None:
         server.add_insecure_port(address)
     else:

@@ -42,7 +42,7 @@ from fedvault.errors import (
 )
 from server.gateway.audit import AuditEvent, AuditGate
 from server.gateway.auth import Action, Authenticator, Principal, authorize
-from server.gateway.keys import ROLES, GatewayStore, parse_expiry
+from server.gateway.keys import ROLES, ApiKey, GatewayStore, parse_expiry
 from server.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from server.gateway.service import InferenceService
 from server.gateway.tensors import decode_rest_request, encode_rest_response
@@ -378,8 +378,18 @@ ModelVersion = Annotated[str, Path(min_length=1, max_length=32)]
 
 
 # ------------------------------------------------------------------------- app
-def create_rest_app(gw: GatewayApp) -> FastAPI:
-    """The REST app: OIP v2, repository admin, keys, partner reads, metrics, HE, audit."""
+def benchmark_principal() -> Principal:
+    """A fixed analyst for the auth-and-audit-off baseline of ``bench/gateway.py`` only."""
+    key = ApiKey("benchmark", "analyst", frozenset({"*"}), None, "", 0.0, None, None)
+    return Principal(key)
+
+
+def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) -> FastAPI:
+    """The REST app: OIP v2, repository admin, keys, partner reads, metrics, HE, audit.
+
+    ``unaudited_for_benchmark`` drops authentication and audit to measure their
+    cost; no CLI path sets it.
+    """
     app = FastAPI(
         title="fedvault gateway",
         version="0.1.0",
@@ -400,9 +410,11 @@ def create_rest_app(gw: GatewayApp) -> FastAPI:
         return problem_response(InvalidRequestError("bad request"))
 
     app.add_exception_handler(StarletteHTTPException, http_exception)
-    app.add_middleware(AuditMiddleware, gateway=gw)
+    if not unaudited_for_benchmark:
+        app.add_middleware(AuditMiddleware, gateway=gw)
     svc = gw.service
-    Authed = Annotated[Principal, Depends(principal_dependency(gw))]
+    auth_dependency = benchmark_principal if unaudited_for_benchmark else principal_dependency(gw)
+    Authed = Annotated[Principal, Depends(auth_dependency)]
 
     # -- health (unauthenticated) -------------------------------------------------
     @app.get("/v2/health/live", name="health_live", tags=["health"])
