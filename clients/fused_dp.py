@@ -8,7 +8,7 @@ pass is needed (the "book-keeping" trick of Bu et al., 2023). Opacus' ghost
 clipping computes the same norms but runs two backward passes through hooks,
 and its hook and data-loader machinery dominate the step time of models this
 small (``bench/dp_overhead.py``: 13–18× a non-private step here). Our models
-are exactly this shape (softmax regression, or Linear → square/ReLU → Linear),
+are exactly this shape (softmax regression, or Linear → square/quad/ReLU → Linear),
 so the output gradients have a closed form and a step is a handful of NumPy
 operations. NumPy rather than torch also keeps torch's ~1.5 s import out of
 every ClientApp process (Flower starts one per message).
@@ -105,6 +105,14 @@ class _FlatModel:
             a1 = z1 * z1
             slope = z1
             slope *= 2.0
+        elif self.spec.activation == "quad":  # z + αz², slope 1 + 2αz
+            alpha = np.float32(self.spec.alpha())
+            a1 = z1 * z1
+            a1 *= alpha
+            a1 += z1
+            slope = z1
+            slope *= 2.0 * alpha
+            slope += 1.0
         else:
             a1 = np.maximum(z1, 0.0)
             slope = (z1 > 0).astype(np.float32)

@@ -16,11 +16,28 @@ class Square(nn.Module):
         return x * x
 
 
+class Quad(nn.Module):
+    """z ↦ z + α·z²: a square MLP after reparametrisation (see secure.he.plan)."""
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.alpha * (x * x)
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """A module whose ``parameters()`` order matches ``ModelSpec.shapes()``."""
     if spec.kind == "logreg":
         return nn.Sequential(nn.Linear(spec.n_features, spec.n_classes))
-    act: nn.Module = Square() if spec.activation == "square" else nn.ReLU()
+    act: nn.Module
+    if spec.activation == "square":
+        act = Square()
+    elif spec.activation == "quad":
+        act = Quad(spec.alpha())
+    else:
+        act = nn.ReLU()
     return nn.Sequential(
         nn.Linear(spec.n_features, spec.hidden), act, nn.Linear(spec.hidden, spec.n_classes)
     )

@@ -9,8 +9,11 @@ Kinds:
 - ``logreg``: softmax regression, ``logits = W x + b`` (k outputs, k = classes;
   for 2 classes this is logistic regression with a redundant logit, kept so every
   model has one logit per class).
-- ``mlp``: ``W2 act(W1 x + b1) + b2`` where ``act`` is ``square`` (x², evaluable
-  under CKKS with one multiplication) or ``relu`` (plaintext only).
+- ``mlp``: ``W2 act(W1 x + b1) + b2`` where ``act`` is ``square`` (z², evaluable
+  under CKKS with one multiplication), ``quad`` (``z + α·z²`` with ``α =
+  quad_alpha``: near-linear at the start of training, so better conditioned
+  under DP noise than a pure square, and still one CKKS multiplication, see
+  :mod:`secure.he.plan`) or ``relu`` (plaintext only).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedvault.errors import ConfigError
 
@@ -35,7 +38,22 @@ class ModelSpec(BaseModel):
     n_features: int = Field(ge=1)
     n_classes: int = Field(ge=2)
     hidden: int = Field(default=32, ge=1)
-    activation: Literal["square", "relu"] = "square"
+    activation: Literal["square", "relu", "quad"] = "square"
+    quad_alpha: float | None = Field(default=None, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _quad_alpha_iff_quad(self) -> ModelSpec:
+        if self.kind == "mlp" and self.activation == "quad" and self.quad_alpha is None:
+            raise ValueError("activation 'quad' needs quad_alpha (the α of z + α·z²)")
+        if self.quad_alpha is not None and (self.kind != "mlp" or self.activation != "quad"):
+            raise ValueError("quad_alpha applies only to an mlp with activation 'quad'")
+        return self
+
+    def alpha(self) -> float:
+        """The α of the ``quad`` activation ``z + α·z²`` (ConfigError for other activations)."""
+        if self.quad_alpha is None:
+            raise ConfigError(f"activation {self.activation!r} has no quad_alpha")
+        return self.quad_alpha
 
     def shapes(self) -> list[tuple[int, ...]]:
         d, k, h = self.n_features, self.n_classes, self.hidden
@@ -78,8 +96,16 @@ def forward(spec: ModelSpec, params: list[FloatArray], x: FloatArray) -> FloatAr
         return (x @ w.T + b).astype(np.float32)
     w1, b1, w2, b2 = params
     z = x @ w1.T + b1
-    a = z * z if spec.activation == "square" else np.maximum(z, 0)
-    return (a @ w2.T + b2).astype(np.float32)
+    return (activate(spec, z) @ w2.T + b2).astype(np.float32)
+
+
+def activate(spec: ModelSpec, z: FloatArray) -> FloatArray:
+    """The hidden activation of an ``mlp`` applied to pre-activations ``z``."""
+    if spec.activation == "square":
+        return z * z
+    if spec.activation == "quad":
+        return z + np.float32(spec.alpha()) * (z * z)
+    return np.maximum(z, 0)
 
 
 def evaluate(

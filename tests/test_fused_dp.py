@@ -18,6 +18,7 @@ SPECS = [
     ModelSpec(kind="logreg", n_features=D, n_classes=K),
     ModelSpec(kind="mlp", n_features=D, n_classes=K, hidden=8, activation="square"),
     ModelSpec(kind="mlp", n_features=D, n_classes=K, hidden=8, activation="relu"),
+    ModelSpec(kind="mlp", n_features=D, n_classes=K, hidden=8, activation="quad", quad_alpha=0.3),
 ]
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),

@@ -132,3 +132,20 @@ def test_random_models_match_plaintext(kind: str, d: int, k: int, h: int, seed: 
     compiled = CompiledModel(plan)
     _check(_batch(compiled, x), ref)
     _check(_vector(compiled, x[:1]), ref[:1])
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.5, 2.0])
+def test_quad_activation_compiles_to_the_square_plan(alpha: float) -> None:
+    # z + α·z² = α·(z + 1/2α)² − 1/4α: the compiled square plan computes the
+    # quad model's logits exactly (up to float64 rounding), on raw features.
+    sq_spec, params, scaler = trained("digits", "mlp")
+    spec = sq_spec.model_copy(update={"activation": "quad", "quad_alpha": alpha})
+    plan = compile_plan(spec, params, scaler)
+    assert plan.activations == ("square",)
+    assert plan.depth == compile_plan(sq_spec, params, scaler).depth
+    _, _, x_test, _ = dataset("digits")
+    ref = forward(spec, params, scaler.apply(x_test.astype(np.float32)))
+    np.testing.assert_allclose(plan.forward(x_test), ref, atol=1e-3, rtol=1e-4)
+    if alpha == 0.5:  # one encrypted batch through the unchanged engine
+        rows = x_test[:64]
+        _check(_batch(CompiledModel(plan), rows), plan.forward(rows))

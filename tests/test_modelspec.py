@@ -21,6 +21,9 @@ SPECS = [
     ModelSpec(kind="logreg", n_features=64, n_classes=10),
     ModelSpec(kind="mlp", n_features=30, n_classes=2, hidden=16, activation="square"),
     ModelSpec(kind="mlp", n_features=64, n_classes=10, hidden=32, activation="relu"),
+    ModelSpec(
+        kind="mlp", n_features=64, n_classes=10, hidden=16, activation="quad", quad_alpha=0.3
+    ),
 ]
 
 
@@ -73,6 +76,26 @@ def test_spec_validation() -> None:
         ModelSpec.model_validate({"kind": "cnn", "n_features": 4, "n_classes": 2})
     with pytest.raises(ValueError, match="extra"):
         ModelSpec.model_validate({"kind": "mlp", "n_features": 4, "n_classes": 2, "depth": 3})
+    with pytest.raises(ValueError, match="needs quad_alpha"):
+        ModelSpec(kind="mlp", n_features=4, n_classes=2, activation="quad")
+    with pytest.raises(ValueError, match="only to an mlp with activation 'quad'"):
+        ModelSpec(kind="mlp", n_features=4, n_classes=2, activation="square", quad_alpha=0.5)
+    with pytest.raises(ValueError, match="quad_alpha"):
+        ModelSpec(kind="mlp", n_features=4, n_classes=2, activation="quad", quad_alpha=0.0)
+
+
+def test_quad_activation_is_z_plus_alpha_z_squared() -> None:
+    spec = ModelSpec(
+        kind="mlp", n_features=3, n_classes=2, hidden=1, activation="quad", quad_alpha=0.25
+    )
+    params: list[FloatArray] = [
+        np.array([[1.0, 0.0, 0.0]], np.float32),
+        np.zeros(1, np.float32),
+        np.array([[1.0], [0.0]], np.float32),
+        np.zeros(2, np.float32),
+    ]
+    x: FloatArray = np.array([[-2.0, 5.0, 5.0], [0.0, 1.0, 1.0], [4.0, 0.0, 0.0]], np.float32)
+    np.testing.assert_allclose(forward(spec, params, x)[:, 0], [-1.0, 0.0, 8.0])
 
 
 @pytest.mark.parametrize("spec", SPECS)

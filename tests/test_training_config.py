@@ -51,6 +51,7 @@ def test_config_is_frozen() -> None:
         ("dataset", "mnist"),
         ("model", "cnn"),
         ("activation", "tanh"),
+        ("quad_alpha", 0.0),
         ("seed", -1),
         ("batch_size", "many"),
         ("not_a_setting", 1),

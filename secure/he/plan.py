@@ -6,7 +6,11 @@ A plan is the model rewritten for encrypted evaluation:
   layer (``W' = W / std``, ``b' = b - W' · mean``) so that callers encrypt
   their *raw* features and never need the scaler;
 - each activation must be a polynomial (CKKS evaluates only additions and
-  multiplications); ``square`` costs one multiplicative level. ReLU is refused
+  multiplications); ``square`` costs one multiplicative level. ``quad``
+  (``z + α·z²``) is compiled to the same square plan, exactly: since
+  ``z + α·z² = α·(z + 1/(2α))² − 1/(4α)``, the first layer's bias is shifted by
+  ``1/(2α)``, the second layer's weights are scaled by ``α`` and its bias loses
+  ``W2 · 1/(4α)`` (row sums). ReLU is refused
   with an error that names the layer, because any polynomial stand-in would
   silently change the model's predictions;
 - ``depth`` counts the rescales one evaluation consumes, which fixes the CKKS
@@ -83,11 +87,11 @@ def compile_plan(spec: ModelSpec, params: list[FloatArray], scaler: Scaler) -> H
         ConfigError: parameters do not match the spec or the scaler is unusable.
     """
     check_parameters(spec, params)
-    if spec.kind == "mlp" and spec.activation != "square":
+    if spec.kind == "mlp" and spec.activation not in ("square", "quad"):
         raise UnsupportedModelError(
             f"layer 'activation_1' (after dense layer 1 of {spec.kind}) is {spec.activation!r}, "
-            "which CKKS cannot evaluate: only polynomial activations (square) run under "
-            "homomorphic encryption; retrain with --activation square"
+            "which CKKS cannot evaluate: only polynomial activations (square, quad) run under "
+            "homomorphic encryption; retrain with --activation square (or quad)"
         )
     mean = np.asarray(scaler.mean, dtype=np.float64)
     std = np.asarray(scaler.std, dtype=np.float64)
@@ -99,10 +103,13 @@ def compile_plan(spec: ModelSpec, params: list[FloatArray], scaler: Scaler) -> H
         raise UnsupportedModelError("standardisation has a non-finite mean or a non-positive std")
     w1 = np.asarray(params[0], dtype=np.float64) / std
     b1 = np.asarray(params[1], dtype=np.float64) - w1 @ mean
-    first = DenseLayer(w1, b1)
     if spec.kind == "logreg":
-        return HEPlan(layers=(first,), activations=())
-    second = DenseLayer(
-        np.asarray(params[2], dtype=np.float64), np.asarray(params[3], dtype=np.float64)
-    )
-    return HEPlan(layers=(first, second), activations=("square",))
+        return HEPlan(layers=(DenseLayer(w1, b1),), activations=())
+    w2 = np.asarray(params[2], dtype=np.float64)
+    b2 = np.asarray(params[3], dtype=np.float64)
+    if spec.activation == "quad":
+        alpha = spec.alpha()
+        b1 = b1 + 1.0 / (2.0 * alpha)
+        b2 = b2 - w2.sum(axis=1) / (4.0 * alpha)
+        w2 = alpha * w2
+    return HEPlan(layers=(DenseLayer(w1, b1), DenseLayer(w2, b2)), activations=("square",))
