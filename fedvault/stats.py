@@ -11,6 +11,7 @@ only ever sees the sum of these noisy sums over partners.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,10 +72,35 @@ class Scaler:
         return ((x - self.mean) / self.std).astype(np.float32)
 
 
-def scaler_from_sums(total: NoisySums, schema: DataSchema) -> Scaler:
-    """Coordinator side: mean/std from the partners' aggregated noisy sums."""
+def sums_noise_std(noise_multipliers: Sequence[float], n_features: int) -> float:
+    """Per-coordinate noise std of the *sum* of partners' releases (independent noises)."""
+    return float(np.sqrt(sum(s * s for s in noise_multipliers) * (2 * n_features + 1)))
+
+
+def scaler_from_sums(total: NoisySums, schema: DataSchema, *, noise_std: float = 0.0) -> Scaler:
+    """Coordinator side: mean/std from the partners' aggregated noisy sums.
+
+    ``noise_std`` is the per-coordinate standard deviation of the noise in
+    ``total`` (:func:`sums_noise_std`; public: it follows from the noise
+    multipliers). With it, each feature's variance estimate is shrunk towards
+    the across-feature mean by the empirical-Bayes (James–Stein) factor
+    ``1 − noise variance / observed spread``: the noise in ``Σ s²/n`` is as large
+    as the differences between features' variances at small budgets, and
+    shrinking undoes part of it. This is post-processing of the released sums
+    (no privacy cost); ``noise_std = 0`` (exact sums) leaves the estimate as is.
+    ``bench/dp_utility.py`` measured it on digits softmax regression (tuning
+    seeds): accuracy at ε=1 0.873 → 0.89, at ε=3 0.933 → 0.937.
+    """
     centre, radius = _centre_and_radius(schema)
     n = max(total.count, 1.0)
     mean_s = np.clip(total.sum / n, -1.0, 1.0)
-    var_s = np.clip(total.sum_sq / n - mean_s**2, MIN_SCALED_STD**2, 1.0)
+    var_s = np.clip(total.sum_sq / n - mean_s**2, 0.0, 1.0)
+    if noise_std > 0 and var_s.size > 1:
+        # var_s = Σs²/n − mean²: noise (τ/n)² from the first term, ≈ 4·mean²·(τ/n)² from the second.
+        noise_var = (noise_std / n) ** 2 * (1.0 + 4.0 * mean_s**2)
+        centre_var = float(var_s.mean())
+        spread = float(np.mean((var_s - centre_var) ** 2))
+        keep = np.clip(1.0 - noise_var / max(spread, 1e-12), 0.0, 1.0)
+        var_s = centre_var + keep * (var_s - centre_var)
+    var_s = np.clip(var_s, MIN_SCALED_STD**2, 1.0)
     return Scaler(mean=centre + radius * mean_s, std=radius * np.sqrt(var_s))

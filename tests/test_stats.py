@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from fedvault.schema import builtin_schema
-from fedvault.stats import MIN_SCALED_STD, NoisySums, Scaler, noisy_sums, scaler_from_sums
+from fedvault.stats import (
+    MIN_SCALED_STD,
+    NoisySums,
+    Scaler,
+    noisy_sums,
+    scaler_from_sums,
+    sums_noise_std,
+)
 
 SCHEMA = builtin_schema("digits")
 D = len(SCHEMA.features)
@@ -101,3 +108,31 @@ def test_scaler_clamps_wild_noise() -> None:
     assert np.all((scaler.mean >= 0.0) & (scaler.mean <= 16.0))
     assert np.all(scaler.std >= RADIUS * MIN_SCALED_STD - 1e-12)
     assert np.all(scaler.std <= RADIUS + 1e-12)
+
+
+def test_noise_aware_shrinkage_pulls_variances_towards_their_mean() -> None:
+    # Released with noise, each feature's variance moves towards the features'
+    # mean variance, more so the louder the noise; the order of features and
+    # the means are kept, and exact sums (noise_std = 0) are left untouched.
+    rng = np.random.default_rng(5)
+    d, n, sigma = D, 2000, 3.0
+    scales = np.linspace(3.2, 5.5, d)  # every scaled std stays above the floor
+    x = np.clip(8.0 + rng.normal(size=(n, d)) * scales, 0.0, 16.0).astype(np.float32)
+    tau = sums_noise_std([sigma, sigma, sigma], d)
+    assert tau == pytest.approx(sigma * np.sqrt(3 * (2 * d + 1)))
+    total = noisy_sums(x, SCHEMA, sigma, np.random.default_rng(0))
+    raw = scaler_from_sums(total, SCHEMA)
+    mild = scaler_from_sums(total, SCHEMA, noise_std=tau / 4)
+    strong = scaler_from_sums(total, SCHEMA, noise_std=tau)
+    np.testing.assert_array_equal(strong.mean, raw.mean)
+    var = [(s.std / RADIUS) ** 2 for s in (raw, mild, strong)]
+    assert np.all(var[0] > MIN_SCALED_STD**2)
+    centre = var[0].mean()
+    assert np.all(np.abs(var[1] - centre) <= np.abs(var[0] - centre) + 1e-12)
+    assert np.all(np.abs(var[2] - centre) <= np.abs(var[1] - centre) + 1e-12)
+    assert np.abs(var[2] - centre).sum() < 0.9 * np.abs(var[0] - centre).sum()
+    assert np.all(np.diff(var[2][np.argsort(var[0])]) >= -1e-12)  # order kept
+    exact = noisy_sums(x, SCHEMA, 1e-12, np.random.default_rng(0))
+    np.testing.assert_array_equal(
+        scaler_from_sums(exact, SCHEMA, noise_std=0.0).std, scaler_from_sums(exact, SCHEMA).std
+    )
