@@ -35,6 +35,7 @@ from fedvault.schema import builtin_schema, schema_hash, to_json
 from fedvault.stats import NoisySums, Scaler, scaler_from_sums
 from fedvault.training_config import validate_training_config
 from server.aggregation import aggregate
+from server.audit.training import Charge, TrainingAudit
 from server.registry import ModelRegistry, load_model_keys
 from server.store import FAILED, FINISHED, STOPPED, FederationStore, LedgerRow
 
@@ -111,6 +112,12 @@ def _model_message(state: RunState, run: ConfigRecord, node_id: int, message_typ
     return Message(content, dst_node_id=node_id, message_type=message_type)
 
 
+def _charges(rows: list[LedgerRow]) -> list[Charge]:
+    return [
+        Charge(r.partner, r.charge.round, r.charge.mechanism, r.charge.epsilon_after) for r in rows
+    ]
+
+
 class RunAborted(FedvaultError):
     """The run cannot continue (too few partners, budget, failures)."""
 
@@ -120,8 +127,11 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     state_dir = Path(str(run_config["state-dir"]))
     run_id = str(run_config["fedvault-run-id"])
-    with FederationStore(state_dir / "federation.db") as store:
-        Coordinator(grid, store, state_dir, run_id, run_config).run()
+    with (
+        FederationStore(state_dir / "federation.db") as store,
+        TrainingAudit.open(state_dir / "audit.db", run_id) as audit,
+    ):
+        Coordinator(grid, store, state_dir, run_id, run_config, audit).run()
 
 
 class Coordinator:
@@ -132,9 +142,11 @@ class Coordinator:
         state_dir: Path,
         run_id: str,
         run_config: Any,
+        audit: TrainingAudit,
     ) -> None:
         self.grid = grid
         self.store = store
+        self.audit = audit
         self.state_dir = state_dir
         self.run_id = run_id
         self.resume = bool(run_config.get("resume", False))
@@ -158,7 +170,11 @@ class Coordinator:
     # -- top level ----------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
-        if not self.resume:
+        if self.resume:
+            self.audit.seed_epsilon(_charges(self.store.ledger(self.run_id)))
+            self.audit.run_event("train.resume", "resumed")
+        else:
+            self.audit.run_event("train.start", "started")
             self.store.create_run(
                 self.run_id, cfg.model_dump(), json.loads(self.schema.model_dump_json())
             )
@@ -168,15 +184,38 @@ class Coordinator:
                 self._round(state)
             final = self._final_evaluation(state)
             model_id = self._register(state, final)
-            self.store.set_status(self.run_id, FINISHED, f"model {model_id}")
+            self.audit.model_registered(model_id)
+            self._end(FINISHED, f"model {model_id}")
             log.info("run %s finished: model %s", self.run_id, model_id)
         except RunAborted as exc:
-            self.store.set_status(self.run_id, STOPPED, str(exc))
+            self._end(STOPPED, str(exc))
             log.error("run %s stopped: %s", self.run_id, exc)
         except FedvaultError as exc:
-            self.store.set_status(self.run_id, FAILED, str(exc))
+            self._end(FAILED, str(exc))
             log.error("run %s failed: %s", self.run_id, exc)
             raise
+
+    def _end(self, status: str, message: str) -> None:
+        try:
+            self.audit.run_event("train.end", status)
+        finally:
+            self.store.set_status(self.run_id, status, message)
+
+    def _commit(
+        self,
+        round_: int,
+        charges: list[LedgerRow],
+        metrics: dict[str, Any] | None,
+        state: RunState,
+        *,
+        outcome: str = "committed",
+        audit_round: int | None = None,
+    ) -> None:
+        """Audit, then commit: the log may repeat a redone round, never miss one."""
+        self.audit.round_committed(
+            round_ if audit_round is None else audit_round, _charges(charges), outcome
+        )
+        self.store.commit_round(self.run_id, round_, charges, metrics, state.to_bytes())
 
     def _start_or_resume(self) -> RunState:
         nodes = self._wait_for_nodes()
@@ -208,7 +247,7 @@ class Coordinator:
         )
         # Round 0's checkpoint carries the stats charges: from here on the
         # ledger alone is the record of what each partner has spent.
-        self.store.commit_round(self.run_id, 0, self._stats_charges, None, state.to_bytes())
+        self._commit(0, self._stats_charges, None, state)
         return state
 
     # -- phases -------------------------------------------------------------
@@ -403,7 +442,7 @@ class Coordinator:
         if len(updates) < cfg.min_partners:
             # Commit the charges that did happen before stopping: a partner's
             # spend is real even if the round cannot be completed.
-            self.store.commit_round(self.run_id, state.round, charges, None, state.to_bytes())
+            self._commit(state.round, charges, None, state, outcome="aborted", audit_round=round_)
             raise RunAborted(
                 f"round {round_}: only {len(updates)} usable update(s), {cfg.min_partners} "
                 f"required; failed: {sorted(dropped)}"
@@ -425,7 +464,7 @@ class Coordinator:
             },
         }
         state.history.append({"round": round_, **metrics})
-        self.store.commit_round(self.run_id, round_, charges, metrics, state.to_bytes())
+        self._commit(round_, charges, metrics, state)
         log.info("round %d committed: %s", round_, metrics)
 
     def _charge_matches_plan(self, p: PartnerState, charge: Any) -> bool:

@@ -15,6 +15,8 @@ import pytest
 from fedvault.cli.ledgers import compare_ledgers
 from fedvault.cli.processes import ManagedProcess
 from fedvault.errors import IntegrityError
+from server.audit.records import decode_entry
+from server.audit.storage import open_storage
 from server.registry import ModelRegistry, load_model_keys
 from server.store import FederationStore
 
@@ -60,6 +62,27 @@ def test_ledgers_agree(federation: Federation, f_run: dict) -> None:  # type: ig
     cli = federation.cli("ledger", "show", f_run["run_id"])
     assert cli.returncode == 0, cli.stderr
     assert "views agree" in cli.stdout
+
+
+def test_the_run_is_in_the_audit_log(federation: Federation, f_run: dict) -> None:  # type: ignore[type-arg]
+    run_id = f_run["run_id"]
+    storage = open_storage(federation.paths.home / "audit.db")
+    try:
+        records = [decode_entry(e) for _, e in storage.entries(0, storage.size())]
+    finally:
+        storage.close()
+    mine = [r for r in records if r.run_id == run_id]
+    actions = [r.action for r in mine]
+    assert actions[0] == "train.start"
+    assert actions[-2:] == ["model.register", "train.end"]
+    assert mine[-1].outcome == "finished"
+    assert [r.round for r in mine if r.action == "train.round"] == [0, 1, 2, 3]
+    charged: dict[str, float] = {}
+    for r in mine:
+        if r.action.startswith("privacy.charge") and r.partner and r.epsilon_charged is not None:
+            charged[r.partner] = charged.get(r.partner, 0.0) + r.epsilon_charged
+    # The marginals telescope to each partner's final ε in the ledger.
+    assert charged == pytest.approx(f_run["epsilon_by_partner"], rel=1e-9)
 
 
 def test_registered_model_verifies_and_tampering_is_refused(
