@@ -70,6 +70,47 @@ def test_canonical_record_bytes() -> None:
         record(1, time=datetime(2026, 1, 1))  # naive times are refused
 
 
+# An entry as the gateway wrote it before the request fields were typed (values
+# packed into actor/outcome text): its bytes and leaf hash must never change.
+_OLD_GATEWAY_ENTRY = (
+    '{"action":"rest:infer","actor":"key:0123456789ab peer=127.0.0.1:5555",'
+    '"outcome":"status=200 error=- latency_ms=1.250","request_digest":"' + "a" * 64 + '",'
+    '"request_id":"req-1","resource":"model:m/2","response_digest":"' + "b" * 64 + '",'
+    '"role":"analyst","time":"2026-01-02T03:04:05.000000Z"}'
+).encode()
+
+
+def test_entries_written_before_request_fields_keep_their_bytes() -> None:
+    old = decode_entry(_OLD_GATEWAY_ENTRY)
+    assert (old.protocol, old.peer, old.status, old.latency_ms) == (None, None, None, None)
+    assert encode_record(old) == _OLD_GATEWAY_ENTRY
+    assert merkle.leaf_hash(encode_record(old)).hex() == (
+        "8b83ca8f5da6ec3c6631afb364379b8cf112c1755692a9334ed660ce7ec0fafd"
+    )
+
+
+def test_request_fields_are_canonical() -> None:
+    r = record(
+        1,
+        protocol="grpc",
+        peer="ipv4:127.0.0.1:5555",
+        mtls_subject="CN=app",
+        status="INVALID_ARGUMENT",
+        error_type="urn:fedvault:problem:config",
+        latency_ms=12.345,
+    )
+    b = encode_record(r)
+    assert b'"latency_ms":12.345,' in b
+    assert b'"mtls_subject":"CN=app","outcome"' in b
+    assert decode_entry(b) == r
+    with pytest.raises(InvalidEntry, match="canonical"):
+        decode_entry(b.replace(b"12.345", b"12.3450"))
+    with pytest.raises(InvalidEntry, match="latency_ms"):
+        decode_entry(b.replace(b"12.345", b"-1.0"))
+    with pytest.raises(ValueError, match="finite"):
+        record(1, latency_ms=float("inf"))
+
+
 def test_append_is_durable_and_indexed(log: AuditLog, tmp_path: Path, signer: NoteSigner) -> None:
     assert isinstance(log, AuditSink)
     assert [log.append(record(i)) for i in range(5)] == [0, 1, 2, 3, 4]

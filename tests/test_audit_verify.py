@@ -210,6 +210,39 @@ def test_search_and_export(served: tuple[str, Path], tmp_path: Path) -> None:
     assert rows[7]["request_id"] == "req-7"
 
 
+def test_search_filters_on_request_fields(tmp_path: Path, signer: NoteSigner) -> None:
+    db = tmp_path / "audit.db"
+    log = AuditLog(SQLiteStorage(db), signer)
+    rows = [
+        record(0),  # a training-style entry without request fields
+        record(1, protocol="rest", peer="10.0.0.7:4431", status="200", latency_ms=3.5),
+        record(
+            2,
+            protocol="grpc",
+            peer="ipv4:10.0.0.8:5000",
+            mtls_subject="CN=analytics-app,O=clinic",
+            status="RESOURCE_EXHAUSTED",
+            error_type="urn:fedvault:problem:rate-limited",
+            outcome="error",
+            latency_ms=250.0,
+        ),
+        record(3, protocol="rest", peer="192.168.1.2:80", status="503", latency_ms=40.0),
+    ]
+    for r in rows:
+        log.append(r)
+    with serve_log(log) as url:
+
+        def hits(*args: str) -> list[int]:
+            result = _cli("search", "--url", url, *args, home=tmp_path)
+            assert result.returncode == 0, result.stderr
+            return [json.loads(line)["index"] for line in result.stdout.splitlines()]
+
+        assert hits("--protocol", "rest", "--peer", "10.0.0.") == [1]
+        assert hits("--error-type", "rate-limited", "--mtls-subject", "analytics-app") == [2]
+        assert hits("--min-latency-ms", "30", "--status", "503") == [3]
+    log.close()
+
+
 def test_keygen_writes_a_private_key_0600(tmp_path: Path) -> None:
     result = _cli("keygen", "--name", "org.example/audit", "--out", tmp_path / "k", home=tmp_path)
     assert result.returncode == 0, result.stderr

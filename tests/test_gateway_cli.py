@@ -171,5 +171,5 @@ def test_mtls_on_both_front_doors(home: Path, tmp_path: Path) -> None:
         log.close()
     for action in ("grpc:ModelMetadata", "rest:infer"):
         rec = [r for r in records if r.action == action][-1]
-        assert "mtls=" in rec.actor, action
-        assert "analytics-app" in rec.actor, action
+        assert rec.mtls_subject is not None, action
+        assert "analytics-app" in rec.mtls_subject, action

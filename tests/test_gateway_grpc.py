@@ -124,7 +124,10 @@ def test_grpc_calls_are_audited(harness: Harness, stub: pb_grpc.GRPCInferenceSer
     assert rec.action == "grpc:ModelInfer"
     assert rec.role == "analyst"
     assert rec.resource == f"model:{MODEL}/2"
-    assert rec.outcome.startswith("status=OK error=-")
+    assert (rec.outcome, rec.status, rec.error_type, rec.protocol) == ("ok", "OK", None, "grpc")
+    assert rec.peer is not None
+    assert "127.0.0.1" in rec.peer
+    assert rec.latency_ms is not None
     assert rec.request_digest
     assert rec.response_digest
     harness.sink.broken = True

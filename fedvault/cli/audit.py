@@ -225,18 +225,62 @@ def search(
     actor: Annotated[str | None, typer.Option("--actor")] = None,
     action: Annotated[str | None, typer.Option("--action")] = None,
     resource: Annotated[str | None, typer.Option("--resource")] = None,
-    outcome: Annotated[str | None, typer.Option("--outcome")] = None,
+    outcome: Annotated[
+        str | None, typer.Option("--outcome", help="Gateway requests: ok, denied or error.")
+    ] = None,
+    role: Annotated[str | None, typer.Option("--role")] = None,
+    protocol: Annotated[str | None, typer.Option("--protocol", help="rest or grpc.")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="HTTP status (503) or gRPC code (UNAVAILABLE).")
+    ] = None,
+    error_type: Annotated[
+        str | None,
+        typer.Option("--error-type", help="Problem type URI, or its last part (rate-limited)."),
+    ] = None,
+    peer: Annotated[
+        str | None, typer.Option("--peer", help="Peer address, or a prefix of it (10.0.0.).")
+    ] = None,
+    mtls_subject: Annotated[
+        str | None, typer.Option("--mtls-subject", help="Text the mTLS subject contains.")
+    ] = None,
+    min_latency_ms: Annotated[
+        float | None, typer.Option("--min-latency-ms", help="Slow requests only.")
+    ] = None,
     since: Annotated[str | None, typer.Option("--since", help="ISO 8601, inclusive.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="ISO 8601, exclusive.")] = None,
     token_file: TokenOpt = None,
 ) -> None:
-    """Print matching entries as JSON Lines (run `verify` first to trust them)."""
+    """Print matching entries as JSON Lines (run `verify` first to trust them).
+
+    Exact matches except where a reviewer rarely knows the whole value: the
+    peer (prefix: a subnet), the mTLS subject (substring: a CN) and the error
+    type (the URI or its last part).
+    """
     lo, hi = _parse_time(since), _parse_time(until)
-    wanted = {"actor": actor, "action": action, "resource": resource, "outcome": outcome}
+    wanted = {
+        "actor": actor,
+        "action": action,
+        "resource": resource,
+        "outcome": outcome,
+        "role": role,
+        "protocol": protocol,
+        "status": status,
+    }
     for index, record in _records(url, bundle, token_file):
         if any(v is not None and getattr(record, k) != v for k, v in wanted.items()):
             continue
         if (lo is not None and record.time < lo) or (hi is not None and record.time >= hi):
+            continue
+        if peer is not None and not (record.peer or "").startswith(peer):
+            continue
+        if mtls_subject is not None and mtls_subject not in (record.mtls_subject or ""):
+            continue
+        if error_type is not None and error_type not in (
+            record.error_type,
+            (record.error_type or "").rsplit(":", 1)[-1],
+        ):
+            continue
+        if min_latency_ms is not None and (record.latency_ms or 0.0) < min_latency_ms:
             continue
         typer.echo(json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False))
 

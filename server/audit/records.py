@@ -24,6 +24,8 @@ __all__ = ["AuditRecord", "InvalidEntry", "decode_entry", "encode_record", "form
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 """Hex SHA-256 of a request or response body (the bodies themselves stay out of the log)."""
 Name = Annotated[str, Field(min_length=1, max_length=512)]
+Short = Annotated[str, Field(min_length=1, max_length=32)]
+"""A protocol name (``rest``, ``grpc``) or a status (HTTP ``"200"``, gRPC ``"OK"``)."""
 
 
 class InvalidEntry(ValueError):
@@ -54,6 +56,15 @@ class AuditRecord(BaseModel):
     round: int | None = Field(default=None, ge=0)
     partner: Name | None = None
     epsilon_charged: float | None = Field(default=None, ge=0)
+    # Request events (gateway): how the call arrived and how it ended. Optional and
+    # omitted when unset, so entries written before these fields existed keep their
+    # exact bytes (and leaf hashes).
+    protocol: Short | None = None
+    peer: Name | None = None
+    mtls_subject: Name | None = None
+    status: Short | None = None
+    error_type: Name | None = None
+    latency_ms: float | None = Field(default=None, ge=0)
 
     @field_validator("time")
     @classmethod
@@ -62,11 +73,11 @@ class AuditRecord(BaseModel):
             raise ValueError("time must carry a timezone (UTC is stored)")
         return value.astimezone(UTC)
 
-    @field_validator("epsilon_charged")
+    @field_validator("epsilon_charged", "latency_ms")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
-            raise ValueError("epsilon_charged must be finite")
+            raise ValueError("must be finite")
         return value
 
     def to_json_dict(self) -> dict[str, Any]:

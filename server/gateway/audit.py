@@ -5,16 +5,17 @@ The sink is :class:`server.audit.log.AuditSink` (``AuditLog`` in production):
 awaits it before a response leaves; if it raises, the request fails with 503
 and readiness turns false until an append succeeds again.
 
-Mapping onto :class:`~server.audit.records.AuditRecord` (whose schema is the
-audit log's; fields it lacks are carried in its text fields, ``key=value``
-separated by spaces, so an auditor can still grep them):
+Mapping onto :class:`~server.audit.records.AuditRecord` (typed fields, so a
+reviewer filters on them instead of parsing text):
 
-- ``actor``: ``key:<key id>`` (or ``anonymous``), then ``peer=<addr>`` and
-  ``mtls=<subject>`` when known;
-- ``role``: the key's role, or ``none``;
+- ``actor``: ``key:<key id>`` (or ``anonymous``); ``role``: the key's role, or ``none``;
 - ``action``: ``<protocol>:<endpoint>`` (``rest:infer``, ``grpc:ModelInfer``);
 - ``resource``: ``model:<name>/<version>`` or the request path;
-- ``outcome``: ``status=<HTTP status or gRPC code> error=<problem type|-> latency_ms=<ms>``;
+- ``outcome``: ``ok``, ``denied`` (401/403, UNAUTHENTICATED/PERMISSION_DENIED)
+  or ``error`` — the coarse verdict; ``status`` (HTTP status or gRPC code name),
+  ``error_type`` (problem type URI) and ``latency_ms`` carry the detail;
+- ``protocol`` (``rest``/``grpc``), ``peer`` (address:port as the transport saw
+  it) and ``mtls_subject`` (verified client certificate) when known;
 - ``request_digest`` / ``response_digest``: SHA-256 of the bodies as sent —
   never the bodies (features, ciphertexts) and never the Authorization value.
 """
@@ -32,7 +33,7 @@ from fedvault.errors import UnavailableError
 from server.audit.log import AuditSink
 from server.audit.records import AuditRecord
 
-__all__ = ["AsyncAuditSink", "AuditEvent", "AuditGate", "AuditSink"]
+__all__ = ["AsyncAuditSink", "AuditEvent", "AuditGate", "AuditSink", "outcome_of"]
 
 
 class AsyncAuditSink(Protocol):
@@ -67,29 +68,37 @@ class AuditEvent:
     response_digest: str | None = None
 
     def record(self) -> AuditRecord:
-        actor = f"key:{self.key_id}" if self.key_id else "anonymous"
-        if self.peer:
-            actor += f" peer={self.peer}"
-        if self.mtls_subject:
-            actor += f" mtls={self.mtls_subject}"
         resource = (
             f"model:{self.model}/{self.version or 'default'}" if self.model else self.resource
         )
-        outcome = (
-            f"status={self.status} error={self.error_type or '-'} "
-            f"latency_ms={self.latency_s * 1000:.3f}"
-        )
         return AuditRecord(
             time=datetime.fromtimestamp(self.started, UTC),
-            actor=_clip(actor),
+            actor=f"key:{self.key_id}" if self.key_id else "anonymous",
             role=self.role or "none",
             action=f"{self.protocol}:{self.endpoint}",
             resource=_clip(resource or "-"),
-            outcome=outcome,
+            outcome=outcome_of(self.status),
             request_id=_clip(self.request_id) if self.request_id else None,
             request_digest=self.request_digest,
             response_digest=self.response_digest,
+            protocol=self.protocol,
+            peer=_clip(self.peer) if self.peer else None,
+            mtls_subject=_clip(self.mtls_subject) if self.mtls_subject else None,
+            status=(self.status or "unknown")[:32],
+            error_type=_clip(self.error_type) if self.error_type else None,
+            # Microsecond resolution: enough to review, and a short canonical float.
+            latency_ms=round(max(self.latency_s, 0.0) * 1000, 3),
         )
+
+
+_DENIED = frozenset({"401", "403", "UNAUTHENTICATED", "PERMISSION_DENIED"})
+
+
+def outcome_of(status: str) -> str:
+    """The coarse verdict of a request from its HTTP status or gRPC code name."""
+    if status == "OK" or (status.isdigit() and int(status) < 400):
+        return "ok"
+    return "denied" if status in _DENIED else "error"
 
 
 class AuditGate:
