@@ -12,6 +12,7 @@ printed to terminals and written to logs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -166,3 +167,24 @@ def mapping_for(error: FedvaultError) -> ErrorMapping:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
     return ERROR_TABLE[FedvaultError]
+
+
+PROBLEM_TYPE_PREFIX = "urn:fedvault:problem:"
+
+
+def problem_type(cls: type[FedvaultError]) -> str:
+    """The stable RFC 9457 ``type`` URI of an error class (``urn:fedvault:problem:not-found``).
+
+    Here, next to the table, so servers (``server.problem``) and clients
+    (``secure.client``) derive the same URI and map it back to the class.
+    """
+    slug = re.sub(r"(?<!^)(?=[A-Z])", "-", cls.__name__.removesuffix("Error")).lower()
+    return PROBLEM_TYPE_PREFIX + slug
+
+
+def error_for_problem_type(uri: str) -> type[FedvaultError]:
+    """The class whose :func:`problem_type` is ``uri`` (:class:`FedvaultError` if none)."""
+    for cls in ERROR_TABLE:
+        if problem_type(cls) == uri:
+            return cls
+    return FedvaultError

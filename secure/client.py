@@ -29,11 +29,11 @@ import tenseal as ts
 from numpy.typing import NDArray
 
 from fedvault.errors import (
-    ERROR_TABLE,
     ConfigError,
     FedvaultError,
     KeyFileError,
     UnavailableError,
+    error_for_problem_type,
 )
 from secure.he.params import CKKSParams
 from secure.keyfiles import read_secret_file, write_secret_file
@@ -123,9 +123,6 @@ class Prediction:
     layout: str
 
 
-_BY_NAME: dict[str, type[FedvaultError]] = {cls.__name__: cls for cls in ERROR_TABLE}
-
-
 class HEClient:
     """Talks to the HE endpoints; holds keys per model parameters in memory."""
 
@@ -164,11 +161,17 @@ class HEClient:
         if response.status_code >= 400:
             try:
                 problem = response.json()
-                cls = _BY_NAME.get(str(problem.get("title")), FedvaultError)
+                # The stable type URI names the class (server.problem, one table).
+                cls = error_for_problem_type(str(problem.get("type")))
                 detail = str(problem.get("detail", ""))
             except ValueError:
                 cls, detail = FedvaultError, response.text[:200]
-            raise cls(f"server refused ({response.status_code}): {detail}")
+            message = f"server refused ({response.status_code}): {detail}"
+            try:
+                error = cls(message)
+            except TypeError:  # classes with required fields (RateLimitedError)
+                error = FedvaultError(message)
+            raise error
         return response
 
     def metadata(self, model_id: str) -> dict[str, Any]:

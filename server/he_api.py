@@ -16,7 +16,10 @@ Endpoints (JSON; ciphertexts are standard base64 of TenSEAL's serialisation):
   → ``{"model_id", "layout", "outputs": [b64]}``
 
 Errors are RFC 9457 problem+json with the status of
-:data:`fedvault.errors.ERROR_TABLE`, produced in one handler.
+:data:`fedvault.errors.ERROR_TABLE` and the stable ``urn:fedvault:problem:*``
+type URIs, from :mod:`server.problem` — the handlers every fedvault app
+installs (a router cannot carry its own), so the HE endpoints answer errors
+exactly as the gateway does whether mounted there or served alone.
 """
 
 from __future__ import annotations
@@ -27,21 +30,19 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from fedvault.errors import (
     AuthenticationError,
     ConfigError,
-    FedvaultError,
     PayloadTooLargeError,
-    mapping_for,
 )
 from fedvault.schema import BUILTIN_DATASETS, builtin_schema
 from secure.he.engine import CompiledModel
 from secure.he.plan import compile_plan
 from secure.he.service import HEModel, HEService, context_size_limit
+from server.problem import install_problem_handlers
 from server.registry import ModelRegistry
 from server.store import FederationStore
 
@@ -132,33 +133,10 @@ def build_router(service: HEService) -> APIRouter:
     return router
 
 
-async def _problem(request: Request, exc: Exception) -> JSONResponse:
-    """RFC 9457 problem+json from the one error table; never internals."""
-    if not isinstance(exc, FedvaultError):  # registered for FedvaultError only
-        raise exc
-    mapping = mapping_for(exc)
-    detail = str(exc) if mapping.http_status < 500 else "internal error"
-    return JSONResponse(
-        status_code=mapping.http_status,
-        media_type="application/problem+json",
-        content={
-            "type": "about:blank",
-            "title": type(exc).__name__,
-            "status": mapping.http_status,
-            "detail": detail,
-            "grpc_status": mapping.grpc_status,
-        },
-    )
-
-
-def install_error_handler(app: FastAPI) -> None:
-    app.add_exception_handler(FedvaultError, _problem)
-
-
 def create_app(service: HEService) -> FastAPI:
     """A stand-alone app serving only the HE extension (``fedvault he serve``)."""
     app = FastAPI(title="fedvault encrypted inference", version="0.1.0")
-    install_error_handler(app)
+    install_problem_handlers(app)
     app.include_router(build_router(service))
     return app
 

@@ -11,33 +11,34 @@ about the cause: messages of unknown errors may carry data we must not leak.
 from __future__ import annotations
 
 import math
-import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from fedvault.errors import FedvaultError, InvalidRequestError, mapping_for
+from fedvault.errors import FedvaultError, InvalidRequestError, mapping_for, problem_type
 
 __all__ = ["PROBLEM_JSON", "install_problem_handlers", "problem_response"]
 
 PROBLEM_JSON = "application/problem+json"
 
 
-def _slug(cls: type) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "-", cls.__name__.removesuffix("Error")).lower()
-
-
 def problem_response(error: FedvaultError) -> JSONResponse:
-    """The problem document for ``error``: status from the table, its message as detail."""
+    """The problem document for ``error``: status from the table, its message as detail.
+
+    A 500 says only "internal error": such errors are ours, not the caller's,
+    and their messages may name paths or internals (503/504 keep theirs, which
+    tell the caller what to wait for).
+    """
     status = mapping_for(error).http_status
+    detail = "internal error" if status >= 500 and status not in (503, 504) else str(error)
     retry_after = getattr(error, "retry_after_s", None)  # RateLimitedError (429)
     return JSONResponse(
         {
-            "type": f"urn:fedvault:problem:{_slug(type(error))}",
+            "type": problem_type(type(error)),
             "title": (type(error).__doc__ or "Error").splitlines()[0],
             "status": status,
-            "detail": str(error),
+            "detail": detail,
         },
         status_code=status,
         media_type=PROBLEM_JSON,

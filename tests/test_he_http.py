@@ -22,6 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
+from fedvault import errors
+from fedvault.errors import problem_type
 from fedvault.modelspec import ModelSpec, init_parameters
 from fedvault.schema import builtin_schema
 from fedvault.stats import Scaler
@@ -100,11 +102,13 @@ def test_errors_are_problem_json(served: tuple[str, dict[str, str]]) -> None:
     url, ids = served
     bc = ids["bc"]
 
-    def status(response: httpx.Response, code: int, title: str) -> dict[str, Any]:
+    def status(response: httpx.Response, code: int, name: str) -> dict[str, Any]:
         assert response.status_code == code, response.text
         assert response.headers["content-type"].startswith("application/problem+json")
         body: dict[str, Any] = response.json()
-        assert body["title"] == title
+        # The shared handler (server.problem): stable type URIs, as the gateway answers.
+        assert body["type"] == problem_type(getattr(errors, name))
+        assert body["status"] == code
         assert "Traceback" not in body["detail"]
         return body
 
@@ -146,6 +150,9 @@ def test_errors_are_problem_json(served: tuple[str, dict[str, str]]) -> None:
         status(http.post(infer, headers=other, json=req), 403, "PermissionDeniedError")
         assert http.delete(f"/v2/he/contexts/{cid}", headers=H).status_code == 204
         status(http.post(infer, headers=H, json=req), 404, "NotFoundError")
+    # The SDK maps the type URI back to the class.
+    with HEClient(url, caller="clinic") as client, pytest.raises(errors.NotFoundError, match="404"):
+        client.metadata("nope")
 
 
 def _wait_http(url: str, timeout: float = 60.0) -> None:
