@@ -7,8 +7,11 @@ up as a diff of this table. "Allowed" means the handler ran: its own answer
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -177,3 +180,50 @@ def test_admin_key_lifecycle_over_rest(harness: Harness, client: httpx.Client) -
     assert client.post(f"{M}/infer", json=INFER, headers=me).status_code == 200
     assert client.delete(f"/v2/admin/keys/{created['key_id']}", headers=admin).json()["revoked"]
     assert client.post(f"{M}/infer", json=INFER, headers=me).status_code == 401
+
+
+def _revoke_in_another_process(db: Path, key_id: str) -> None:
+    code = (
+        "import sys; from pathlib import Path; from server.gateway.keys import GatewayStore; "
+        "s = GatewayStore(Path(sys.argv[1])); s.revoke(sys.argv[2]); s.close()"
+    )
+    subprocess.run([sys.executable, "-c", code, str(db), key_id], check=True, timeout=60)
+
+
+def test_revocation_elsewhere_is_honoured_by_the_next_request(
+    harness: Harness, client: httpx.Client
+) -> None:
+    """No 30 s window: the cached verdict is re-checked against the revocation counter."""
+    import grpc
+
+    from server.gateway.keys import GatewayStore
+    from server.gateway.pb import grpc_service_pb2 as pb
+    from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
+    from tests.gateway_support import grpc_server
+
+    store = harness.gw.store
+    by_process, key1 = store.create_key("analyst", models=frozenset({MODEL}))
+    by_connection, key2 = store.create_key("analyst", models=frozenset({MODEL}))
+    with grpc_server(harness) as address, grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for token in (by_process, by_connection):  # verified once: now cached
+            assert client.get(M, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+            stub.ServerMetadata(
+                pb.ServerMetadataRequest(), metadata=(("authorization", f"Bearer {token}"),)
+            )
+        _revoke_in_another_process(store.path, key1.key_id)
+        other = GatewayStore(store.path)  # a second connection, as `fedvault keys revoke`
+        other.revoke(key2.key_id)
+        other.close()
+        for token in (by_process, by_connection):
+            r = client.get(M, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 401
+            assert r.json()["detail"] == "API key revoked"
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ServerMetadata(
+                    pb.ServerMetadataRequest(), metadata=(("authorization", f"Bearer {token}"),)
+                )
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Keys that were not revoked keep their cached verdicts.
+    analyst = {"Authorization": f"Bearer {harness.tokens['analyst']}"}
+    assert client.get(M, headers=analyst).status_code == 200

@@ -185,7 +185,7 @@ def keys_list(home: HomeOpt = None) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, home: HomeOpt = None) -> None:
-    """Revoke a key (running gateways stop accepting it within their cache TTL, 30 s)."""
+    """Revoke a key (running gateways refuse it from their next request)."""
     from server.gateway.keys import GatewayStore
 
     store = GatewayStore(_settings(home).gateway_db)
