@@ -86,6 +86,17 @@ class NodeLedger:
         rows = self._conn.execute("SELECT DISTINCT dataset FROM charges ORDER BY dataset")
         return [r[0] for r in rows]
 
+    def rounds_answered(self, dataset: str) -> int:
+        """How many training rounds (round > 0, all runs) this node has answered.
+
+        Read by the node's health endpoint: a reply row is written in the same
+        transaction as its charge, so this counts releases actually made.
+        """
+        row = self._conn.execute(
+            "SELECT COUNT(*) FROM replies WHERE dataset = ? AND round > 0", (dataset,)
+        ).fetchone()
+        return int(row[0])
+
     def lifetime_epsilon(
         self, dataset: str, delta: float, extra: list[GaussianEvent | None]
     ) -> float:

@@ -25,6 +25,7 @@ from . import federation as fed
 from .audit import audit_app
 from .gateway import gateway_app, keys_app
 from .he import he_app
+from .partners import partner_app
 from .processes import ProcessGroup, free_port
 
 app = typer.Typer(
@@ -56,6 +57,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(he_app, name="he")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(keys_app, name="keys")
+app.add_typer(partner_app, name="partner")
 
 # soft_wrap: messages name files and paths; never break them mid-word.
 console = Console(stderr=True, soft_wrap=True)
@@ -199,6 +201,7 @@ def _show_summary(summary: dict[str, Any], as_json: bool) -> None:
 # --------------------------------------------------------------------- federation
 @federation_app.command("init")
 def federation_init(
+    name: Annotated[str, typer.Argument(help="Federation name (in its CA and kits).")] = "fedvault",
     home: HomeOpt = None,
     partners: Annotated[str, typer.Option(help="Comma-separated partner names.")] = ",".join(
         PARTNERS
@@ -206,13 +209,45 @@ def federation_init(
     host: Annotated[
         list[str] | None, typer.Option(help="SuperLink host names/IPs for its cert.")
     ] = None,
+    kits_dir: Annotated[
+        Path | None,
+        typer.Option(help="Issue startup kits for --partners here (DIR/NAME) instead of keys."),
+    ] = None,
+    superlink: Annotated[
+        str | None, typer.Option(help="Fleet API host:port written into the kits.")
+    ] = None,
 ) -> None:
-    """Create the federation's CA, SuperLink certificate, node keys and model keys."""
+    """Create the federation's CA (key 0600), config, SuperLink certificate and model keys.
+
+    Without --kits-dir, partners' node keys are kept in HOME/nodes (one machine,
+    as the demo). With it, each partner gets a startup kit (`fedvault partner add`).
+    """
+    from . import kits
+
     names = [p for p in partners.split(",") if p]
     fed.check_partner_names(names)
     paths = _paths(_settings(home))
-    fed.init_federation(paths, names, host or ["127.0.0.1", "localhost"])
-    out.print(f"federation initialised in {paths.home} for partners: {', '.join(names)}")
+    hosts = host or ["127.0.0.1", "localhost"]
+    if kits_dir is not None and superlink is None:
+        raise ConfigError("--kits-dir needs --superlink (the Fleet address partners reach)")
+    kits.check_name(name, "federation")
+    fed.init_federation(paths, [] if kits_dir else names, hosts, name=name)
+    kits.init_identity(paths, name, hosts)
+    if kits_dir is not None and superlink is not None:
+        for partner in names:
+            kits.add_partner(
+                paths,
+                partner,
+                out=kits_dir / partner,
+                superlink=superlink,
+                dataset="digits",
+                epsilon_cap=10.0,
+                metrics_hosts=[],
+            )
+    where = f"; kits in {kits_dir}" if kits_dir is not None else ""
+    out.print(
+        f"federation {name} initialised in {paths.home} for partners: {', '.join(names)}{where}"
+    )
 
 
 @federation_app.command("up")
@@ -220,37 +255,73 @@ def federation_up(
     home: HomeOpt = None,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0 = a free one).")] = 0,
+    fleet_host: Annotated[
+        str | None,
+        typer.Option(help="Serve only the Fleet API here, for partners (TLS proxy)."),
+    ] = None,
+    fleet_port: Annotated[int, typer.Option(help="Port of the Fleet-only proxy.")] = 9092,
 ) -> None:
     """Run the SuperLink (TLS + SuperNode auth) and register every partner's node key.
 
-    The coordinator runs as the SuperLink's ServerApp for each `fedvault train`.
-    Stops on Ctrl-C.
+    The SuperLink serves Fleet, Control and Runtime APIs on one address, and
+    the Control API has no authentication: keep --host on loopback or a private
+    operator network and give partners --fleet-host, a proxy that forwards only
+    /v1/fleet/. The coordinator runs as the SuperLink's ServerApp for each
+    `fedvault train`. Stops on Ctrl-C.
     """
+    from . import kits
+
     paths = _paths(_settings(home))
     if not paths.ca_cert.exists():
         raise ConfigError(f"{paths.home} has no federation; run `fedvault federation init` first")
     with ProcessGroup() as group:
         port = port or free_port(host)
         proc = fed.start_superlink(group, paths, host, port)
-        partners = sorted(p.name for p in (paths.home / "nodes").iterdir() if p.is_dir())
-        for partner in partners:
-            fed.register_node(paths, partner)
-        out.print(f"SuperLink on {host}:{port}; registered nodes: {', '.join(partners)}")
+        registered, unregistered = kits.sync_registrations(paths)
+        out.print(f"SuperLink on {host}:{port}; registered nodes: {', '.join(registered)}")
+        if unregistered:
+            out.print(f"unregistered revoked nodes: {', '.join(unregistered)}")
+        procs = [proc]
+        if fleet_host is not None:
+            procs.append(kits.start_fleet_proxy(group, paths, fleet_host, fleet_port, host, port))
+            out.print(f"Fleet API for partners on {fleet_host}:{fleet_port} (Fleet only)")
         out.print("Ctrl-C to stop.")
         try:
             while True:
-                proc.check_alive()
+                for p in procs:
+                    p.check_alive()
                 time.sleep(1)
         except KeyboardInterrupt:
             console.print("stopping")
 
 
+@federation_app.command("fleet-proxy")
+def federation_fleet_proxy(
+    listen: Annotated[str, typer.Option(help="host:port partners reach.")],
+    upstream: Annotated[str, typer.Option(help="host:port of the SuperLink (private).")],
+    home: HomeOpt = None,
+) -> None:
+    """Serve only the SuperLink's Fleet API (TLS in and out); `federation up --fleet-host`."""
+    from .partners import fleet_proxy
+
+    fleet_proxy(home, listen, upstream)
+
+
 # --------------------------------------------------------------------------- node
 @node_app.command("start")
 def node_start(
-    partner: Annotated[str, typer.Option(help="This partner's name.")],
-    train_csv: Annotated[Path, typer.Option(help="Local training CSV.")],
-    test_csv: Annotated[Path, typer.Option(help="Local held-out CSV.")],
+    partner: Annotated[str | None, typer.Option(help="This partner's name.")] = None,
+    train_csv: Annotated[Path | None, typer.Option(help="Local training CSV.")] = None,
+    test_csv: Annotated[Path | None, typer.Option(help="Local held-out CSV.")] = None,
+    kit: Annotated[
+        Path | None, typer.Option(help="Startup kit directory (all a partner needs).")
+    ] = None,
+    kit_config: Annotated[
+        Path | None, typer.Option(help="node.toml to use instead of the kit's.")
+    ] = None,
+    ledger: Annotated[Path | None, typer.Option(help="With --kit: ledger path.")] = None,
+    health_host: Annotated[str | None, typer.Option(help="With --kit: health bind.")] = None,
+    health_port: Annotated[int | None, typer.Option(help="With --kit: health port.")] = None,
     home: HomeOpt = None,
     superlink: Annotated[str | None, typer.Option(help="host:port of the SuperLink.")] = None,
     epsilon_cap: Annotated[float, typer.Option(help="Lifetime ε cap for this dataset.")] = 10.0,
@@ -258,10 +329,27 @@ def node_start(
         str, typer.Option(help="Schema to validate against before starting.")
     ] = "digits",
 ) -> None:
-    """Validate local data, then run this partner's SuperNode until Ctrl-C."""
+    """Validate local data, then run this partner's SuperNode until Ctrl-C.
+
+    With --kit: check the kit, validate the data, check the SuperLink's
+    certificate against the kit's CA, run the node and serve /healthz and
+    /metrics; --train-csv/--test-csv/--ledger override the kit's node.toml.
+    """
     from clients.data import load_partner_csv
     from fedvault.schema import builtin_schema
 
+    if kit is not None:
+        from .kits import NodeOverrides
+        from .partners import run_node_from_kit
+
+        run_node_from_kit(
+            kit,
+            kit_config,
+            NodeOverrides(train_csv, test_csv, ledger, health_host, health_port),
+        )
+        return
+    if partner is None or train_csv is None or test_csv is None:
+        raise ConfigError("give --kit DIR, or --partner, --train-csv and --test-csv")
     if dataset not in ("digits", "breast-cancer"):
         raise ConfigError(f"--dataset must be digits or breast-cancer, not {dataset!r}")
     schema = builtin_schema(dataset)  # type: ignore[arg-type]

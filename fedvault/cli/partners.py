@@ -1,0 +1,204 @@
+"""``fedvault partner add|revoke|list``, ``federation fleet-proxy`` and ``node start --kit``.
+
+The operator issues one startup kit per partner and can revoke it; partner IT
+runs one command with the kit. See :mod:`fedvault.cli.kits` for what a kit
+holds and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedvault.errors import ConfigError
+from fedvault.settings import FedvaultSettings
+from fedvault.training_config import DatasetName
+
+from . import federation as fed
+from . import kits
+from .processes import ProcessGroup
+
+partner_app = typer.Typer(
+    help="Operator: issue and revoke partners' startup kits.", no_args_is_help=True
+)
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
+]
+
+
+def _paths(home: Path | None) -> fed.FederationPaths:
+    settings = FedvaultSettings(home=home) if home is not None else FedvaultSettings()
+    return fed.FederationPaths(
+        settings.home,
+        connect_retries=settings.connect_retries,
+        connect_backoff_s=settings.connect_backoff_s,
+    )
+
+
+@partner_app.command("add")
+def partner_add(
+    name: Annotated[str, typer.Argument(help="Partner name (letters, digits, '-', '_').")],
+    superlink: Annotated[
+        str, typer.Option(help="host:port of the Fleet API as partners reach it.")
+    ],
+    home: HomeOpt = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Kit directory (default HOME/kits/NAME).")
+    ] = None,
+    dataset: Annotated[DatasetName, typer.Option(help="Schema of the partner's data.")] = "digits",
+    epsilon_cap: Annotated[
+        float, typer.Option(help="Default local lifetime ε cap in the node config.")
+    ] = 10.0,
+    metrics_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Extra host names/IPs for the node's metrics certificate."),
+    ] = None,
+) -> None:
+    """Issue a startup kit for NAME and register its node key with the SuperLink.
+
+    If the SuperLink is not running, the key is registered at the next
+    `fedvault federation up`.
+    """
+    paths = _paths(home)
+    target = out_dir if out_dir is not None else paths.home / "kits" / name
+    _, registered = kits.add_partner(
+        paths,
+        name,
+        out=target,
+        superlink=superlink,
+        dataset=dataset,
+        epsilon_cap=epsilon_cap,
+        metrics_hosts=metrics_host or [],
+    )
+    when = "registered now" if registered else "registered at the next `fedvault federation up`"
+    out.print(f"kit for {name} in {target} (node key {when}); hand it to the partner privately")
+
+
+@partner_app.command("revoke")
+def partner_revoke(
+    name: Annotated[str, typer.Argument(help="Partner to revoke.")],
+    home: HomeOpt = None,
+) -> None:
+    """Revoke NAME's kit: its node is disconnected and refused from now on."""
+    paths = _paths(home)
+    record = kits.revoke_partner(paths, name)
+    if record.unregistered:
+        out.print(f"{name} revoked and unregistered from the SuperLink")
+    else:
+        out.print(f"{name} revoked; it is unregistered at the next `fedvault federation up`")
+
+
+@partner_app.command("list")
+def partner_list(home: HomeOpt = None) -> None:
+    """Partners with kits: status and Flower node id."""
+    table = Table("partner", "status", "node id", "created", "revoked")
+    for rec in kits.load_partners(_paths(home)).values():
+        table.add_row(
+            rec.name,
+            rec.status,
+            str(rec.node_id or ""),
+            rec.created_at,
+            rec.revoked_at or "",
+        )
+    out.print(table)
+
+
+def fleet_proxy(
+    home: Path | None,
+    listen: str,
+    upstream: str,
+) -> None:
+    """Run the Fleet-only proxy in the foreground (see :mod:`server.fleet_proxy`)."""
+    from server.fleet_proxy import serve
+
+    paths = _paths(home)
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--listen {listen!r} must be host:port")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    serve(
+        listen_host=host.strip("[]"),
+        listen_port=int(port),
+        upstream=upstream,
+        ca_cert=paths.ca_cert,
+        certfile=paths.server_cert,
+        keyfile=paths.server_key,
+    )
+
+
+def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOverrides) -> None:
+    """What partner IT runs: check kit, validate data, check the SuperLink, run, report."""
+    from clients.data import load_partner_csv
+    from clients.node_health import HealthServer, NodeMonitor, NodeWatch
+    from fedvault.schema import builtin_schema
+
+    kit = kits.load_kit(kit_dir, config)
+    node = kit.config.node
+    console.print(
+        f"kit ok: partner {node.partner}, federation {kit.config.federation.name}, "
+        f"SuperLink {kit.config.federation.superlink}"
+    )
+    settings = kits.node_settings(kit, overrides)
+    schema = builtin_schema(node.dataset)
+    train, test = Path(settings["train-csv"]), Path(settings["test-csv"])
+    for path in (train, test):
+        rows = load_partner_csv(path, schema).n_rows
+        console.print(f"{path}: {rows} rows valid against schema {schema.name!r}")
+    address = kit.config.federation.superlink
+    if kits.check_superlink_certificate(address, kit.ca_cert):
+        console.print(f"SuperLink at {address}: certificate issued by this federation's CA")
+    else:
+        console.print(f"SuperLink at {address} not reachable yet; the node keeps retrying")
+    ledger = Path(settings["ledger"])
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessGroup() as group:
+        proc = kits.start_kit_supernode(group, kit, settings, ledger.parent / "supernode.log")
+        monitor = NodeMonitor(
+            NodeWatch(
+                partner=node.partner,
+                schema=schema,
+                train_csv=train,
+                test_csv=test,
+                ledger=ledger,
+                epsilon_cap=node.epsilon_cap,
+                cap_delta=node.cap_delta,
+            ),
+            alive=proc.alive,
+            connected=lambda: kits.supernode_accepted(proc),
+        )
+        health = kit.config.health
+        server = HealthServer(
+            monitor,
+            overrides.health_host or health.host,
+            overrides.health_port if overrides.health_port is not None else health.port,
+            tls=kit.tls if health.tls else None,
+        )
+        server.start()
+        console.print(
+            f"node {node.partner} started (log: {proc.log_path}); health on "
+            f"{server.scheme}://{overrides.health_host or health.host}:{server.port}/healthz; "
+            "Ctrl-C to stop"
+        )
+        announced = False
+        try:
+            while True:
+                if not proc.alive():
+                    kits.raise_for_exit(proc)
+                if not announced and kits.supernode_accepted(proc):
+                    console.print(f"node {node.partner} accepted by the SuperLink")
+                    announced = True
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            console.print("stopping")
+        finally:
+            server.stop()
