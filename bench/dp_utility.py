@@ -8,7 +8,8 @@ exactly, so the numbers are about the learning, not the transport:
    partner's CSVs with ``clients.data.load_partner_csv``;
 2. round 0: every partner releases ``fedvault.stats.noisy_sums`` (Gaussian,
    ``stats_noise_multiplier``); the coordinator builds the scaler with
-   ``scaler_from_sums`` from their sum;
+   ``scaler_from_sums`` from their sum, passing the summed release's public
+   noise level (``sums_noise_std``) so the variances are shrunk (post-processing);
 3. per partner ``q = min(1, batch/n)`` and
    ``σ = calibrate_noise_multiplier(target, δ, [GaussianEvent(1, q, local_steps)] * rounds,
    prior=[GaussianEvent(stats_σ, 1, 1)])`` (``Coordinator._calibrate``);
@@ -33,8 +34,8 @@ Usage::
 
     python bench/dp_utility.py            # full: 5 report seeds
     python bench/dp_utility.py --quick    # smoke: 2 report seeds, fewer settings
-    python bench/dp_utility.py --tune     # search on tuning seeds (~1.5 h on 2 cores)
-    python bench/dp_utility.py --refine   # coordinate search from PRIVATE_HP (~10 min)
+    python bench/dp_utility.py --tune     # search on tuning seeds (~3 h on 2 cores)
+    python bench/dp_utility.py --refine   # coordinate search from PRIVATE_HP (~30 min)
 
 Prints one JSON object on stdout; progress goes to stderr.
 """
@@ -85,40 +86,52 @@ class HParams:
     max_grad_norm: float
     stats_noise_multiplier: float
     hidden: int = 32
+    activation: str = "square"  # mlp only: "square", "quad" or "relu"
+    quad_alpha: float | None = None  # the α of z + α·z² when activation == "quad"
 
 
-# Chosen with --tune (random search + successive halving, then one pass of
-# coordinate search, --refine) on TUNE_SEEDS, objective: the worst over
-# dataset × ε∈{3,1} of (accuracy ratio / its target). Private settings are
-# shared by every ε and both datasets for a given model.
+# Chosen on TUNE_SEEDS (disjoint from the report seeds), objective: the worst
+# over dataset of (accuracy ratio / its target) at that ε. History: --tune
+# (random search + successive halving, then --refine) gave one setting per
+# model; grids per ε since (logreg: rounds × steps × batch × clip × lr × stats σ
+# on 12 tuning seeds, both datasets; mlp: random search on 6) showed:
+# - few local steps per round (1–4) beat many: with Dirichlet(1) partners, long
+#   local runs drift to the local label mix, and DP pays for every step anyway;
+# - a small budget wants a noisier stats release (σ_stats 12 at ε=1, 6 at ε=3);
+# - clip C = 0.1 clips every example (only lr·C matters); a noise-free run with
+#   the same schedule reaches 0.951 on digits, the clipped steps' slower
+#   progress, not the noise alone, is what separates DP from non-private here.
+# The MLP uses the quadratic activation z + 0.1·z² (a square MLP under CKKS
+# after reparametrisation, secure.he.plan): near-linear at the start, it trains
+# under DP noise like softmax regression where the pure square did not
+# (digits ε=3 on tuning seeds: 0.939 vs 0.86).
 PRIVATE_HP: dict[str, HParams] = {
     "logreg": HParams(
-        rounds=5,
-        local_steps=8,
-        batch_size=100_000,  # ≥ n: q = 1, full-batch DP-GD
-        learning_rate=2.0,
+        rounds=40,
+        local_steps=4,
+        batch_size=256,  # Poisson q = 1/ceil(n/256): 1/2 for these partners
+        learning_rate=10.0,
         momentum=0.0,
-        max_grad_norm=0.5,
+        max_grad_norm=0.1,
         stats_noise_multiplier=6.0,
     ),
     "mlp": HParams(
-        rounds=8,
-        local_steps=5,
-        batch_size=256,
-        # 0.25 before the std floor went to 0.35; a grid on TUNE_SEEDS (digits)
-        # then favoured 0.5 at both ε=3 (0.87 vs 0.72) and ε=1 (0.73 vs 0.67).
-        learning_rate=0.5,
+        rounds=20,
+        local_steps=4,
+        batch_size=100_000,  # ≥ n: q = 1, full-batch DP-GD
+        learning_rate=4.0,
         momentum=0.0,
-        max_grad_norm=1.0,
-        stats_noise_multiplier=8.0,
+        max_grad_norm=0.25,
+        stats_noise_multiplier=6.0,
         hidden=16,
+        activation="quad",
+        quad_alpha=0.1,
     ),
 }
-# A larger budget buys more rounds: for ε ≥ 3 softmax regression runs 10 rounds
-# (a small grid on TUNE_SEEDS: mean accuracy at ε=3 0.956 vs 0.941 with 5).
+# ε = 1 buys fewer steps and a noisier stats release (grids on TUNE_SEEDS).
 PRIVATE_HP_FOR_EPSILON: dict[tuple[str, float], HParams] = {
-    ("logreg", 8.0): replace(PRIVATE_HP["logreg"], rounds=10),
-    ("logreg", 3.0): replace(PRIVATE_HP["logreg"], rounds=10),
+    ("logreg", 1.0): replace(PRIVATE_HP["logreg"], rounds=20, stats_noise_multiplier=12.0),
+    ("mlp", 1.0): replace(PRIVATE_HP["mlp"], rounds=48, local_steps=1, stats_noise_multiplier=12.0),
 }
 
 
@@ -147,6 +160,11 @@ BASELINE_HP: dict[str, HParams] = {
         max_grad_norm=1.0,
         stats_noise_multiplier=0.0,
         hidden=32,
+        # The strongest non-private activation on TUNE_SEEDS (digits / breast-
+        # cancer): quad α=1 0.976/0.972, α=0.5 0.976/0.971, square 0.969/0.971,
+        # α=0.1 0.968/0.971. The private MLP is compared with this one.
+        activation="quad",
+        quad_alpha=1.0,
     ),
 }
 
@@ -237,7 +255,7 @@ def federated_run(
     from fedvault.modelspec import ModelSpec, evaluate, init_parameters
     from fedvault.privacy import GaussianEvent, epsilon
     from fedvault.schema import builtin_schema
-    from fedvault.stats import noisy_sums, scaler_from_sums
+    from fedvault.stats import noisy_sums, scaler_from_sums, sums_noise_std
     from server.aggregation import aggregate
 
     warnings.filterwarnings("ignore")
@@ -249,7 +267,8 @@ def federated_run(
         n_features=len(schema.features),
         n_classes=len(schema.classes),
         hidden=hp.hidden,
-        activation="square",
+        activation=hp.activation if model == "mlp" else "square",  # type: ignore[arg-type]
+        quad_alpha=hp.quad_alpha if model == "mlp" else None,
     )
     # Round 0: DP standardisation statistics (exact for the non-private baseline).
     total = None
@@ -258,7 +277,10 @@ def federated_run(
         s = noisy_sums(p.x_train, schema, hp.stats_noise_multiplier if private else 0.0, rng)
         total = s if total is None else total + s
     assert total is not None
-    scaler = scaler_from_sums(total, schema)
+    # Shrinking towards the features' mean variance is post-processing; it
+    # needs the (public) noise level of the summed release.
+    noise_std = sums_noise_std([hp.stats_noise_multiplier] * len(parts), len(schema.features))
+    scaler = scaler_from_sums(total, schema, noise_std=noise_std if private else 0.0)
     # Per-partner calibration, exactly as Coordinator._calibrate.
     sigmas, rates = [], []
     for p in parts:
@@ -430,7 +452,7 @@ def main() -> None:
 
 
 # --------------------------------------------------------------------------- tuning
-TUNE_SEEDS = (100, 101, 102, 103, 104, 105)  # disjoint from the report seeds
+TUNE_SEEDS = tuple(range(100, 112))  # disjoint from the report seeds
 SPACE: dict[str, tuple[Any, ...]] = {
     "rounds": (2, 3, 5, 8),
     "local_steps": (3, 5, 10, 20),
@@ -479,7 +501,7 @@ def _evaluate_hp(
     model: str, hp: HParams, seeds: tuple[int, ...], workers: int, base: dict[str, float]
 ) -> tuple[tuple[float, float], dict[tuple[str, float], list[float]]]:
     keys = [(d, e, s) for d in DATASETS for e in TARGETS for s in seeds]
-    jobs = [(d, model, hp, e, s) for d, e, s in keys]
+    jobs: list[Job] = [(d, model, hp, e, s) for d, e, s in keys]
     results = run_jobs(jobs, workers, merged=True)
     accs: dict[tuple[str, float], list[float]] = {}
     for (d, e, _), r in zip(keys, results, strict=True):
@@ -488,14 +510,15 @@ def _evaluate_hp(
 
 
 REFINE_GRID: dict[str, tuple[Any, ...]] = {
-    "rounds": (2, 3, 4, 5, 6, 8, 10, 12),
-    "local_steps": (3, 5, 8, 10, 15, 20),
+    "rounds": (2, 3, 4, 5, 6, 8, 10, 12, 20),
+    "local_steps": (3, 4, 5, 8, 10, 15, 16, 20),
     "batch_size": (64, 128, 256, 100_000),
-    "learning_rate": (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0),
+    "learning_rate": (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 40.0),
     "momentum": (0.0, 0.3, 0.5, 0.9),
     "max_grad_norm": (0.1, 0.25, 0.5, 1.0, 2.0, 4.0),
-    "stats_noise_multiplier": (5.0, 6.0, 7.0, 8.0, 10.0, 12.0),
+    "stats_noise_multiplier": (4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 12.0, 16.0),
     "hidden": (8, 12, 16, 24, 32, 64),
+    "quad_alpha": (0.05, 0.1, 0.2, 0.5, 1.0),
 }
 
 
@@ -511,7 +534,9 @@ def refine(
     if score is None or accs is None:
         score, accs = _evaluate_hp(model, hp, TUNE_SEEDS, workers, base)
     for name, grid in REFINE_GRID.items():
-        if model == "logreg" and name == "hidden":
+        if model == "logreg" and name in ("hidden", "quad_alpha"):
+            continue
+        if name == "quad_alpha" and hp.activation != "quad":
             continue
         i = grid.index(getattr(hp, name))
         for j in (i - 1, i + 1):
@@ -572,8 +597,10 @@ def tune(quick: bool, workers: int) -> dict[str, Any]:
                 max_grad_norm=1.0,
                 stats_noise_multiplier=0.0,
                 hidden=BASELINE_HP[model].hidden,
+                activation=BASELINE_HP[model].activation,
+                quad_alpha=BASELINE_HP[model].quad_alpha,
             )
-            jobs = [(d, model, hp, None, s) for d in DATASETS for s in TUNE_SEEDS[:3]]
+            jobs: list[Job] = [(d, model, hp, None, s) for d in DATASETS for s in TUNE_SEEDS[:3]]
             acc = statistics.mean(r["accuracy"] for r in run_jobs(jobs, workers))
             if best_base is None or acc > best_base[0]:
                 best_base = (acc, hp)
@@ -595,6 +622,11 @@ def tune(quick: bool, workers: int) -> dict[str, Any]:
             if model == "logreg":
                 pick["hidden"] = PRIVATE_HP[model].hidden
             cands.append(HParams(**pick))
+        # The search space is the architecture's: the activation stays PRIVATE_HP's.
+        arch = PRIVATE_HP[model]
+        cands = [
+            replace(hp, activation=arch.activation, quad_alpha=arch.quad_alpha) for hp in cands
+        ]
         stage1 = []
         for hp in cands:
             score, _ = _evaluate_hp(model, hp, TUNE_SEEDS[:2], workers, base)
