@@ -234,7 +234,10 @@ def federation_init(
     fed.init_federation(paths, [] if kits_dir else names, hosts, name=name)
     kits.init_identity(paths, name, hosts)
     if kits_dir is not None and superlink is not None:
+        issued = kits.load_partners(paths)
         for partner in names:
+            if partner in issued and (kits_dir / partner / kits.KIT_CONFIG).exists():
+                continue  # re-running init (e.g. on every `docker compose up`) keeps kits
             kits.add_partner(
                 paths,
                 partner,
