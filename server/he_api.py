@@ -1,9 +1,9 @@
 """Thin HTTP front door for encrypted inference (FastAPI ``APIRouter``).
 
-Until the gateway (OIP v2, authentication, audit) exists, this router is the
-HE extension's only transport; the gateway will mount the same router (or
-call :class:`secure.he.service.HEService` from its gRPC servicer) and replace
-:func:`caller_identity` with its authenticated principal.
+The gateway mounts this router (replacing :func:`caller_identity` with its
+authenticated principal) and serves the same :class:`secure.he.service.HEService`
+over gRPC as ``fedvault.EncryptedInferenceService``
+(:mod:`server.gateway.grpc_extensions`); ``fedvault he serve`` runs it alone.
 
 Endpoints (JSON; ciphertexts are standard base64 of TenSEAL's serialisation):
 
@@ -100,21 +100,21 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def build_router(service: HEService) -> APIRouter:
     router = APIRouter(tags=["homomorphic inference"])
 
-    @router.get("/v2/models/{model_id}/he")
+    @router.get("/v2/models/{model_id}/he", name="he_metadata")
     async def he_metadata(model_id: str, caller: Caller) -> dict[str, Any]:
         return await run_in_threadpool(service.metadata, model_id)
 
-    @router.post("/v2/models/{model_id}/he/contexts", status_code=201)
+    @router.post("/v2/models/{model_id}/he/contexts", status_code=201, name="he_register_context")
     async def register_context(model_id: str, request: Request, caller: Caller) -> dict[str, Any]:
         params = (await run_in_threadpool(service.model, model_id)).compiled.params
         body = await _read_body(request, context_size_limit(params))
         return await service.register_context_async(caller, model_id, body)
 
-    @router.delete("/v2/he/contexts/{context_id}", status_code=204)
+    @router.delete("/v2/he/contexts/{context_id}", status_code=204, name="he_delete_context")
     async def delete_context(context_id: str, caller: Caller) -> None:
         service.delete_context(caller, context_id)
 
-    @router.post("/v2/models/{model_id}/he/infer")
+    @router.post("/v2/models/{model_id}/he/infer", name="he_infer")
     async def infer(model_id: str, request: Request, caller: Caller) -> dict[str, Any]:
         body = await _read_body(request, MAX_INFER_BODY)
         try:

@@ -44,3 +44,26 @@ def test_field_numbers_match_tritonclient() -> None:
         "ModelMetadata",
         "ModelInfer",
     ]
+
+
+def test_fedvault_extension_services() -> None:
+    from server.gateway.pb import fedvault_extensions_pb2 as ext
+
+    services = {
+        s.full_name: [m.name for m in s.methods] for s in ext.DESCRIPTOR.services_by_name.values()
+    }
+    assert services == {
+        "fedvault.AuditService": [
+            "Checkpoint",
+            "PublicKey",
+            "Entries",
+            "InclusionProof",
+            "ConsistencyProof",
+        ],
+        "fedvault.EncryptedInferenceService": [
+            "ModelHEMetadata",
+            "RegisterContext",
+            "DeleteContext",
+            "EncryptedInfer",
+        ],
+    }

@@ -10,9 +10,9 @@ with ``app.dependency_overrides[require_auditor] = <its dependency that
 accepts role "auditor">``; ``fedvault audit serve`` (a loopback development
 server) overrides it with a bearer-token check. Errors leave as RFC 9457
 problem+json through :func:`server.problem.install_problem_handlers`, which
-the app must install. A gRPC mirror belongs to the gateway's service
-definitions (issue 5) and will call the same :class:`~server.audit.log.AuditLog`
-methods.
+the app must install. The gateway's gRPC mirror (``fedvault.AuditService``,
+:mod:`server.gateway.grpc_extensions`) calls the same
+:class:`~server.audit.log.AuditLog` methods.
 """
 
 from __future__ import annotations

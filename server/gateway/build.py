@@ -88,6 +88,7 @@ def build_gateway(
 
         gw.audit_router = create_audit_router(audit_log)
         gw.audit_dependency = require_auditor
+        gw.audit_log = audit_log
     if config.enable_he:
         from secure.he.service import HEService
         from server.he_api import build_router, caller_identity

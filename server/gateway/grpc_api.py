@@ -52,7 +52,7 @@ from server.gateway.tensors import (
 )
 from server.problem import problem_response
 
-__all__ = ["GrpcTLS", "InferenceServicer", "start_grpc_server"]
+__all__ = ["AuditedServicer", "GrpcTLS", "InferenceServicer", "start_grpc_server"]
 
 R = TypeVar("R", bound=PbMessage)
 
@@ -122,8 +122,15 @@ def _digest(message: PbMessage) -> str:
 
 
 # -------------------------------------------------------------------- servicer
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """OIP v2 over gRPC; authorisation and inference in the shared service."""
+class AuditedServicer:
+    """Authentication, time limit, audit and status mapping shared by every authed RPC.
+
+    One place for the request path of all gRPC services (OIP and fedvault's
+    extensions), so every RPC is authenticated, audited before it answers and
+    mapped through the one error table alike.
+    """
+
+    SERVICE = "inference.GRPCInferenceService"  # full service name, for audit resources
 
     def __init__(self, gw: GatewayApp, *, unaudited_for_benchmark: bool = False) -> None:
         self.gw = gw
@@ -152,7 +159,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: PbMessage,
         context: grpc.aio.ServicerContext[Any, Any],
         work: Callable[[Principal, AuditEvent], Awaitable[R]],
+        *,
+        metric_endpoint: str | None = None,
     ) -> R:
+        """Authenticate, run ``work``, audit, answer (or abort with the table's status).
+
+        ``metric_endpoint`` labels the metrics when it differs from the RPC
+        name (the HE RPCs count as ``he_*``, as their REST routes do).
+        """
         t0 = time.perf_counter()
         if self._bare:
             return await work(benchmark_principal(), AuditEvent("grpc", endpoint, "", 0.0))
@@ -164,7 +178,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         event = AuditEvent(
             protocol="grpc",
             endpoint=endpoint,
-            resource=f"/inference.GRPCInferenceService/{endpoint}",
+            resource=f"/{self.SERVICE}/{endpoint}",
             started=time.time(),
             peer=context.peer(),
             mtls_subject=subject,
@@ -197,7 +211,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             error, mapping = exc, mapping_for(exc)
             event.status = mapping.grpc_status
         self.gw.metrics.observe_request(
-            "grpc", endpoint, event.model, event.version, event.status, time.perf_counter() - t0
+            "grpc",
+            metric_endpoint or endpoint,
+            event.model,
+            event.version,
+            event.status,
+            time.perf_counter() - t0,
         )
         if error is not None and mapping is not None:
             retry = getattr(error, "retry_after_s", None)
@@ -211,6 +230,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode[mapping.grpc_status], detail)
         assert response is not None  # noqa: S101 - abort() raised otherwise
         return response
+
+
+class InferenceServicer(AuditedServicer, pb_grpc.GRPCInferenceServiceServicer):
+    """OIP v2 over gRPC; authorisation and inference in the shared service."""
 
     # -- unauthenticated probes --------------------------------------------------
     async def ServerLive(
@@ -298,6 +321,10 @@ async def start_grpc_server(
     )
     servicer = InferenceServicer(gw, unaudited_for_benchmark=unaudited_for_benchmark)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    if not unaudited_for_benchmark:
+        from server.gateway.grpc_extensions import add_extension_services
+
+        add_extension_services(gw, server)
     if tls is None:
         server.add_insecure_port(address)
     else:

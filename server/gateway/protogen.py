@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
 PACKAGE_DIR = Path("server/gateway/pb")
-PROTOS = ("grpc_service.proto",)
+PROTOS = ("grpc_service.proto", "fedvault_extensions.proto")
 
 
 def generate(out_root: Path) -> list[Path]:

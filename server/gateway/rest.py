@@ -40,6 +40,7 @@ from fedvault.errors import (
     PayloadTooLargeError,
     UnavailableError,
 )
+from server.audit.log import AuditLog
 from server.gateway.audit import AuditEvent, AuditGate
 from server.gateway.auth import Action, Authenticator, Principal, authorize
 from server.gateway.keys import ROLES, ApiKey, GatewayStore, parse_expiry
@@ -78,6 +79,7 @@ class GatewayApp:
     he_owner_dependency: Any = None  # server.he_api.caller_identity, when mounted
     audit_router: APIRouter | None = None
     audit_dependency: Any = None  # server.audit.api.require_auditor, when mounted
+    audit_log: AuditLog | None = None  # read side of the audit API (REST router, gRPC mirror)
 
 
 # ----------------------------------------------------------------- schemas (docs)
