@@ -15,18 +15,40 @@ put serialised contexts in the database behind the same Protocol).
 Every check raises a :class:`~fedvault.errors.FedvaultError` subclass whose
 message names the problem (which input, which limit) but never echoes
 ciphertext bytes, key material or TenSEAL's internal messages.
+
+Evaluation pool. SEAL (through ``tenseal.sealapi``) holds the GIL for the
+whole of each call: two evaluations in two threads take as long as running
+them one after the other, and an event-loop thread waits up to one SEAL call
+(5–20 ms at N=16384; a whole ``ts.context_from`` of a 120 MB context) each
+time it wants the GIL (measured by ``bench/he.py``, ``pool`` section). So the
+async methods run in a process pool (``spawn``, one worker per core by
+default): jobs carry ciphertext bytes and the model's plan (a few KB), and
+each worker keeps an LRU of deserialised public contexts keyed by the SHA-256
+of their bytes. A job names its context by that digest only; a worker that
+does not hold it answers "not cached" and the job is sent again with the
+context bytes (once per worker and context, not per call). The synchronous
+methods evaluate in the calling thread (CLI, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import multiprocessing
+import os
 import secrets
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
 
 import tenseal as ts
 
@@ -37,8 +59,11 @@ from fedvault.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
 )
-from secure.he.engine import LAYOUTS, CompiledModel, Layout
+from secure.he.engine import LAYOUTS, CompiledModel, HEEvaluationError, Layout
 from secure.he.params import CKKSParams, require_128_bit
+from secure.he.plan import HEPlan
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +81,62 @@ class ContextEntry:
     context_id: str
     owner: str
     params: CKKSParams
-    context: ts.Context
+    context: ts.Context | None  # None until the synchronous path first needs it
     has_galois: bool
     has_relin: bool
     expires_at: float
     size: int
+    data: bytes = b""  # the serialised public context, as registered
+    digest: str = ""  # SHA-256 of ``data``: how pool workers cache it
+
+
+@dataclass(frozen=True, slots=True)
+class ContextFacts:
+    """What the server checks of a public context, read where it was deserialised."""
+
+    digest: str
+    has_secret_key: bool
+    has_public_key: bool
+    has_galois: bool
+    has_relin: bool
+    poly_modulus_degree: int
+    total_bits: int
+    first_parms_id: tuple[int, ...]
+    scale: float
+
+
+def context_facts(context: ts.Context, digest: str) -> ContextFacts:
+    """Read a deserialised context's keys and parameters (ConfigError if it is not CKKS)."""
+    try:
+        seal = context.seal_context().data
+        key = seal.key_context_data()
+        degree = int(key.parms().poly_modulus_degree())
+        total = int(key.total_coeff_modulus_bit_count())
+        first = tuple(int(v) for v in seal.first_parms_id())
+    except Exception:
+        raise ConfigError("context is not a CKKS context") from None
+    try:
+        scale = float(context.global_scale)
+    except Exception:  # TenSEAL raises when no global scale was ever set
+        scale = 0.0
+    return ContextFacts(
+        digest=digest,
+        has_secret_key=bool(context.has_secret_key() or context.is_private()),
+        has_public_key=bool(context.has_public_key()),
+        has_galois=bool(context.has_galois_keys()),
+        has_relin=bool(context.has_relin_keys()),
+        poly_modulus_degree=degree,
+        total_bits=total,
+        first_parms_id=first,
+        scale=scale,
+    )
+
+
+def _deserialise_context(data: bytes) -> ts.Context:
+    try:
+        return ts.context_from(data)
+    except Exception:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
+        raise ConfigError("context is not a serialised TenSEAL context") from None
 
 
 class ContextStore(Protocol):
@@ -123,6 +199,204 @@ def ciphertext_size_limit(params: CKKSParams) -> int:
     return 2 * data_primes * params.poly_modulus_degree * 8 + 64 * 1024
 
 
+# ------------------------------------------------------------------ evaluation
+def evaluate_inputs(
+    compiled: CompiledModel, context: ts.Context, layout: Layout, inputs: list[bytes]
+) -> list[bytes]:
+    """Deserialise and check the input ciphertexts under ``context``, then evaluate.
+
+    Runs wherever the context is deserialised: the calling thread (synchronous
+    path) or a pool worker. Counts, sizes and keys were checked by the caller.
+    """
+    cts: list[Any] = []
+    sizes: set[int] = set()
+    for index, blob in enumerate(inputs):
+        ct, size = _load_vector(context, compiled, blob, index)
+        cts.append(ct)
+        sizes.add(size)
+    if layout == "vector":
+        if sizes != {compiled.plan.n_features}:
+            raise ConfigError(
+                f"input 0 holds {sizes.pop()} values, the model takes "
+                f"{compiled.plan.n_features} features"
+            )
+        return [compiled.evaluate_vector(context, cts[0])]
+    if len(sizes) != 1:
+        raise ConfigError("batch columns must all hold the same number of samples")
+    return compiled.evaluate_batch(context, cts, sizes.pop())
+
+
+def _load_vector(
+    context: ts.Context, compiled: CompiledModel, blob: bytes, index: int
+) -> tuple[Any, int]:
+    try:
+        vec = ts.ckks_vector_from(context, blob)
+        size = int(vec.size())
+        parts = vec.ciphertext()
+    except Exception:
+        raise ConfigError(
+            f"input {index} is not a CKKS vector under the registered context "
+            "(malformed, truncated, or encrypted with other parameters)"
+        ) from None
+    if len(parts) != 1 or size < 1:
+        raise ConfigError(f"input {index} must be one ciphertext of 1..{compiled.slots} values")
+    if size > compiled.slots:
+        raise ConfigError(
+            f"input {index} holds {size} values, more than the {compiled.slots} slots"
+        )
+    ct = parts[0]
+    if (
+        ct.parms_id() != compiled.first_parms_id
+        or ct.size() != 2
+        or not ct.is_ntt_form()
+        or ct.scale != compiled.scale
+    ):
+        raise ConfigError(
+            f"input {index} must be a fresh ciphertext (first level, scale "
+            f"2^{compiled.params.scale_bits}), as ts.ckks_vector(ctx, values) makes"
+        )
+    return ct, size
+
+
+# Pickling a large ``bytes`` into the pool's call queue holds the GIL for the
+# whole copy (0.28 s for a 122 MB context): bigger payloads go through a spool
+# file in a private tmpfs directory instead, written by a helper thread
+# (``os.write`` releases the GIL) and read by the worker.
+INLINE_PAYLOAD_BYTES = 2 * 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """Byte strings for a pool job: inline when small, else one spool file."""
+
+    sizes: tuple[int, ...]
+    inline: tuple[bytes, ...] | None = None
+    path: str | None = None
+
+    def read(self) -> list[bytes]:
+        if self.inline is not None:
+            return list(self.inline)
+        if self.path is None:
+            raise HEEvaluationError("a pool job lost its payload")
+        with open(self.path, "rb") as f:
+            data = f.read()
+        out, pos = [], 0
+        for n in self.sizes:
+            out.append(data[pos : pos + n])
+            pos += n
+        return out
+
+
+def _write_spool(directory: str, blobs: list[bytes]) -> str:
+    fd, path = tempfile.mkstemp(dir=directory, suffix=".bin")
+    try:
+        for blob in blobs:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+    return path
+
+
+class ContextNotCached(Exception):
+    """A pool worker does not hold the job's context: send the job again with its bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class EvalJob:
+    """One encrypted evaluation as a pool worker receives it (picklable, no keys but public)."""
+
+    model_key: str  # digest of plan and parameters
+    plan: HEPlan
+    params: CKKSParams
+    context_digest: str
+    context: Payload | None  # only when a worker answered ContextNotCached
+    layout: Layout
+    inputs: Payload
+
+
+# Per-process caches (each pool worker has its own; a thread executor shares the
+# main process's). Bounded: contexts by serialised bytes, models by count.
+WORKER_CONTEXT_BYTES = 1024**3
+WORKER_MODELS = 16
+_worker_lock = threading.Lock()
+_worker_contexts: OrderedDict[str, tuple[ts.Context, int]] = OrderedDict()
+_worker_models: OrderedDict[str, CompiledModel] = OrderedDict()
+
+
+def _cache_context(digest: str, context: ts.Context, size: int) -> None:
+    with _worker_lock:
+        _worker_contexts[digest] = (context, size)
+        _worker_contexts.move_to_end(digest)
+        held = sum(n for _, n in _worker_contexts.values())
+        while held > WORKER_CONTEXT_BYTES and len(_worker_contexts) > 1:
+            _, (_, n) = _worker_contexts.popitem(last=False)
+            held -= n
+
+
+def _cached_context(digest: str) -> ts.Context | None:
+    with _worker_lock:
+        hit = _worker_contexts.get(digest)
+        if hit is None:
+            return None
+        _worker_contexts.move_to_end(digest)
+        return hit[0]
+
+
+def _worker_model(job: EvalJob) -> CompiledModel:
+    with _worker_lock:
+        hit = _worker_models.get(job.model_key)
+        if hit is not None:
+            _worker_models.move_to_end(job.model_key)
+            return hit
+    compiled = CompiledModel(job.plan, job.params)  # encodes plaintexts outside the lock
+    with _worker_lock:
+        _worker_models[job.model_key] = compiled
+        while len(_worker_models) > WORKER_MODELS:
+            _worker_models.popitem(last=False)
+    return compiled
+
+
+def inspect_context_job(payload: Payload) -> ContextFacts:
+    """Pool job: deserialise a context, read its facts, keep it if it is public."""
+    (data,) = payload.read()
+    digest = hashlib.sha256(data).hexdigest()
+    context = _deserialise_context(data)
+    facts = context_facts(context, digest)
+    if not facts.has_secret_key:
+        _cache_context(digest, context, len(data))
+    return facts
+
+
+def run_eval_job(job: EvalJob) -> list[bytes]:
+    """Pool job: evaluate ``job`` with the worker's cached model and context."""
+    context = _cached_context(job.context_digest)
+    if context is None:
+        if job.context is None:
+            raise ContextNotCached(job.context_digest)
+        (data,) = job.context.read()
+        context = _deserialise_context(data)
+        _cache_context(job.context_digest, context, len(data))
+    return evaluate_inputs(_worker_model(job), context, job.layout, job.inputs.read())
+
+
+def _plan_key(compiled: CompiledModel) -> str:
+    h = hashlib.sha256(repr(compiled.params).encode())
+    for layer in compiled.plan.layers:
+        for array in (layer.weight, layer.bias):
+            h.update(repr(array.shape).encode())
+            h.update(array.astype("<f8").tobytes())
+    h.update(repr(compiled.plan.activations).encode())
+    return h.hexdigest()
+
+
+def default_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """Spawned workers (never fork a process that runs threads and SEAL), one per core."""
+    n = workers or min(8, os.cpu_count() or 1)
+    return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+
+
 class HEService:
     """Encrypted inference for the models ``model_source`` returns."""
 
@@ -134,18 +408,55 @@ class HEService:
         context_ttl_s: float = 3600.0,
         clock: Callable[[], float] = time.monotonic,
         executor: Executor | None = None,
+        workers: int | None = None,
     ) -> None:
+        """``executor``: where the async methods evaluate; by default a process pool of
+        ``workers`` spawned processes (one per core), created at the first async call.
+        """
         self._source = model_source
         self._models: dict[str, HEModel] = {}
+        self._model_keys: dict[str, str] = {}
         self._models_lock = threading.Lock()
         self._store = store or InMemoryContextStore()
         self._ttl = context_ttl_s
         self._clock = clock
-        # SEAL's evaluator holds the GIL between calls only briefly; a thread pool
-        # keeps the event loop responsive and shares compiled plaintexts in memory.
-        self._executor = executor or ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="fedvault-he"
-        )
+        self._executor = executor
+        self._owns_executor = executor is None
+        self._workers = workers
+        self._executor_lock = threading.Lock()
+        # Spool files only help a process pool (a thread executor shares memory).
+        self._spools = executor is None or isinstance(executor, ProcessPoolExecutor)
+        self._spool: str | None = None
+
+    def _pool(self) -> Executor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = default_pool(self._workers)
+            return self._executor
+
+    def close(self) -> None:
+        """Stop the evaluation pool this service created (idempotent)."""
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None and self._owns_executor:
+            executor.shutdown(wait=True, cancel_futures=True)
+        with self._executor_lock:
+            spool, self._spool = self._spool, None
+        if spool is not None:
+            shutil.rmtree(spool, ignore_errors=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the pool; a dead worker becomes an evaluation error and a new pool."""
+        loop = asyncio.get_running_loop()
+        executor = self._pool()
+        try:
+            return await loop.run_in_executor(executor, fn, *args)
+        except BrokenProcessPool:
+            with self._executor_lock:
+                if self._executor is executor and self._owns_executor:
+                    self._executor = None
+                    executor.shutdown(wait=False, cancel_futures=True)
+            raise HEEvaluationError("an encrypted-evaluation worker died; retry") from None
 
     # ------------------------------------------------------------- models
     def model(self, model_id: str) -> HEModel:
@@ -214,63 +525,75 @@ class HEService:
     # ----------------------------------------------------------- contexts
     def register_context(self, owner: str, model_id: str, data: bytes) -> dict[str, Any]:
         """Store a caller's *public* context for ``model_id``'s parameters; return its id."""
+        compiled = self._check_size(model_id, data)
+        context = _deserialise_context(data)
+        facts = context_facts(context, hashlib.sha256(data).hexdigest())
+        return self._store_context(owner, compiled, data, facts, context)
+
+    async def register_context_async(
+        self, owner: str, model_id: str, data: bytes
+    ) -> dict[str, Any]:
+        """:meth:`register_context` with the deserialisation in the evaluation pool."""
+        compiled = self._check_size(model_id, data)
+        async with self._payload([data]) as payload:
+            facts = await self._run(inspect_context_job, payload)
+        return self._store_context(owner, compiled, data, facts, None)
+
+    def _check_size(self, model_id: str, data: bytes) -> CompiledModel:
         compiled = self.model(model_id).compiled
-        params = compiled.params
-        limit = context_size_limit(params)
+        limit = context_size_limit(compiled.params)
         if len(data) > limit:
             raise PayloadTooLargeError(
                 f"context is {len(data)} bytes, the limit for these parameters is {limit}"
             )
-        try:
-            context = ts.context_from(data)
-        except Exception:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
-            raise ConfigError("context is not a serialised TenSEAL context") from None
-        if context.has_secret_key() or context.is_private():
+        return compiled
+
+    def _store_context(
+        self,
+        owner: str,
+        compiled: CompiledModel,
+        data: bytes,
+        facts: ContextFacts,
+        context: ts.Context | None,
+    ) -> dict[str, Any]:
+        if facts.has_secret_key:
             raise PermissionDeniedError(
                 "context contains a secret key; serialise it with save_secret_key=False "
                 "(the server must never hold your secret key)"
             )
-        if not context.has_public_key():
+        if not facts.has_public_key:
             raise ConfigError("context has no public key")
-        self._check_params(context, compiled)
+        self._check_params(facts, compiled)
         entry = ContextEntry(
             context_id=secrets.token_urlsafe(18),
             owner=owner,
-            params=params,
+            params=compiled.params,
             context=context,
-            has_galois=bool(context.has_galois_keys()),
-            has_relin=bool(context.has_relin_keys()),
+            has_galois=facts.has_galois,
+            has_relin=facts.has_relin,
             expires_at=self._clock() + self._ttl,
             size=len(data),
+            data=data if isinstance(data, bytes) else bytes(data),
+            digest=facts.digest,
         )
         self._store.purge_expired(self._clock())
         self._store.put(entry)
         layouts = ["batch", "vector"] if entry.has_galois else ["batch"]
         return {"context_id": entry.context_id, "expires_in_s": self._ttl, "layouts": layouts}
 
-    def _check_params(self, context: ts.Context, compiled: CompiledModel) -> None:
+    @staticmethod
+    def _check_params(facts: ContextFacts, compiled: CompiledModel) -> None:
         params = compiled.params
-        try:
-            seal = context.seal_context().data
-            key = seal.key_context_data()
-            degree = int(key.parms().poly_modulus_degree())
-            total = int(key.total_coeff_modulus_bit_count())
-            first = list(seal.first_parms_id())
-        except Exception:
-            raise ConfigError("context is not a CKKS context") from None
+        degree, total = facts.poly_modulus_degree, facts.total_bits
         require_128_bit(degree, total)
         # The parms_id hashes N and every prime: equal ids mean identical parameters.
-        if first != list(compiled.first_parms_id):
+        if facts.first_parms_id != tuple(int(v) for v in compiled.first_parms_id):
             raise ConfigError(
                 f"context parameters (N={degree}, {total} coefficient modulus bits) differ "
                 f"from the model's (N={params.poly_modulus_degree}, coeff_mod_bit_sizes="
                 f"{list(params.coeff_mod_bit_sizes)}, {params.total_bits} bits)"
             )
-        try:
-            scale = float(context.global_scale)
-        except Exception:  # TenSEAL raises when no global scale was ever set
-            scale = 0.0
-        if scale != params.global_scale:
+        if facts.scale != params.global_scale:
             raise ConfigError(f"context global_scale must be 2^{params.scale_bits}")
 
     def _entry(self, owner: str, context_id: str) -> ContextEntry:
@@ -290,10 +613,10 @@ class HEService:
         self._store.delete(context_id)
 
     # -------------------------------------------------------------- infer
-    def infer(
+    def _prepare(
         self, owner: str, model_id: str, context_id: str, layout: str, inputs: list[bytes]
-    ) -> list[bytes]:
-        """Validate inputs, evaluate, return serialised result vectors (blocking)."""
+    ) -> tuple[HEModel, ContextEntry, Layout]:
+        """Every check that needs no deserialisation (cheap: runs on the caller's thread)."""
         model = self.model(model_id)
         compiled = model.compiled
         entry = self._entry(owner, context_id)
@@ -312,8 +635,6 @@ class HEService:
         if compiled.plan.activations and not entry.has_relin:
             raise ConfigError("this model needs a context with relinearisation keys")
         limit = ciphertext_size_limit(compiled.params)
-        cts: list[Any] = []
-        sizes: set[int] = set()
         for index, blob in enumerate(inputs):
             if len(blob) > limit:
                 raise PayloadTooLargeError(
@@ -321,65 +642,68 @@ class HEService:
                     f"the model's parameters (limit {limit}): at most {compiled.slots} values "
                     "(slots) per input"
                 )
-            ct, size = self._load_vector(entry, compiled, blob, index)
-            cts.append(ct)
-            sizes.add(size)
-        if lay == "vector":
-            if sizes != {compiled.plan.n_features}:
-                raise ConfigError(
-                    f"input 0 holds {sizes.pop()} values, the model takes "
-                    f"{compiled.plan.n_features} features"
-                )
-            return [compiled.evaluate_vector(entry.context, cts[0])]
-        if len(sizes) != 1:
-            raise ConfigError("batch columns must all hold the same number of samples")
-        return compiled.evaluate_batch(entry.context, cts, sizes.pop())
+        return model, entry, lay
+
+    def infer(
+        self, owner: str, model_id: str, context_id: str, layout: str, inputs: list[bytes]
+    ) -> list[bytes]:
+        """Validate inputs, evaluate, return serialised result vectors (blocking, this thread)."""
+        model, entry, lay = self._prepare(owner, model_id, context_id, layout, inputs)
+        if entry.context is None:
+            entry.context = _deserialise_context(entry.data)
+        return evaluate_inputs(model.compiled, entry.context, lay, inputs)
 
     async def infer_async(
         self, owner: str, model_id: str, context_id: str, layout: str, inputs: list[bytes]
     ) -> list[bytes]:
-        """:meth:`infer` in the worker pool, so the event loop never blocks."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self.infer, owner, model_id, context_id, layout, inputs
+        """:meth:`infer` in the evaluation pool, so the event loop never blocks."""
+        model, entry, lay = self._prepare(owner, model_id, context_id, layout, inputs)
+        job = EvalJob(
+            model_key=self._model_key(model_id, model.compiled),
+            plan=model.compiled.plan,
+            params=model.compiled.params,
+            context_digest=entry.digest,
+            context=None,
+            layout=lay,
+            inputs=Payload(tuple(map(len, inputs))),
         )
+        async with self._payload(inputs) as payload:
+            job = replace(job, inputs=payload)
+            try:
+                return await self._run(run_eval_job, job)
+            except ContextNotCached:
+                pass
+            # This worker has not seen the context yet: send it once with the job.
+            async with self._payload([entry.data]) as context:
+                return await self._run(run_eval_job, replace(job, context=context))
 
-    async def register_context_async(
-        self, owner: str, model_id: str, data: bytes
-    ) -> dict[str, Any]:
+    @asynccontextmanager
+    async def _payload(self, blobs: list[bytes]) -> AsyncIterator[Payload]:
+        sizes = tuple(map(len, blobs))
+        if sum(sizes) <= INLINE_PAYLOAD_BYTES or not self._spools:
+            yield Payload(sizes, inline=tuple(blobs))
+            return
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, self.register_context, owner, model_id, data
-        )
-
-    @staticmethod
-    def _load_vector(
-        entry: ContextEntry, compiled: CompiledModel, blob: bytes, index: int
-    ) -> tuple[Any, int]:
+        path = await loop.run_in_executor(None, _write_spool, self._spool_dir(), blobs)
         try:
-            vec = ts.ckks_vector_from(entry.context, blob)
-            size = int(vec.size())
-            parts = vec.ciphertext()
-        except Exception:
-            raise ConfigError(
-                f"input {index} is not a CKKS vector under the registered context "
-                "(malformed, truncated, or encrypted with other parameters)"
-            ) from None
-        if len(parts) != 1 or size < 1:
-            raise ConfigError(f"input {index} must be one ciphertext of 1..{compiled.slots} values")
-        if size > compiled.slots:
-            raise ConfigError(
-                f"input {index} holds {size} values, more than the {compiled.slots} slots"
-            )
-        ct = parts[0]
-        if (
-            ct.parms_id() != compiled.first_parms_id
-            or ct.size() != 2
-            or not ct.is_ntt_form()
-            or ct.scale != compiled.scale
-        ):
-            raise ConfigError(
-                f"input {index} must be a fresh ciphertext (first level, scale "
-                f"2^{compiled.params.scale_bits}), as ts.ckks_vector(ctx, values) makes"
-            )
-        return ct, size
+            yield Payload(sizes, path=path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _spool_dir(self) -> str:
+        with self._executor_lock:
+            if self._spool is None:
+                shm = "/dev/shm"  # noqa: S108 (mkdtemp below: unique name, mode 0700)
+                base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+                self._spool = tempfile.mkdtemp(prefix="fedvault-he-", dir=base)  # 0700
+            return self._spool
+
+    def _model_key(self, model_id: str, compiled: CompiledModel) -> str:
+        with self._models_lock:
+            key = self._model_keys.get(model_id)
+        if key is None:
+            key = _plan_key(compiled)
+            with self._models_lock:
+                self._model_keys[model_id] = key
+        return key
