@@ -263,6 +263,12 @@ def federation_up(
         typer.Option(help="Serve only the Fleet API here, for partners (TLS proxy)."),
     ] = None,
     fleet_port: Annotated[int, typer.Option(help="Port of the Fleet-only proxy.")] = 9092,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Bind address of /metrics (default: --host).")
+    ] = None,
+    metrics_port: Annotated[
+        int, typer.Option(help="Serve the federation's Prometheus metrics (TLS) here; 0 = off.")
+    ] = 0,
 ) -> None:
     """Run the SuperLink (TLS + SuperNode auth) and register every partner's node key.
 
@@ -288,6 +294,18 @@ def federation_up(
         if fleet_host is not None:
             procs.append(kits.start_fleet_proxy(group, paths, fleet_host, fleet_port, host, port))
             out.print(f"Fleet API for partners on {fleet_host}:{fleet_port} (Fleet only)")
+        if metrics_port:
+            from server.federation_metrics import serve_federation_metrics
+
+            bind = metrics_host or host
+            serve_federation_metrics(
+                paths.db,
+                bind,
+                metrics_port,
+                certfile=paths.server_cert,
+                keyfile=paths.server_key,
+            )
+            out.print(f"federation metrics on https://{bind}:{metrics_port}/metrics")
         out.print("Ctrl-C to stop.")
         try:
             while True:
