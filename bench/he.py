@@ -11,6 +11,12 @@ logistic regression, digits square-MLP), all on the same CKKS parameters:
 - client: encrypt/decrypt time and bytes on the wire per sample, both layouts;
 - accuracy: plaintext test accuracy, max |HE - plaintext| logit error.
 
+Then ``pool``: does SEAL release the GIL (two MLP vector evaluations in two
+threads vs one after the other), and what the event loop sees while
+``HEService``'s async path registers a 120 MB public context and runs batch
+and vector inferences concurrently, with a thread executor vs the default
+process pool (max loop lag, wall time of two concurrent evaluations).
+
 Usage: ``python bench/he.py [--quick]`` (quick: fewer repetitions).
 Models are trained here in plaintext with NumPy gradient descent (a few
 seconds): the benchmark measures encrypted evaluation, not training.
@@ -19,11 +25,14 @@ seconds): the benchmark measures encrypted evaluation, not training.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import statistics
+import threading
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -34,6 +43,7 @@ from fedvault.modelspec import ModelSpec, init_parameters
 from fedvault.stats import Scaler
 from secure.he.engine import CompiledModel
 from secure.he.plan import HEPlan, compile_plan
+from secure.he.service import HEModel, HEService
 
 
 def _train(name: str, kind: str, hidden: int = 32) -> tuple[HEPlan, np.ndarray, np.ndarray, float]:
@@ -185,6 +195,126 @@ def bench_model(label: str, name: str, kind: str, quick: bool) -> dict[str, Any]
     }
 
 
+_POOL_MODEL: list[CompiledModel] = []
+
+
+def _pool_source(model_id: str) -> HEModel:
+    compiled = _POOL_MODEL[0]
+    features = tuple(f"f{i}" for i in range(compiled.plan.n_features))
+    return HEModel(model_id, compiled, features, tuple(map(str, range(compiled.plan.n_outputs))))
+
+
+async def _serve_scenario(
+    service: HEService, contexts: list[bytes], cols: list[bytes], one: bytes
+) -> dict[str, float]:
+    """Loop lag while a 120 MB context registers and HE work runs; two concurrent evals."""
+    loop = asyncio.get_running_loop()
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            start = loop.time()
+            await asyncio.sleep(0.005)
+            lags.append(loop.time() - start - 0.005)
+
+    task = asyncio.create_task(ticker())
+    start = time.perf_counter()
+    regs = await asyncio.gather(*(service.register_context_async("b", "m", c) for c in contexts))
+    vec_id, batch_id = (str(r["context_id"]) for r in regs)
+    await asyncio.gather(
+        service.infer_async("b", "m", batch_id, "batch", cols),
+        service.infer_async("b", "m", vec_id, "vector", [one]),
+        service.infer_async("b", "m", vec_id, "vector", [one]),
+    )
+    first_s = time.perf_counter() - start
+    rounds = []  # the first rounds also hand the context to workers that lack it
+    for _ in range(6):
+        start = time.perf_counter()
+        await asyncio.gather(
+            *(service.infer_async("b", "m", vec_id, "vector", [one]) for _ in range(2))
+        )
+        rounds.append(time.perf_counter() - start)
+    two_vector_s = statistics.median(rounds[3:])
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(service.infer_async("b", "m", batch_id, "batch", cols) for _ in range(2))
+    )
+    two_batch_s = time.perf_counter() - start
+    stop.set()
+    await task
+    return {
+        "max_loop_lag_ms": round(max(lags) * 1e3, 1),
+        "p99_loop_lag_ms": round(float(np.percentile(lags, 99)) * 1e3, 1),
+        "register_and_first_inferences_s": round(first_s, 2),
+        "two_concurrent_vector_s": round(two_vector_s, 3),
+        "two_concurrent_batch_s": round(two_batch_s, 3),
+    }
+
+
+def bench_pool(quick: bool) -> dict[str, Any]:
+    """GIL measurement and event-loop behaviour of the async service path (digits MLP)."""
+    plan, xte, _, _ = _train("digits", "mlp")
+    compiled = CompiledModel(plan)
+    _POOL_MODEL[:] = [compiled]
+    p = compiled.params
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS, p.poly_modulus_degree, coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes)
+    )
+    ctx.global_scale = p.global_scale
+    ctx.generate_galois_keys()
+    ctx.generate_relin_keys()
+    public = bytes(ctx.serialize(save_secret_key=False))
+    server = ts.context_from(public)
+    one = bytes(ts.ckks_vector(ctx, xte[0].tolist()).serialize())
+    ct = ts.ckks_vector_from(server, one).ciphertext()[0]
+    compiled.evaluate_vector(server, ct)  # warm
+
+    def two_sequential() -> None:
+        for _ in range(2):
+            compiled.evaluate_vector(server, ct)
+
+    def two_threads() -> None:
+        threads = [
+            threading.Thread(target=compiled.evaluate_vector, args=(server, ct)) for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    reps = 2 if quick else 5
+    seq_s, _ = _timed(two_sequential, reps)
+    thr_s, _ = _timed(two_threads, reps)
+
+    contexts = [public, bytes(ctx.serialize(save_secret_key=False, save_galois_keys=False))]
+    cols = [bytes(ts.ckks_vector(ctx, c.tolist()).serialize()) for c in np.resize(xte, (512, 64)).T]
+    executors: dict[str, Executor | None] = {
+        "thread_pool_2": ThreadPoolExecutor(2),
+        "process_pool_2 (default)": None,
+    }
+    serving: dict[str, Any] = {}
+    for label, executor in executors.items():
+        service = HEService(_pool_source, executor=executor, workers=2)
+        try:
+            serving[label] = asyncio.run(_serve_scenario(service, contexts, cols, one))
+        finally:
+            service.close()
+            if executor is not None:
+                executor.shutdown()
+    return {
+        "model": "digits MLP, square activation, hidden 32 (vector layout, N=16384)",
+        "public_context_bytes": len(public),
+        "gil": {
+            "two_evaluations_sequential_s": round(seq_s, 3),
+            "two_evaluations_two_threads_s": round(thr_s, 3),
+            "thread_speedup": round(seq_s / thr_s, 2),
+            "verdict": "SEAL holds the GIL" if seq_s / thr_s < 1.3 else "SEAL releases the GIL",
+        },
+        "async_service": serving,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -195,6 +325,7 @@ def main() -> None:
         ("digits MLP, square activation, hidden 32", "digits", "mlp"),
     ]
     results = [bench_model(label, name, kind, args.quick) for label, name, kind in models]
+    pool = bench_pool(args.quick)
     print(
         json.dumps(
             {
@@ -202,6 +333,7 @@ def main() -> None:
                 "tenseal": ts.__version__,
                 "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
                 "models": results,
+                "pool": pool,
             },
             indent=2,
         )

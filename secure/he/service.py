@@ -42,6 +42,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -697,6 +698,8 @@ class HEService:
                 shm = "/dev/shm"  # noqa: S108 (mkdtemp below: unique name, mode 0700)
                 base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
                 self._spool = tempfile.mkdtemp(prefix="fedvault-he-", dir=base)  # 0700
+                # Removed by close(), else when the service is collected or at exit.
+                weakref.finalize(self, shutil.rmtree, self._spool, True)
             return self._spool
 
     def _model_key(self, model_id: str, compiled: CompiledModel) -> str:
