@@ -42,7 +42,7 @@ from fedvault.schema import BUILTIN_DATASETS, builtin_schema
 from secure.he.engine import CompiledModel
 from secure.he.plan import compile_plan
 from secure.he.service import HEModel, HEService, context_size_limit
-from server.problem import install_problem_handlers
+from server.problem import install_problem_handlers, problem_responses
 from server.registry import ModelRegistry
 from server.store import FederationStore
 
@@ -97,24 +97,64 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# The bodies are read raw (size limits before parsing), so FastAPI cannot infer them.
+_CONTEXT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "TenSEAL context.serialize(save_secret_key=False)",
+            }
+        },
+    }
+}
+_INFER_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": InferRequest.model_json_schema()}},
+    }
+}
+
+
 def build_router(service: HEService) -> APIRouter:
     router = APIRouter(tags=["homomorphic inference"])
 
-    @router.get("/v2/models/{model_id}/he", name="he_metadata")
+    @router.get(
+        "/v2/models/{model_id}/he",
+        name="he_metadata",
+        responses=problem_responses(401, 404, 422),
+    )
     async def he_metadata(model_id: str, caller: Caller) -> dict[str, Any]:
         return await run_in_threadpool(service.metadata, model_id)
 
-    @router.post("/v2/models/{model_id}/he/contexts", status_code=201, name="he_register_context")
+    @router.post(
+        "/v2/models/{model_id}/he/contexts",
+        status_code=201,
+        name="he_register_context",
+        responses=problem_responses(400, 401, 403, 404, 413, 422),
+        openapi_extra=_CONTEXT_BODY,
+    )
     async def register_context(model_id: str, request: Request, caller: Caller) -> dict[str, Any]:
         params = (await run_in_threadpool(service.model, model_id)).compiled.params
         body = await _read_body(request, context_size_limit(params))
         return await service.register_context_async(caller, model_id, body)
 
-    @router.delete("/v2/he/contexts/{context_id}", status_code=204, name="he_delete_context")
+    @router.delete(
+        "/v2/he/contexts/{context_id}",
+        status_code=204,
+        name="he_delete_context",
+        responses=problem_responses(401, 403, 404, 410),
+    )
     async def delete_context(context_id: str, caller: Caller) -> None:
         service.delete_context(caller, context_id)
 
-    @router.post("/v2/models/{model_id}/he/infer", name="he_infer")
+    @router.post(
+        "/v2/models/{model_id}/he/infer",
+        name="he_infer",
+        responses=problem_responses(400, 401, 403, 404, 410, 413, 422),
+        openapi_extra=_INFER_BODY,
+    )
     async def infer(model_id: str, request: Request, caller: Caller) -> dict[str, Any]:
         body = await _read_body(request, MAX_INFER_BODY)
         try:

@@ -11,16 +11,64 @@ about the cause: messages of unknown errors may carry data we must not leak.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from fedvault.errors import FedvaultError, InvalidRequestError, mapping_for, problem_type
 
-__all__ = ["PROBLEM_JSON", "install_problem_handlers", "problem_response"]
+__all__ = [
+    "PROBLEM_JSON",
+    "Problem",
+    "install_problem_handlers",
+    "problem_response",
+    "problem_responses",
+]
 
 PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, as every fedvault HTTP error body."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for ``codes``, each a problem+json :class:`Problem`.
+
+    Routes declare the errors they can answer with this, so the generated
+    document (and schemathesis, which checks answers against it) is accurate.
+    """
+    schema = Problem.model_json_schema()  # inline: valid in any app, mounted or alone
+    return {
+        code: {
+            "description": _REASONS.get(code, "Error"),
+            "content": {PROBLEM_JSON: {"schema": schema}},
+        }
+        for code in codes
+    }
+
+
+_REASONS = {
+    400: "Invalid request",
+    401: "Missing, unknown, revoked or expired API key",
+    403: "Not allowed for this key's role or grants",
+    404: "No such model, version, run, key or context",
+    409: "Conflicts with the current state",
+    410: "Expired (e.g. a registered HE context)",
+    413: "Request body too large",
+    422: "Well-formed but unusable (e.g. a model that cannot run under HE)",
+    429: "Rate limit exceeded (see Retry-After)",
+    503: "Unavailable (e.g. the audit log cannot record the request)",
+    504: "Request took longer than the server allows",
+}
 
 
 def problem_response(error: FedvaultError) -> JSONResponse:

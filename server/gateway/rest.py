@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Final, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Request, Response
+from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -47,7 +48,12 @@ from server.gateway.keys import ROLES, ApiKey, GatewayStore, parse_expiry
 from server.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from server.gateway.service import InferenceService
 from server.gateway.tensors import decode_rest_request, encode_rest_response
-from server.problem import PROBLEM_JSON, install_problem_handlers, problem_response
+from server.problem import (
+    PROBLEM_JSON,
+    install_problem_handlers,
+    problem_response,
+    problem_responses,
+)
 from server.store import FederationStore
 
 __all__ = ["AUDIT_SCOPE_KEY", "GatewayApp", "Limits", "create_rest_app"]
@@ -55,6 +61,10 @@ __all__ = ["AUDIT_SCOPE_KEY", "GatewayApp", "Limits", "create_rest_app"]
 AUDIT_SCOPE_KEY: Final = "fedvault.audit"
 UNAUDITED: Final = frozenset({"/v2/health/live", "/v2/health/ready"})
 INLINE_ELEMENTS: Final = 65_536  # larger batches run on a worker thread, not the loop
+HE_CALLER_HEADER: Final = "X-Fedvault-Caller"
+"""``server.he_api``'s stand-alone identity header; the gateway overrides it with bearer auth."""
+EMPTY_BODY: Final = {"x-fedvault-empty-body": True}
+"""``openapi_extra`` of routes answering 200 with no body (the status is the answer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +93,6 @@ class GatewayApp:
 
 
 # ----------------------------------------------------------------- schemas (docs)
-class Problem(BaseModel):
-    """RFC 9457 problem details."""
-
-    type: str
-    title: str
-    status: int
-    detail: str
-
-
 class ServerMetadataResponse(BaseModel):
     name: str
     version: str
@@ -177,13 +178,6 @@ class KeyInfo(BaseModel):
 
 class CreatedKey(KeyInfo):
     token: str = Field(description="Shown once; store it now.")
-
-
-def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {
-        code: {"model": Problem, "content": {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}}
-        for code in codes
-    }
 
 
 AUTHED = (401, 403, 429, 503, 504)
@@ -419,12 +413,18 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
     Authed = Annotated[Principal, Depends(auth_dependency)]
 
     # -- health (unauthenticated) -------------------------------------------------
-    @app.get("/v2/health/live", name="health_live", tags=["health"])
+    @app.get("/v2/health/live", name="health_live", tags=["health"], openapi_extra=EMPTY_BODY)
     async def health_live() -> Response:
         """Liveness: 200 while the process runs."""
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready", name="health_ready", tags=["health"], responses=_problems(503))
+    @app.get(
+        "/v2/health/ready",
+        name="health_ready",
+        tags=["health"],
+        responses=problem_responses(503),
+        openapi_extra=EMPTY_BODY,
+    )
     async def health_ready() -> Response:
         """Readiness: 200 when models are loaded and the audit log is writable, else 503."""
         if not svc.ready():
@@ -437,7 +437,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         name="server_metadata",
         tags=["inference"],
         response_model=ServerMetadataResponse,
-        responses=_problems(*AUTHED),
+        responses=problem_responses(*AUTHED),
     )
     async def server_metadata(principal: Authed) -> dict[str, Any]:
         return svc.server_metadata(principal)
@@ -455,7 +455,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         name="model_metadata",
         tags=["inference"],
         response_model=ModelMetadataResponse,
-        responses=_problems(*AUTHED, 404),
+        responses=problem_responses(*AUTHED, 404),
     )
     async def model_metadata(
         request: Request, model_name: ModelName, principal: Authed
@@ -467,7 +467,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         name="model_version_metadata",
         tags=["inference"],
         response_model=ModelMetadataResponse,
-        responses=_problems(*AUTHED, 404),
+        responses=problem_responses(*AUTHED, 404),
     )
     async def model_version_metadata(
         request: Request, model_name: ModelName, model_version: ModelVersion, principal: Authed
@@ -485,8 +485,9 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
     @app.get(
         "/v2/models/{model_name}/ready",
         name="model_ready",
+        openapi_extra=EMPTY_BODY,
         tags=["inference"],
-        responses=_problems(*AUTHED, 404),
+        responses=problem_responses(*AUTHED, 404),
     )
     async def model_ready(request: Request, model_name: ModelName, principal: Authed) -> Response:
         """200 when the default version can serve; 503 problem+json otherwise."""
@@ -495,8 +496,9 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
     @app.get(
         "/v2/models/{model_name}/versions/{model_version}/ready",
         name="model_version_ready",
+        openapi_extra=EMPTY_BODY,
         tags=["inference"],
-        responses=_problems(*AUTHED, 404),
+        responses=problem_responses(*AUTHED, 404),
     )
     async def model_version_ready(
         request: Request, model_name: ModelName, model_version: ModelVersion, principal: Authed
@@ -537,7 +539,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
         },
-        **_problems(*AUTHED, 400, 404, 413),
+        **problem_responses(*AUTHED, 400, 404, 413),
     }
 
     @app.post(
@@ -567,7 +569,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         "/v2/repository/index",
         name="repository_index",
         tags=["admin"],
-        responses=_problems(*AUTHED),
+        responses=problem_responses(*AUTHED),
     )
     async def repository_index(principal: Authed) -> list[dict[str, Any]]:
         """Every registered version: READY, or UNAVAILABLE with the refusal reason."""
@@ -578,7 +580,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         "/v2/repository/reload",
         name="repository_reload",
         tags=["admin"],
-        responses=_problems(*AUTHED),
+        responses=problem_responses(*AUTHED),
     )
     async def repository_reload(principal: Authed) -> list[dict[str, Any]]:
         """Reload every version from the registry (verifying each again); the new index."""
@@ -590,7 +592,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         "/v2/repository/models/{model_name}/rollback",
         name="model_rollback",
         tags=["admin"],
-        responses=_problems(*AUTHED, 400, 404, 409),
+        responses=problem_responses(*AUTHED, 400, 404, 409),
     )
     async def model_rollback(
         request: Request, model_name: ModelName, body: RollbackBody, principal: Authed
@@ -613,7 +615,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         name="keys_list",
         tags=["admin"],
         response_model=list[KeyInfo],
-        responses=_problems(*AUTHED),
+        responses=problem_responses(*AUTHED),
     )
     async def keys_list(principal: Authed) -> list[dict[str, Any]]:
         authorize(principal, Action.KEYS_ADMIN)
@@ -625,7 +627,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         tags=["admin"],
         status_code=201,
         response_model=CreatedKey,
-        responses=_problems(*AUTHED, 400),
+        responses=problem_responses(*AUTHED, 400),
     )
     async def keys_create(body: KeyCreateBody, principal: Authed) -> dict[str, Any]:
         """Create a key; the token is in this response only."""
@@ -648,7 +650,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         name="keys_revoke",
         tags=["admin"],
         response_model=KeyInfo,
-        responses=_problems(*AUTHED, 404),
+        responses=problem_responses(*AUTHED, 404),
     )
     async def keys_revoke(
         key_id: Annotated[str, Path(max_length=32)], principal: Authed
@@ -688,7 +690,10 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         return [{"partner": r.partner, **asdict(r.charge)} for r in rows]
 
     @app.get(
-        "/v2/partner/runs", name="partner_runs", tags=["partner"], responses=_problems(*AUTHED)
+        "/v2/partner/runs",
+        name="partner_runs",
+        tags=["partner"],
+        responses=problem_responses(*AUTHED),
     )
     async def partner_runs(principal: Authed) -> list[dict[str, Any]]:
         """Runs this partner took part in."""
@@ -699,7 +704,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         "/v2/partner/runs/{run_id}/ledger",
         name="partner_ledger",
         tags=["partner"],
-        responses=_problems(*AUTHED, 404),
+        responses=problem_responses(*AUTHED, 404),
     )
     async def partner_ledger(
         run_id: Annotated[str, Path(max_length=200)], principal: Authed
@@ -713,7 +718,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         "/metrics",
         name="metrics",
         tags=["monitoring"],
-        responses={200: {"content": {CONTENT_TYPE: {}}}, **_problems(*AUTHED)},
+        responses={200: {"content": {CONTENT_TYPE: {}}}, **problem_responses(*AUTHED)},
     )
     async def metrics(principal: Authed) -> Response:
         """Prometheus exposition (scrape with an auditor key as a bearer credential)."""
@@ -747,7 +752,73 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
             authorize(principal, Action.AUDIT_READ)
 
         app.dependency_overrides[gw.audit_dependency] = auditor
+    _make_openapi_accurate(app)
     return app
+
+
+def _make_openapi_accurate(app: FastAPI) -> None:
+    """Post-process FastAPI's document so it states what the gateway really answers.
+
+    Why: FastAPI documents a 422 ``HTTPValidationError`` that never leaves
+    (our handler turns validation errors into 400 problem+json), knows nothing
+    of what the audit middleware and auth add to every route (401/403, 429,
+    503 when the audit log fails, 504, 413 for bodies), and documents the
+    dependencies the mounted HE/audit routers were *written* with
+    (``X-Fedvault-Caller``) rather than the bearer auth that overrides them.
+    It walks the generated document, not ``app.routes`` (whose included
+    routers are FastAPI internals).
+    """
+    problem = problem_responses(400, 401, 403, 413, 429, 503, 504)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["HTTPBearer"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "API key: `Authorization: Bearer fvk_...`",
+        }
+        for path, operations in schema["paths"].items():
+            for method, op in operations.items():
+                _fix_operation(path, method.upper(), op, problem)
+        used = json.dumps(schema["paths"])
+        for name in ("HTTPValidationError", "ValidationError"):
+            if f"#/components/schemas/{name}" not in used:
+                components.get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _fix_operation(
+    path: str, method: str, op: dict[str, Any], problem: dict[int | str, dict[str, Any]]
+) -> None:
+    responses: dict[str, Any] = op.setdefault("responses", {})
+    validation = responses.get("422", {}).get("content", {}).get("application/json", {})
+    if "HTTPValidationError" in json.dumps(validation):
+        del responses["422"]  # FastAPI's: never sent (400 problem+json instead)
+    if op.pop("x-fedvault-empty-body", False):
+        responses["200"] = {"description": "OK (empty body)"}
+    params = [p for p in op.get("parameters", []) if p.get("name") != HE_CALLER_HEADER]
+    if params:
+        op["parameters"] = params
+    else:
+        op.pop("parameters", None)
+    if path in UNAUDITED:
+        return  # health probes: no key, no audit
+    op["security"] = [{"HTTPBearer": []}]
+    wanted = [401, 403, 429, 503, 504]
+    if params or "requestBody" in op:
+        wanted.append(400)
+    if "requestBody" in op or method in ("POST", "PUT", "PATCH"):
+        wanted.append(413)
+    for code in wanted:
+        responses.setdefault(str(code), problem[code])
 
 
 def _he_model_name(gw: GatewayApp, ref: str) -> str:
