@@ -694,7 +694,7 @@ class HEService:
 
     def _spool_dir(self) -> str:
         with self._executor_lock:
-            if self._spool is None:
+            if self._spool is None or not os.path.isdir(self._spool):  # tmp cleaners
                 shm = "/dev/shm"  # noqa: S108 (mkdtemp below: unique name, mode 0700)
                 base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
                 self._spool = tempfile.mkdtemp(prefix="fedvault-he-", dir=base)  # 0700
