@@ -32,7 +32,7 @@ from fedvault.errors import CheckpointError, FedvaultError
 from fedvault.modelspec import FloatArray, ModelSpec, init_parameters
 from fedvault.privacy import GaussianEvent, calibrate_noise_multiplier, epsilon, poisson_sample_rate
 from fedvault.schema import builtin_schema, schema_hash, to_json
-from fedvault.stats import NoisySums, Scaler, scaler_from_sums
+from fedvault.stats import NoisySums, Scaler, scaler_from_sums, sums_noise_std
 from fedvault.training_config import validate_training_config
 from server.aggregation import aggregate
 from server.audit.training import Charge, TrainingAudit
@@ -165,6 +165,9 @@ class Coordinator:
             n_classes=len(self.schema.classes),
             hidden=self.config.hidden,
             activation=self.config.activation,
+            quad_alpha=self.config.quad_alpha
+            if self.config.model == "mlp" and self.config.activation == "quad"
+            else None,
         )
 
     # -- top level ----------------------------------------------------------
@@ -235,7 +238,15 @@ class Coordinator:
                     p.node_id = partners[name].node_id
             log.info("run %s resumed after round %d", self.run_id, state.round)
             return state
-        scaler = scaler_from_sums(total, self.schema)
+        # Nodes always noise their sums (even in a non-private run), so the
+        # shrinkage always knows the noise level: it is public, from σ_stats.
+        scaler = scaler_from_sums(
+            total,
+            self.schema,
+            noise_std=sums_noise_std(
+                [self.config.stats_noise_multiplier] * len(partners), len(self.schema.features)
+            ),
+        )
         self._calibrate(partners)
         rng = np.random.default_rng(self.config.seed)
         state = RunState(
