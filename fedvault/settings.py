@@ -9,9 +9,12 @@ name of the env var that holds them), so a settings dump cannot leak a key.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedvault.errors import ConfigError
 
 
 class FedvaultSettings(BaseSettings):
@@ -30,6 +33,18 @@ class FedvaultSettings(BaseSettings):
     model_key_env: str = Field(
         default="FEDVAULT_MODEL_KEY",
         description="Env var that may hold the base64 AES-256 model key instead of a key file.",
+    )
+
+    audit_store: str | None = Field(
+        default=None,
+        description=(
+            "Audit log storage: a PostgreSQL URL without password (e.g. "
+            "postgresql://fedvault@db/fedvault?sslmode=verify-full&sslrootcert=ca.crt) or a "
+            "SQLite path; default HOME/audit.db."
+        ),
+    )
+    audit_store_password_file: Path | None = Field(
+        default=None, description="File holding the audit database password (a mounted secret)."
     )
 
     gateway_host: str = Field(default="127.0.0.1", description="Gateway bind address.")
@@ -56,6 +71,23 @@ class FedvaultSettings(BaseSettings):
         return self.home / "audit.db"
 
     @property
+    def audit_location(self) -> str:
+        """Where the audit log lives: ``audit_store`` if set, else ``HOME/audit.db``."""
+        return self.audit_store or str(self.audit_db)
+
+    @field_validator("audit_store")
+    @classmethod
+    def _no_password_in_url(cls, value: str | None) -> str | None:
+        if value and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            userinfo = value.split("://", 1)[1].split("@", 1)[0]
+            if ":" in userinfo:
+                raise ValueError(
+                    "audit_store must not contain a password; put it in the file named by "
+                    "FEDVAULT_AUDIT_STORE_PASSWORD_FILE"
+                )
+        return value
+
+    @property
     def audit_key_file(self) -> Path:
         return self.keys_dir / "gateway-audit.key"
 
@@ -78,3 +110,18 @@ class FedvaultSettings(BaseSettings):
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
+
+
+def load_settings(**overrides: Any) -> FedvaultSettings:
+    """The process's settings, from ``FEDVAULT_*`` and ``overrides`` (CLI options).
+
+    A bad value becomes a :class:`ConfigError` naming the field, never a
+    traceback: pydantic's own message echoes the input, and an input here may
+    be a URL someone put a password in.
+    """
+    from fedvault.training_config import format_validation_error
+
+    try:
+        return FedvaultSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "settings")) from None

@@ -112,6 +112,10 @@ def _model_message(state: RunState, run: ConfigRecord, node_id: int, message_typ
     return Message(content, dst_node_id=node_id, message_type=message_type)
 
 
+def _optional_path(value: object) -> Path | None:
+    return Path(str(value)) if value else None
+
+
 def _charges(rows: list[LedgerRow]) -> list[Charge]:
     return [
         Charge(r.partner, r.charge.round, r.charge.mechanism, r.charge.epsilon_after) for r in rows
@@ -129,7 +133,11 @@ def main(grid: Grid, context: Context) -> None:
     run_id = str(run_config["fedvault-run-id"])
     with (
         FederationStore(state_dir / "federation.db") as store,
-        TrainingAudit.open(state_dir / "audit.db", run_id) as audit,
+        TrainingAudit.open(
+            str(run_config.get("audit-store", "")) or state_dir / "audit.db",
+            run_id,
+            password_file=_optional_path(run_config.get("audit-store-password-file", "")),
+        ) as audit,
     ):
         Coordinator(grid, store, state_dir, run_id, run_config, audit).run()
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fedvault.errors import ConfigError, IntegrityError
-from fedvault.settings import FedvaultSettings
+from fedvault.settings import load_settings
 
 if TYPE_CHECKING:
     from secure.signed_note import NoteVerifier
@@ -146,7 +146,7 @@ def _state_dir(state: Path | None, name: str, key_id: int) -> Path:
     if state is not None:
         return state
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    return FedvaultSettings().home / "audit-verifier" / f"{safe}-{key_id:08x}"
+    return load_settings().home / "audit-verifier" / f"{safe}-{key_id:08x}"
 
 
 @audit_app.command("verify")

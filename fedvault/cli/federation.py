@@ -63,6 +63,9 @@ poll-interval = 0.2
 # a `fedvault data split` directory and the nodes' lifetime ε cap.
 sim-data-dir = ""
 sim-epsilon-cap = 0.0
+# Where the coordinator appends to the audit log ("" = STATE-DIR/audit.db).
+audit-store = ""
+audit-store-password-file = ""
 """
 
 
@@ -255,12 +258,20 @@ def submit_run(
     run_id: str,
     config: TrainingConfig | None,
     resume: bool = False,
+    audit_store: str | None = None,
+    audit_store_password_file: Path | None = None,
 ) -> str:
-    """Submit the coordinator for ``run_id`` to the SuperLink; return Flower's run id."""
+    """Submit the coordinator for ``run_id`` to the SuperLink; return Flower's run id.
+
+    The audit store is a URL without password (settings refuse one) and a
+    path to the password file: neither is a secret in the run config.
+    """
     run_config: dict[str, Any] = {
         "fedvault-run-id": run_id,
         "state-dir": str(paths.home.resolve()),
         "resume": resume,
+        "audit-store": audit_store or "",
+        "audit-store-password-file": str(audit_store_password_file or ""),
     }
     if config is not None:
         run_config["training"] = config.model_dump_json()

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from fedvault.errors import ConfigError
-from fedvault.settings import FedvaultSettings
+from fedvault.settings import FedvaultSettings, load_settings
 
 gateway_app = typer.Typer(help="The audited inference gateway (OIP v2).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the gateway.", no_args_is_help=True)
@@ -31,7 +31,7 @@ def _settings(home: Path | None, **overrides: object) -> FedvaultSettings:
     values = {k: v for k, v in overrides.items() if v is not None}
     if home is not None:
         values["home"] = home
-    return FedvaultSettings(**values)  # type: ignore[arg-type]
+    return load_settings(**values)
 
 
 @gateway_app.command("start")
@@ -80,7 +80,10 @@ def start(
         signer = generate_note_key("fedvault/gateway-audit")
         save_note_signer(settings.audit_key_file, signer)
         typer.echo(f"created audit signing key; verifier key: {signer.verifier.line}", err=True)
-    log = AuditLog(open_storage(str(settings.audit_db)), load_note_signer(settings.audit_key_file))
+    storage = open_storage(
+        settings.audit_location, password_file=settings.audit_store_password_file
+    )
+    log = AuditLog(storage, load_note_signer(settings.audit_key_file))
     try:
         keys = load_model_keys(
             settings.keys_dir,

@@ -19,7 +19,7 @@ import numpy as np
 import typer
 
 from fedvault.errors import ConfigError, DataError
-from fedvault.settings import FedvaultSettings
+from fedvault.settings import load_settings
 
 he_app = typer.Typer(help="Encrypted inference (CKKS via TenSEAL).", no_args_is_help=True)
 
@@ -39,7 +39,7 @@ def serve(
     from server.registry import ModelRegistry, load_model_keys
     from server.store import FederationStore
 
-    settings = FedvaultSettings(home=home) if home is not None else FedvaultSettings()
+    settings = load_settings(home=home)
     keys = load_model_keys(
         settings.keys_dir, encryption_key_b64=os.environ.get(settings.model_key_env), signing=False
     )

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedvault.errors import ConfigError, FedvaultError, UnavailableError, mapping_for
-from fedvault.settings import FedvaultSettings
+from fedvault.settings import FedvaultSettings, load_settings
 from fedvault.training_config import DatasetName, load_training_config
 
 from . import federation as fed
@@ -71,7 +71,7 @@ PARTNERS = ["alpha", "beta", "gamma"]
 
 
 def _settings(home: Path | None) -> FedvaultSettings:
-    return FedvaultSettings(home=home) if home is not None else FedvaultSettings()
+    return load_settings(home=home)
 
 
 def _paths(settings: FedvaultSettings, home: Path | None = None) -> fed.FederationPaths:
@@ -159,13 +159,21 @@ def _train_and_watch(
     resume: str | None,
     group: ProcessGroup | None,
     as_json: bool,
+    settings: FedvaultSettings | None = None,
 ) -> dict[str, Any]:
     from server.store import FederationStore
 
     from .watch import run_summary, wait_for_run
 
     run_id = resume or fed.new_run_id()
-    fed.submit_run(paths, run_id=run_id, config=None if resume else cfg, resume=resume is not None)
+    fed.submit_run(
+        paths,
+        run_id=run_id,
+        config=None if resume else cfg,
+        resume=resume is not None,
+        audit_store=settings.audit_store if settings else None,
+        audit_store_password_file=settings.audit_store_password_file if settings else None,
+    )
     console.print(f"submitted run {run_id}" + (" (resume)" if resume else ""))
     # Wait for the coordinator to create the database before opening it.
     deadline = time.monotonic() + 60
@@ -414,7 +422,8 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Submit a training run to a running federation and follow it."""
-    paths = _paths(_settings(home))
+    settings = _settings(home)
+    paths = _paths(settings)
     fed.read_address(paths)
     cfg = None
     if resume is None:
@@ -429,7 +438,9 @@ def train(
             if record.status == "finished":
                 raise ConfigError(f"run {resume} already finished; nothing to resume")
             store.checkpoint(resume)  # refuse early on a corrupt checkpoint
-    summary = _train_and_watch(paths, cfg, resume=resume, group=None, as_json=as_json)
+    summary = _train_and_watch(
+        paths, cfg, resume=resume, group=None, as_json=as_json, settings=settings
+    )
     if summary["status"] != "finished":
         raise typer.Exit(code=1)
 

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedvault.errors import ConfigError
-from fedvault.settings import FedvaultSettings
+from fedvault.settings import load_settings
 from fedvault.training_config import DatasetName
 
 from . import federation as fed
@@ -37,7 +37,7 @@ HomeOpt = Annotated[
 
 
 def _paths(home: Path | None) -> fed.FederationPaths:
-    settings = FedvaultSettings(home=home) if home is not None else FedvaultSettings()
+    settings = load_settings(home=home)
     return fed.FederationPaths(
         settings.home,
         connect_retries=settings.connect_retries,

@@ -262,9 +262,14 @@ class PostgresStorage:
     server default — do not turn it off for this database).
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, password: str | None = None) -> None:
         try:
-            self._engine = sa.create_engine(url, pool_pre_ping=True, pool_size=8)
+            # The password travels beside the URL, so URLs can be logged and
+            # configured in plain sight while the secret stays in its file.
+            connect_args = {"password": password} if password else {}
+            self._engine = sa.create_engine(
+                url, pool_pre_ping=True, pool_size=8, connect_args=connect_args
+            )
             with self._engine.begin() as conn:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_ID})
                 _meta.create_all(conn)
@@ -388,11 +393,23 @@ def _pg_nodes(conn: sa.Connection, keys: Sequence[NodeKey]) -> dict[NodeKey, byt
     return _missing(keys, {(int(lv), int(i)): bytes(h) for lv, i, h in rows})
 
 
-def open_storage(location: str | Path) -> AuditStorage:
-    """A ``postgresql…://`` URL opens PostgreSQL; anything else is a SQLite file path."""
+def open_storage(location: str | Path, *, password_file: Path | None = None) -> AuditStorage:
+    """A ``postgresql…://`` URL opens PostgreSQL; anything else is a SQLite file path.
+
+    ``password_file`` holds the PostgreSQL password (a mounted secret, e.g.
+    a compose secret); it is read here and never put in the URL.
+    """
     text = str(location)
     if text.startswith(("postgresql://", "postgresql+", "postgres://")):
         if text.startswith(("postgresql://", "postgres://")):
             text = "postgresql+psycopg://" + text.split("://", 1)[1]
-        return PostgresStorage(text)
+        password = None
+        if password_file is not None:
+            try:
+                password = password_file.read_text().strip()
+            except OSError as exc:
+                raise UnavailableError(
+                    f"cannot read the audit database password file {password_file}: {exc.strerror}"
+                ) from None
+        return PostgresStorage(text, password=password)
     return SQLiteStorage(Path(text))

@@ -54,9 +54,9 @@ class TrainingAudit:
         self._epsilon: dict[str, float] = {}
 
     @classmethod
-    def open(cls, location: str | Path, run_id: str) -> Self:
+    def open(cls, location: str | Path, run_id: str, *, password_file: Path | None = None) -> Self:
         try:
-            return cls(open_storage(location), run_id)
+            return cls(open_storage(location, password_file=password_file), run_id)
         except FedvaultError:
             raise
         except Exception as exc:  # storage drivers raise their own types
