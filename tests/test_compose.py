@@ -242,3 +242,40 @@ def test_dockerfile() -> None:
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignore
     assert ".fedvault" in ignore
+
+
+def test_audit_log_goes_to_postgres_over_verified_tls(compose: dict[str, Any]) -> None:
+    from fedvault.settings import FedvaultSettings
+
+    services = _services(compose)
+    postgres_command = " ".join(services["postgres"]["command"])
+    assert "ssl=on" in postgres_command
+    for name in ("gateway", "coordinator"):
+        env = services[name]["environment"]
+        url = env["FEDVAULT_AUDIT_STORE"]
+        assert url.startswith("postgresql://fedvault@postgres:")
+        assert "sslmode=verify-full" in url
+        # The settings object accepts it: no password in the URL.
+        FedvaultSettings(audit_store=url)
+        assert env["FEDVAULT_AUDIT_STORE_PASSWORD_FILE"].startswith("/run/secrets/")
+    for name in ("gateway", "superlink"):  # the coordinator's ServerApp runs in superlink
+        assert "postgres_password" in services[name]["secrets"]
+
+
+def test_federation_metrics_are_scraped_on_the_operator_network_only(
+    compose: dict[str, Any],
+) -> None:
+    services = _services(compose)
+    argv = _argv(services["superlink"])
+    host = argv[argv.index("--metrics-host") + 1]
+    port = argv[argv.index("--metrics-port") + 1]
+    assert host in services["superlink"]["networks"]["operator"]["aliases"]
+    prometheus = yaml.safe_load((ROOT / "deploy" / "compose" / "prometheus.yml").read_text())
+    targets = [
+        t
+        for job in prometheus["scrape_configs"]
+        if job["job_name"] == "fedvault-coordinator"
+        for cfg in job["static_configs"]
+        for t in cfg["targets"]
+    ]
+    assert targets == [f"{host}:{port}"]
