@@ -41,6 +41,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     enable_he: bool = True
     he_context_ttl_s: float = 3600.0
+    enable_console: bool = True
 
 
 def build_gateway(
@@ -98,6 +99,10 @@ def build_gateway(
         )
         gw.he_router = build_router(gw.he_service)
         gw.he_owner_dependency = caller_identity
+    if config.enable_console:
+        from server.console import create_console_router
+
+        gw.console_router = create_console_router(gw)
     return gw
 
 

@@ -90,6 +90,7 @@ class GatewayApp:
     audit_router: APIRouter | None = None
     audit_dependency: Any = None  # server.audit.api.require_auditor, when mounted
     audit_log: AuditLog | None = None  # read side of the audit API (REST router, gRPC mirror)
+    console_router: APIRouter | None = None  # server.console (HTML under /console), when enabled
 
 
 # ----------------------------------------------------------------- schemas (docs)
@@ -752,6 +753,9 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
             authorize(principal, Action.AUDIT_READ)
 
         app.dependency_overrides[gw.audit_dependency] = auditor
+    if gw.console_router is not None and not unaudited_for_benchmark:
+        # Inside this app, so AuditMiddleware records every console request too.
+        app.include_router(gw.console_router)
     _make_openapi_accurate(app)
     return app
 
