@@ -57,6 +57,27 @@ class AuditSink(Protocol):
 _STOP: Final = object()
 
 
+@dataclass(frozen=True, slots=True)
+class _LoopWaiter:
+    """An appender awaiting on an event loop (resolved on that loop, once per batch)."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[int]
+
+
+def _resolve(
+    futures: list[tuple[asyncio.Future[int], int | None]], error: BaseException | None
+) -> None:
+    """On the waiters' loop: settle one batch's futures (skipping cancelled ones)."""
+    for fut, index in futures:
+        if fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(index)  # type: ignore[arg-type]
+
+
 class GroupCommitter:
     """Funnel single-item appends from many threads into batched commits.
 
@@ -66,7 +87,9 @@ class GroupCommitter:
     def __init__(self, commit: Callable[[Sequence[bytes]], int], *, max_batch: int = 1024) -> None:
         self._commit = commit
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[bytes, Future[int]] | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[bytes, Future[int] | _LoopWaiter] | object] = (
+            queue.SimpleQueue()
+        )
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -78,6 +101,21 @@ class GroupCommitter:
             raise UnavailableError("audit log is closed")
         fut: Future[int] = Future()
         self._queue.put((item, fut))
+        return fut
+
+    def submit_async(self, item: bytes) -> asyncio.Future[int]:
+        """:meth:`submit` for a caller on an event loop: an asyncio future of that loop.
+
+        Why not ``asyncio.wrap_future(submit(...))``: that wakes the loop once
+        per item (one ``call_soon_threadsafe`` each). The writer instead
+        resolves every waiter of one batch on one loop with a single
+        thread-safe call, after the commit returned (durable first).
+        """
+        if self._closed:
+            raise UnavailableError("audit log is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._queue.put((item, _LoopWaiter(loop, fut)))
         return fut
 
     def _run(self) -> None:
@@ -100,7 +138,7 @@ class GroupCommitter:
             if stop:
                 return
 
-    def _flush(self, batch: list[tuple[bytes, Future[int]]]) -> None:
+    def _flush(self, batch: list[tuple[bytes, Future[int] | _LoopWaiter]]) -> None:
         try:
             start = self._commit([item for item, _ in batch])
         except BaseException as exc:  # every waiter must hear about it
@@ -109,13 +147,29 @@ class GroupCommitter:
                 if isinstance(exc, FedvaultError)
                 else UnavailableError(f"audit append failed: {type(exc).__name__}")
             )
-            for _, fut in batch:
-                fut.set_exception(error)
+            self._settle([(w, None) for _, w in batch], error)
             return
         self.batches += 1
         self.items += len(batch)
-        for offset, (_, fut) in enumerate(batch):
-            fut.set_result(start + offset)
+        self._settle([(w, start + offset) for offset, (_, w) in enumerate(batch)], None)
+
+    @staticmethod
+    def _settle(
+        waiters: list[tuple[Future[int] | _LoopWaiter, int | None]], error: BaseException | None
+    ) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | None]]] = {}
+        for waiter, index in waiters:
+            if isinstance(waiter, _LoopWaiter):
+                by_loop.setdefault(waiter.loop, []).append((waiter.future, index))
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(index)  # type: ignore[arg-type]
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, futures, error)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                continue
 
     def close(self) -> None:
         """Commit what is queued, then stop the writer."""
@@ -129,7 +183,7 @@ class GroupCommitter:
             except queue.Empty:
                 return
             if isinstance(left, tuple):
-                left[1].set_exception(UnavailableError("audit log is closed"))
+                self._settle([(left[1], None)], UnavailableError("audit log is closed"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +236,7 @@ class AuditLog:
 
     async def append_async(self, record: AuditRecord) -> int:
         """The same, for handlers on an event loop: awaits without blocking the loop."""
-        return await asyncio.wrap_future(self._committer.submit(encode_record(record)))
+        return await self._committer.submit_async(encode_record(record))
 
     @property
     def group_commit_stats(self) -> tuple[int, int]:

@@ -34,7 +34,10 @@ class InvalidEntry(ValueError):
 
 def format_time(value: datetime) -> str:
     """RFC 3339 in UTC with a fixed six-digit fraction, so equal instants encode equally."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = value.astimezone(UTC)
+    if utc.year >= 1000:  # isoformat is ~3x faster than strftime and, here, the same text
+        return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class AuditRecord(BaseModel):
@@ -90,13 +93,13 @@ class AuditRecord(BaseModel):
 
 def encode_record(record: AuditRecord) -> bytes:
     """Canonical bytes of ``record``: the leaf is SHA-256(0x00 ‖ these bytes)."""
-    return json.dumps(
-        record.to_json_dict(),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    ).encode("utf-8")
+    return _CANONICAL.encode(record.to_json_dict()).encode("utf-8")
+
+
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+"""One encoder for every record (``json.dumps`` with options builds a new one per call)."""
 
 
 def decode_entry(entry: bytes) -> AuditRecord:

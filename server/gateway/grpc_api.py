@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from fedvault.errors import (
     FedvaultError,
     InvalidRequestError,
     mapping_for,
+    problem_type,
 )
 from server.gateway.audit import AuditEvent
 from server.gateway.auth import Action, Principal
@@ -50,7 +50,6 @@ from server.gateway.tensors import (
     from_bytes,
     from_list,
 )
-from server.problem import problem_response
 
 __all__ = ["AuditedServicer", "GrpcTLS", "InferenceServicer", "start_grpc_server"]
 
@@ -187,9 +186,8 @@ class AuditedServicer:
         error: FedvaultError | None = None
         try:
             principal = await self._principal(context, event)
-            response = await asyncio.wait_for(
-                work(principal, event), self.gw.limits.request_timeout_s
-            )
+            async with asyncio.timeout(self.gw.limits.request_timeout_s):  # no extra task
+                response = await work(principal, event)
         except TimeoutError:
             error = DeadlineExceededError(
                 f"request took longer than {self.gw.limits.request_timeout_s:g} s"
@@ -201,7 +199,7 @@ class AuditedServicer:
         mapping = mapping_for(error) if error is not None else None
         event.status = mapping.grpc_status if mapping else "OK"
         if error is not None:
-            event.error_type = json.loads(bytes(problem_response(error).body))["type"]
+            event.error_type = problem_type(type(error))
         event.request_digest = _digest(request)
         event.response_digest = _digest(response) if response is not None else None
         event.latency_s = time.perf_counter() - t0

@@ -105,6 +105,9 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.repository = repository
         self.windows: dict[tuple[str, str], DriftWindow] = {}
+        # Pre-bound (counter, histogram) children per label set: ``labels()`` costs a
+        # lock and a label validation on every call.
+        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         r = self.registry
         self.requests = Counter(
             "fedvault_gateway_requests",
@@ -181,8 +184,14 @@ class GatewayMetrics:
         seconds: float,
     ) -> None:
         labels = (protocol, endpoint, model or "-", version or "-", code)
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        children = self._children.get(labels)
+        if children is None:  # first request with these labels: bind the children once
+            if len(self._children) > 10_000:
+                self._children.clear()
+            children = (self.requests.labels(*labels), self.latency.labels(*labels))
+            self._children[labels] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if endpoint.startswith("he_"):
             self.he_requests.labels(endpoint, model or "-", code).inc()
             self.he_latency.labels(endpoint, model or "-").observe(seconds)

@@ -241,6 +241,9 @@ def wants_binary(request: InferRequest, name: str) -> bool:
     return default
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_rest_response(
     request: InferRequest, response: InferResponse
 ) -> tuple[bytes, int | None]:
@@ -265,7 +268,7 @@ def encode_rest_response(
         doc["id"] = response.id
     if response.parameters:
         doc["parameters"] = dict(response.parameters)
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = _COMPACT.encode(doc).encode()
     if not blobs:
         return head, None
     return head + b"".join(blobs), len(head)
