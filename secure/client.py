@@ -2,7 +2,8 @@
 
 Typical use::
 
-    client = HEClient("http://127.0.0.1:8080", caller="clinic-7")
+    client = HEClient("https://gateway:8080", api_key=api_key)   # through the gateway
+    client = HEClient("http://127.0.0.1:8080", caller="clinic-7")  # stand-alone he serve
     result = client.predict("digits-logreg-v1-ab12cd34", X_raw)   # keys made in memory
     result.classes, result.logits
 
@@ -130,13 +131,24 @@ class HEClient:
         self,
         base_url: str,
         *,
-        caller: str,
+        api_key: str | None = None,
+        caller: str | None = None,
         timeout_s: float = 600.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        """``api_key``: the gateway's bearer credential (``fvk_…``, sent as
+        ``Authorization: Bearer``; the gateway then ignores ``caller``).
+        ``caller``: the stand-alone HE server's identity header. At least one."""
+        if not api_key and not caller:
+            raise ConfigError("HEClient needs an api_key (gateway) or a caller (stand-alone)")
+        headers: dict[str, str] = {}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key.strip()}"
+        elif caller:
+            headers[IDENTITY_HEADER] = caller
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
-            headers={IDENTITY_HEADER: caller},
+            headers=headers,
             timeout=timeout_s,
             transport=transport,
         )

@@ -36,7 +36,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @contextmanager
-def gateway(home: Path, *extra: str) -> Iterator[tuple[int, int, subprocess.Popen[str]]]:
+def gateway(
+    home: Path, *extra: str, he: bool = False
+) -> Iterator[tuple[int, int, subprocess.Popen[str]]]:
     http_port, grpc_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
@@ -49,7 +51,7 @@ def gateway(home: Path, *extra: str) -> Iterator[tuple[int, int, subprocess.Pope
             str(http_port),
             "--grpc-port",
             str(grpc_port),
-            "--no-he",
+            *([] if he else ["--no-he"]),
             *extra,
         ],
         stderr=subprocess.PIPE,

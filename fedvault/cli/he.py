@@ -49,7 +49,10 @@ def serve(
         return store, ModelRegistry(store, settings.registry_dir, keys)
 
     service = HEService(registry_model_source(open_registry), context_ttl_s=context_ttl_s)
-    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+    finally:
+        service.close()  # the evaluation pool's processes and the /dev/shm spool
 
 
 def _read_features(
@@ -82,6 +85,24 @@ def _read_features(
     return np.asarray(rows, dtype=np.float64)
 
 
+API_KEY_ENV = "FEDVAULT_API_KEY"
+
+
+def _api_key(path: Path | None) -> str | None:
+    """The gateway API key from ``path`` or ``$FEDVAULT_API_KEY`` (never echoed or logged)."""
+    if path is not None:
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"cannot read the API key file {path}: {type(exc).__name__}"
+            ) from None
+        if not key:
+            raise ConfigError(f"the API key file {path} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
 @he_app.command("predict")
 def predict(
     model: Annotated[str, typer.Option("--model", help="Model id.")],
@@ -89,7 +110,17 @@ def predict(
     url: Annotated[
         str, typer.Option("--url", help="HE endpoint base URL.")
     ] = "http://127.0.0.1:8080",
-    caller: Annotated[str, typer.Option("--caller", help="Caller identity.")] = "cli",
+    caller: Annotated[
+        str, typer.Option("--caller", help="Caller identity (stand-alone `he serve` only).")
+    ] = "cli",
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            help=f"File holding the gateway API key (default: ${API_KEY_ENV}); "
+            "never pass a key on the command line.",
+        ),
+    ] = None,
     layout: Annotated[str, typer.Option(help="auto, vector or batch.")] = "auto",
     key_file: Annotated[
         Path | None,
@@ -109,7 +140,8 @@ def predict(
     chosen: Literal["auto", "vector", "batch"] = (
         "vector" if layout == "vector" else "batch" if layout == "batch" else "auto"
     )
-    with HEClient(url, caller=caller) as client:
+    api_key = _api_key(api_key_file)
+    with HEClient(url, api_key=api_key, caller=None if api_key else caller) as client:
         meta = client.metadata(model)
         x = _read_features(csv_path, list(meta["features"]))
         keys = None

@@ -123,6 +123,8 @@ async def serve(
         await http_task  # returns after should_exit, once in-flight requests finished
     finally:
         await grpc_server.stop(listen.grace_s)  # refuses new RPCs, waits for running ones
+        if gw.he_service is not None:  # its process pool and /dev/shm spool (drained by now)
+            await asyncio.to_thread(gw.he_service.close)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
