@@ -84,9 +84,10 @@ def epsilon_chart(series: dict[str, list[tuple[int, float]]], cap: float | None)
     y_top = math.ceil(y_top / step) * step
     right, bottom = WIDTH - _RIGHT, HEIGHT - _BOTTOM
 
+    x_hi = x_max if x_max > 1 else 2  # a single round sits mid-chart, not on the edge
+
     def sx(r: float) -> float:
-        lo = 0 if x_max > 1 else -1  # a single round sits mid-chart, not on the axis
-        return _LEFT + (r - lo) / (x_max - lo) * (right - _LEFT)
+        return _LEFT + r / x_hi * (right - _LEFT)
 
     def sy(e: float) -> float:
         return bottom - min(e, y_top) / y_top * (bottom - _TOP)
@@ -96,7 +97,7 @@ def epsilon_chart(series: dict[str, list[tuple[int, float]]], cap: float | None)
         points = [Point(sx(r), sy(e), r, e) for r, e in sorted(pts) if math.isfinite(e)]
         out.append(Series(label, _COLOURS[i % len(_COLOURS)], _DASHES[i % len(_DASHES)], points))
     x_step = max(1, math.ceil(x_max / 10))
-    x_ticks = [Tick(sx(r), str(r)) for r in range(x_step if x_max > 1 else 1, x_max + 1, x_step)]
+    x_ticks = [Tick(sx(r), str(r)) for r in range(x_step, x_max + 1, x_step)]
     y_ticks = [Tick(sy(k * step), f"{k * step:g}") for k in range(round(y_top / step) + 1)]
     return Chart(
         WIDTH,
