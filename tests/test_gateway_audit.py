@@ -117,3 +117,29 @@ def test_audit_failure_fails_closed_and_unreadies(harness: Harness, url: str) ->
         harness.sink.broken = False
     assert httpx.post(f"{url}/v2/models/{MODEL}/infer", json=doc, headers=auth).status_code == 200
     assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+
+
+def test_infer_fast_path_matches_the_routes(harness: Harness, url: str) -> None:
+    """The ASGI fast path names the route like FastAPI would; what it declines still works."""
+    auth = {"Authorization": f"Bearer {harness.tokens['analyst']}"}
+    body = {
+        "inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [1] * 30}]
+    }
+    r = httpx.post(f"{url}/v2/models/{MODEL}/versions/1/infer", json=body, headers=auth)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["model_version"] == "1"
+    rec = _last(harness)
+    assert (rec.action, rec.resource, rec.status) == (
+        "rest:infer_version",
+        f"model:{MODEL}/1",
+        "200",
+    )
+    r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=body)  # no key: 401, audited
+    assert r.status_code == 401
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert (_last(harness).action, _last(harness).status) == ("rest:infer", "401")
+    r = httpx.post(f"{url}/v2/models/{'m' * 201}/infer", json=body, headers=auth)  # FastAPI's 400
+    assert r.status_code == 400
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert _last(harness).action == "rest:infer"
