@@ -181,15 +181,18 @@ class Coordinator:
     # -- top level ----------------------------------------------------------
     def run(self) -> None:
         cfg = self.config
-        if self.resume:
-            self.audit.seed_epsilon(_charges(self.store.ledger(self.run_id)))
-            self.audit.run_event("train.resume", "resumed")
-        else:
-            self.audit.run_event("train.start", "started")
+        if not self.resume:
             self.store.create_run(
                 self.run_id, cfg.model_dump(), json.loads(self.schema.model_dump_json())
             )
         try:
+            # Inside the try: an audit log that cannot be written ends the run
+            # as failed, with the reason, before any partner is asked anything.
+            if self.resume:
+                self.audit.seed_epsilon(_charges(self.store.ledger(self.run_id)))
+                self.audit.run_event("train.resume", "resumed")
+            else:
+                self.audit.run_event("train.start", "started")
             state = self._start_or_resume()
             while state.round < cfg.rounds:
                 self._round(state)
