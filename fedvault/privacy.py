@@ -123,15 +123,18 @@ def _opacus_rdp() -> ModuleType:
 
 
 def _rdp(events: Iterable[GaussianEvent]) -> list[float]:
+    # RDP composes additively and Opacus' compute_rdp is linear in steps, so
+    # events with the same (σ, q) merge into one call: a ledger query costs one
+    # call per distinct mechanism, not one per round (a node checks its
+    # lifetime ledger on every message; it grew with every round before).
+    steps: dict[tuple[float, float], int] = {}
+    for ev in events:
+        key = (ev.noise_multiplier, ev.sample_rate)
+        steps[key] = steps.get(key, 0) + ev.steps
     compute_rdp = _opacus_rdp().compute_rdp
     total = [0.0] * len(RDP_ORDERS)
-    for ev in events:
-        rdp = compute_rdp(
-            q=ev.sample_rate,
-            noise_multiplier=ev.noise_multiplier,
-            steps=ev.steps,
-            orders=RDP_ORDERS,
-        )
+    for (sigma, q), n_steps in steps.items():
+        rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=n_steps, orders=RDP_ORDERS)
         total = [a + float(b) for a, b in zip(total, rdp, strict=True)]
     return total
 
