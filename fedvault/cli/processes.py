@@ -9,6 +9,7 @@ Ctrl-C, so a demo never leaves processes behind.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,7 +23,34 @@ from types import TracebackType
 from fedvault.errors import ProcessFailedError, UnavailableError
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a child process to bind a moment later.
+
+    Why not simply bind port 0: the kernel hands out those ports from the
+    ephemeral range, the same range every outgoing connection's source port
+    comes from. Between our check and the child's bind, a busy process on the
+    host (a SuperExec polling every 0.1 s opens connection after connection)
+    can take the port as a source port, and the child fails to start. Ports
+    below the ephemeral range are never handed out that way.
+    """
+    low, _ = _ephemeral_range()
+    pick = random.SystemRandom()
+    for _ in range(64):
+        port = pick.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
