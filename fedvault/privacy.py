@@ -184,20 +184,15 @@ def calibrate_noise_multiplier(
     replaced by the sigma searched for. Bisection on sigma: ε is decreasing in sigma.
     """
 
-    # RDP is additive in steps, so releases sharing a sampling rate merge into
-    # one event: the same ε, one compute_rdp call per rate instead of per round.
-    steps_by_rate: dict[float, int] = {}
-    for p in planned:
-        steps_by_rate[p.sample_rate] = steps_by_rate.get(p.sample_rate, 0) + p.steps
-
     def eps_at(sigma: float) -> float:
-        events = [*prior, *(GaussianEvent(sigma, q, t) for q, t in steps_by_rate.items())]
+        # _rdp merges the planned rounds that share a rate into one call.
+        events = [*prior, *(GaussianEvent(sigma, p.sample_rate, p.steps) for p in planned)]
         return epsilon(events, delta)
 
-    if epsilon(prior, delta) >= target_epsilon:
+    fixed = epsilon(prior, delta)
+    if fixed >= target_epsilon:
         raise ConfigError(
-            f"the fixed releases alone already cost ε={epsilon(prior, delta):.3f} "
-            f"≥ target ε={target_epsilon}"
+            f"the fixed releases alone already cost ε={fixed:.3f} ≥ target ε={target_epsilon}"
         )
     low, high = 0.05, 1.0
     while eps_at(high) > target_epsilon:

@@ -37,7 +37,14 @@ from fedvault.training_config import validate_training_config
 from server.aggregation import aggregate
 from server.audit.training import Charge, TrainingAudit
 from server.registry import ModelRegistry, load_model_keys
-from server.store import FAILED, FINISHED, STOPPED, FederationStore, LedgerRow
+from server.store import (
+    FAILED,
+    FINISHED,
+    STOPPED,
+    FederationStore,
+    LedgerRow,
+    epsilon_by_partner,
+)
 
 log = logging.getLogger("fedvault.coordinator")
 
@@ -544,9 +551,7 @@ class Coordinator:
     def _register(self, state: RunState, final: dict[str, Any]) -> str:
         cfg = self.config
         ledger = self.store.ledger(self.run_id)
-        eps: dict[str, float] = {}
-        for row in ledger:
-            eps[row.partner] = max(eps.get(row.partner, 0.0), row.charge.epsilon_after)
+        eps = epsilon_by_partner(ledger)
         lineage = {
             "run_id": self.run_id,
             "dataset": cfg.dataset,

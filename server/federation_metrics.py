@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fedvault.errors import FedvaultError
-from server.store import FederationStore, RunRecord
+from server.store import FederationStore, RunRecord, epsilon_by_partner
 
 RUNNING = "running"
 STATUSES = ("running", "finished", "stopped", "failed")
@@ -90,9 +90,7 @@ class FederationCollector(Collector):
             drops.add_metric(
                 [run.run_id], float(sum(len(m.get("failed", [])) for _, m in rounds[run.run_id]))
             )
-            eps: dict[str, float] = {}
-            for row in ledgers[run.run_id]:
-                eps[row.partner] = max(eps.get(row.partner, 0.0), row.charge.epsilon_after)
+            eps = epsilon_by_partner(ledgers[run.run_id])
             for partner, value in sorted(eps.items()):
                 spent.add_metric([run.run_id, partner], value)
             cap = config.get("federation_epsilon_budget") or config.get("target_epsilon")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Self
@@ -98,6 +99,14 @@ class RunRecord:
 class LedgerRow:
     partner: str
     charge: PrivacyCharge
+
+
+def epsilon_by_partner(rows: Iterable[LedgerRow]) -> dict[str, float]:
+    """Each partner's ε after its latest charge (ε only grows within a run)."""
+    eps: dict[str, float] = {}
+    for row in rows:
+        eps[row.partner] = max(eps.get(row.partner, 0.0), row.charge.epsilon_after)
+    return eps
 
 
 class FederationStore:
