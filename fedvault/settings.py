@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fedvault.database import url_has_password
 from fedvault.errors import ConfigError
 
 
@@ -46,6 +47,28 @@ class FedvaultSettings(BaseSettings):
     audit_store_password_file: Path | None = Field(
         default=None, description="File holding the audit database password (a mounted secret)."
     )
+    federation_store: str | None = Field(
+        default=None,
+        description=(
+            "Runs, federation ledger, checkpoints and the model registry (with the sealed "
+            "artifacts): a PostgreSQL URL without password, shared by the coordinator and every "
+            "gateway replica, or a SQLite path; default HOME/federation.db (artifacts in "
+            "HOME/registry)."
+        ),
+    )
+    federation_store_password_file: Path | None = Field(
+        default=None, description="File holding the federation database password."
+    )
+    gateway_store: str | None = Field(
+        default=None,
+        description=(
+            "Gateway API keys and default model versions: a PostgreSQL URL without password "
+            "(shared by the replicas) or a SQLite path; default HOME/gateway.db."
+        ),
+    )
+    gateway_store_password_file: Path | None = Field(
+        default=None, description="File holding the gateway database password."
+    )
 
     gateway_host: str = Field(default="127.0.0.1", description="Gateway bind address.")
     gateway_http_port: int = Field(default=8080, ge=0, le=65535, description="REST (OIP v2).")
@@ -75,16 +98,25 @@ class FedvaultSettings(BaseSettings):
         """Where the audit log lives: ``audit_store`` if set, else ``HOME/audit.db``."""
         return self.audit_store or str(self.audit_db)
 
-    @field_validator("audit_store")
+    @property
+    def federation_location(self) -> str:
+        """Where the federation store lives: ``federation_store``, else ``HOME/federation.db``."""
+        return self.federation_store or str(self.federation_db)
+
+    @property
+    def gateway_location(self) -> str:
+        """Where the gateway's keys live: ``gateway_store``, else ``HOME/gateway.db``."""
+        return self.gateway_store or str(self.gateway_db)
+
+    @field_validator("audit_store", "federation_store", "gateway_store")
     @classmethod
-    def _no_password_in_url(cls, value: str | None) -> str | None:
-        if value and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
-            userinfo = value.split("://", 1)[1].split("@", 1)[0]
-            if ":" in userinfo:
-                raise ValueError(
-                    "audit_store must not contain a password; put it in the file named by "
-                    "FEDVAULT_AUDIT_STORE_PASSWORD_FILE"
-                )
+    def _no_password_in_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The message names the field, never the value: the value holds the secret.
+        if value and url_has_password(value):
+            env = f"FEDVAULT_{str(info.field_name).upper()}_PASSWORD_FILE"
+            raise ValueError(
+                f"{info.field_name} must not contain a password; put it in the file named by {env}"
+            )
         return value
 
     @property

@@ -138,8 +138,15 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     state_dir = Path(str(run_config["state-dir"]))
     run_id = str(run_config["fedvault-run-id"])
+    # The federation store (runs, ledger, checkpoints, registry) comes like the
+    # audit store: a URL without password plus a password-file path, or "" for
+    # the state directory's SQLite file. On PostgreSQL the sealed model lands
+    # in the database, where gateway replicas on other hosts load it.
     with (
-        FederationStore(state_dir / "federation.db") as store,
+        FederationStore(
+            str(run_config.get("federation-store", "")) or state_dir / "federation.db",
+            password_file=_optional_path(run_config.get("federation-store-password-file", "")),
+        ) as store,
         TrainingAudit.open(
             str(run_config.get("audit-store", "")) or state_dir / "audit.db",
             run_id,

@@ -34,8 +34,9 @@ STATUSES = ("running", "finished", "stopped", "failed")
 class FederationCollector(Collector):
     """Reads ``federation.db`` on every scrape."""
 
-    def __init__(self, db: Path) -> None:
-        self.db = db
+    def __init__(self, db: str | Path, *, password_file: Path | None = None) -> None:
+        self.db = db  # a SQLite path or a PostgreSQL URL (without password)
+        self.password_file = password_file
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily(
@@ -52,7 +53,7 @@ class FederationCollector(Collector):
         yield from families
 
     def _families(self) -> list[GaugeMetricFamily]:
-        with FederationStore(self.db) as store:
+        with FederationStore(self.db, password_file=self.password_file) as store:
             runs = store.runs()
             watched = _watched(runs)
             ledgers = {r.run_id: store.ledger(r.run_id) for r in watched}
@@ -107,16 +108,17 @@ def _watched(runs: list[RunRecord]) -> list[RunRecord]:
 
 
 def serve_federation_metrics(
-    db: Path,
+    db: str | Path,
     host: str,
     port: int,
     *,
     certfile: Path | None = None,
     keyfile: Path | None = None,
+    password_file: Path | None = None,
 ) -> tuple[Any, threading.Thread]:
     """Serve ``/metrics`` (TLS when a certificate is given) from a daemon thread."""
     registry = CollectorRegistry()
-    registry.register(FederationCollector(db))
+    registry.register(FederationCollector(db, password_file=password_file))
     return start_http_server(
         port,
         addr=host,

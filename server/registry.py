@@ -5,6 +5,15 @@ An artifact is the model's parameters and standardisation, sealed by
 live in the federation's key directory (0600 files) or, for the encryption key,
 an environment variable — never beside the artifacts, so a copy of the
 registry directory alone reveals nothing and cannot be altered undetected.
+
+Where the artifact lives: a file in the registry directory when the store is
+the embedded SQLite default, a column of the ``models`` row when the store is
+PostgreSQL (or no directory is given). Why the database there: gateway
+replicas on other hosts then need only the database URL and the keys, not a
+shared volume — and the artifact stays as safe as on disk, since it is sealed
+(signed, then encrypted) before it leaves this process and verified after it
+comes back. Rows written before artifacts moved into the database (a NULL
+blob) are still read from the directory.
 """
 
 from __future__ import annotations
@@ -114,10 +123,15 @@ def privacy_statement(lineage: dict[str, Any]) -> str:
 class ModelRegistry:
     """Register and load sealed model versions."""
 
-    def __init__(self, store: FederationStore, registry_dir: Path, keys: ModelKeys) -> None:
+    def __init__(self, store: FederationStore, registry_dir: Path | None, keys: ModelKeys) -> None:
         self._store = store
         self._dir = registry_dir
         self._keys = keys
+
+    @property
+    def stores_in_database(self) -> bool:
+        """Whether new artifacts go into the database (shared store, or no directory)."""
+        return self._store.shared or self._dir is None
 
     def register(
         self,
@@ -151,35 +165,45 @@ class ModelRegistry:
             # lineage (partners, ε, metrics) are inside the encrypted payload.
             metadata={"model_id": model_id},
         )
-        self._dir.mkdir(parents=True, exist_ok=True)
-        path = self._dir / f"{model_id}.fvar"
-        write_secret_file(path, blob)
+        artifact = f"{model_id}.fvar"
+        in_db = self.stores_in_database
+        if not in_db and self._dir is not None:  # (no directory implies in_db)
+            self._dir.mkdir(parents=True, exist_ok=True)
+            write_secret_file(self._dir / artifact, blob)
         self._store.add_model(
             model_id=model_id,
             name=name,
             version=version,
             run_id=run_id,
-            artifact=path.name,
+            artifact=artifact,
             artifact_sha256=hashlib.sha256(blob).hexdigest(),
             signing_key_id=key_id(self._keys.verify_key),
             lineage=lineage,
+            artifact_blob=blob if in_db else None,
         )
         return model_id
 
     def load(self, model_id: str) -> LoadedModel:
         """Verify and decrypt a model; a tampered artifact raises IntegrityError."""
         row = self._store.model(model_id)
-        path = self._dir / row["artifact"]
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            raise IntegrityError(f"artifact of model {model_id} is missing ({path})") from None
+        blob = self._store.model_artifact(model_id)
+        if blob is None:  # a file (the SQLite default, or written before the blob column)
+            if self._dir is None:
+                raise IntegrityError(
+                    f"artifact of model {model_id} is missing: not in the database, and no "
+                    f"registry directory is configured to hold {row['artifact']}"
+                )
+            path = self._dir / row["artifact"]
+            try:
+                blob = path.read_bytes()
+            except FileNotFoundError:
+                raise IntegrityError(f"artifact of model {model_id} is missing ({path})") from None
         payload, metadata = open_artifact(
             blob, verify_key=self._keys.verify_key, encryption_key=self._keys.encryption_key
         )
         if metadata.get("model_id") != model_id:
             raise IntegrityError(
-                f"artifact {path.name} is signed for model {metadata.get('model_id')!r}, "
+                f"artifact {row['artifact']} is signed for model {metadata.get('model_id')!r}, "
                 f"not {model_id!r}"
             )
         with np.load(io.BytesIO(payload), allow_pickle=False) as npz:

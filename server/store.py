@@ -1,10 +1,17 @@
 """The coordinator's durable state: runs, rounds, the federation's privacy
-ledger, checkpoints and the model registry index, in one SQLite database.
+ledger, checkpoints and the model registry index (with the sealed artifacts
+themselves where the database is shared), in SQLite or PostgreSQL.
 
 A round is committed in *one* transaction — its ledger rows, its metrics and
 the checkpoint (model, round, RNG state) — so after ``kill -9`` the database
 holds either the whole round or none of it, and a resumed run can neither lose
 nor double-count a privacy charge.
+
+Why SQLAlchemy Core: one set of statements serves the embedded default (a
+SQLite file, unchanged schema and durability, see :mod:`fedvault.sqlite`) and
+PostgreSQL, where the coordinator and several gateway replicas on other hosts
+share one registry. The ledger is append-only in both (SQLite triggers,
+PostgreSQL row and TRUNCATE triggers).
 """
 
 from __future__ import annotations
@@ -14,12 +21,16 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
+import sqlalchemy as sa
+
+from fedvault.database import describe, open_database, pg_append_only
 from fedvault.errors import CheckpointError, NotFoundError
 from fedvault.privacy import PrivacyCharge
-from fedvault.sqlite import CHARGE_COLUMNS, append_only_triggers, connect, transaction
+from fedvault.sqlite import CHARGE_COLUMNS, append_only_triggers
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -68,15 +79,96 @@ CREATE TABLE IF NOT EXISTS models (
     UNIQUE (name, version)
 );
 """
+# Added after the first release: files created before it gain the column on open.
+_SQLITE_MIGRATIONS = {
+    ("models", "artifact_blob"): "ALTER TABLE models ADD COLUMN artifact_blob BLOB",
+}
 
+
+def _sqlite_migrate(conn: sqlite3.Connection) -> None:
+    for (table, column), ddl in _SQLITE_MIGRATIONS.items():
+        have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(ddl)
+
+
+# The same tables for SQLAlchemy: statements for both dialects, DDL for PostgreSQL.
+_SQL_TYPES: dict[str, Any] = {"TEXT": sa.Text, "INTEGER": sa.BigInteger, "REAL": sa.Double}
+_meta = sa.MetaData()
+_runs = sa.Table(
+    "runs",
+    _meta,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("schema", sa.Text, nullable=False),
+    sa.Column("current_round", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("model_id", sa.Text),
+    sa.Column("final_metrics", sa.Text),
+)
+_rounds = sa.Table(
+    "rounds",
+    _meta,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=True),
+    sa.Column("round", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("metrics", sa.Text, nullable=False),
+    sa.Column("committed_at", sa.Text, nullable=False),
+)
 _CHARGE_FIELDS = [f.name for f in fields(PrivacyCharge)]
-_COLUMNS = ", ".join(_CHARGE_FIELDS)
-_PLACEHOLDERS = ", ".join("?" for _ in _CHARGE_FIELDS)
-# Only PrivacyCharge's field names (constants) are interpolated; values are "?" parameters.
-_SELECT_LEDGER = f"SELECT partner, {_COLUMNS} FROM ledger"  # noqa: S608
-_CHARGE_KEY = "run_id=? AND partner=? AND round=? AND mechanism=?"
-_SELECT_CHARGE = f"SELECT {_COLUMNS} FROM ledger WHERE {_CHARGE_KEY}"  # noqa: S608
-_INSERT_CHARGE = f"INSERT INTO ledger (partner, {_COLUMNS}) VALUES (?, {_PLACEHOLDERS})"  # noqa: S608
+_charge_columns = [
+    sa.Column(name, _SQL_TYPES[sql_type], nullable=False)
+    for name, sql_type, *_ in (c.split() for c in CHARGE_COLUMNS.split(","))
+]
+if [c.name for c in _charge_columns] != _CHARGE_FIELDS:  # pragma: no cover - import-time guard
+    raise RuntimeError("CHARGE_COLUMNS and PrivacyCharge's fields have drifted apart")
+_ledger = sa.Table(
+    "ledger",
+    _meta,
+    sa.Column("seq", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("partner", sa.Text, nullable=False),
+    *_charge_columns,
+    sa.Column("recorded_at", sa.Text, nullable=False),
+    sa.UniqueConstraint("run_id", "partner", "round", "mechanism"),
+)
+_checkpoints = sa.Table(
+    "checkpoints",
+    _meta,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=True),
+    sa.Column("round", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.LargeBinary, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+)
+_models = sa.Table(
+    "models",
+    _meta,
+    sa.Column("model_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("artifact", sa.Text, nullable=False),
+    sa.Column("artifact_sha256", sa.Text, nullable=False),
+    sa.Column("signing_key_id", sa.Text, nullable=False),
+    sa.Column("lineage", sa.Text, nullable=False),
+    # The sealed artifact itself where replicas share the database (NULL: a file).
+    sa.Column("artifact_blob", sa.LargeBinary),
+    sa.UniqueConstraint("name", "version"),
+)
+_MODEL_COLUMNS = [c for c in _models.c if c.name != "artifact_blob"]
+
+
+def _pg_schema(conn: sa.Connection) -> None:
+    _meta.create_all(conn)
+    pg_append_only(conn, "ledger")
+
+
+def _now() -> str:
+    """The timestamp format SQLite's ``strftime('%Y-%m-%dT%H:%M:%fZ')`` writes."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
 
 RUNNING, FINISHED, FAILED, STOPPED = "running", "finished", "failed", "stopped"
 
@@ -110,15 +202,32 @@ def epsilon_by_partner(rows: Iterable[LedgerRow]) -> dict[str, float]:
 
 
 class FederationStore:
-    """Runs, rounds, ledger, checkpoints and the registry index."""
+    """Runs, rounds, ledger, checkpoints and the registry index.
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._conn = connect(path)
-        self._conn.executescript(_SCHEMA)
+    ``location`` is a SQLite file path (the default, ``HOME/federation.db``)
+    or a PostgreSQL URL without password; ``password_file`` holds the
+    PostgreSQL password.
+    """
+
+    def __init__(self, location: str | Path, *, password_file: Path | None = None) -> None:
+        self.path = location if isinstance(location, Path) else Path(str(location))
+        self.location = str(location)
+        self._db = open_database(
+            location,
+            what="federation",
+            password_file=password_file,
+            sqlite_schema=_SCHEMA,
+            sqlite_migrate=_sqlite_migrate,
+            pg_schema=_pg_schema,
+        )
+
+    @property
+    def shared(self) -> bool:
+        """Whether other hosts may open this store (PostgreSQL), so artifacts live in it."""
+        return self._db.postgres
 
     def close(self) -> None:
-        self._conn.close()
+        self._db.close()
 
     def __enter__(self) -> Self:
         return self
@@ -128,54 +237,67 @@ class FederationStore:
 
     # -- runs ---------------------------------------------------------------
     def create_run(self, run_id: str, config: dict[str, Any], schema: dict[str, Any]) -> None:
-        with transaction(self._conn):
-            self._conn.execute(
-                "INSERT INTO runs (run_id, status, config, schema) VALUES (?, ?, ?, ?)",
-                (run_id, RUNNING, json.dumps(config), json.dumps(schema)),
+        now = _now()
+        with self._db.write() as conn:
+            conn.execute(
+                _runs.insert().values(
+                    run_id=run_id,
+                    created_at=now,
+                    updated_at=now,
+                    status=RUNNING,
+                    message="",
+                    config=json.dumps(config),
+                    schema=json.dumps(schema),
+                    current_round=0,
+                )
             )
 
     def set_status(self, run_id: str, status: str, message: str = "") -> None:
-        with transaction(self._conn):
-            self._conn.execute(
-                "UPDATE runs SET status=?, message=?, "
-                "updated_at=strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id=?",
-                (status, message, run_id),
+        with self._db.write() as conn:
+            conn.execute(
+                _runs.update()
+                .where(_runs.c.run_id == run_id)
+                .values(status=status, message=message, updated_at=_now())
             )
 
     def set_final_metrics(self, run_id: str, metrics: dict[str, Any]) -> None:
-        with transaction(self._conn):
-            self._conn.execute(
-                "UPDATE runs SET final_metrics=? WHERE run_id=?", (json.dumps(metrics), run_id)
+        with self._db.write() as conn:
+            conn.execute(
+                _runs.update()
+                .where(_runs.c.run_id == run_id)
+                .values(final_metrics=json.dumps(metrics))
             )
 
     def run(self, run_id: str) -> RunRecord:
-        row = self._conn.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        with self._db.read() as conn:
+            row = conn.execute(sa.select(_runs).where(_runs.c.run_id == run_id)).first()
         if row is None:
-            raise NotFoundError(f"no run {run_id!r} in {self.path}")
-        return _run_record(row)
+            raise NotFoundError(f"no run {run_id!r} in {describe(self.location)}")
+        return _run_record(row._mapping)
 
     def runs(self) -> list[RunRecord]:
-        rows = self._conn.execute("SELECT * FROM runs ORDER BY created_at").fetchall()
-        return [_run_record(r) for r in rows]
+        with self._db.read() as conn:
+            rows = conn.execute(sa.select(_runs).order_by(_runs.c.created_at)).all()
+        return [_run_record(r._mapping) for r in rows]
 
     def rounds(self, run_id: str) -> list[tuple[int, dict[str, Any]]]:
-        rows = self._conn.execute(
-            "SELECT round, metrics FROM rounds WHERE run_id=? ORDER BY round", (run_id,)
-        ).fetchall()
-        return [(int(r["round"]), json.loads(r["metrics"])) for r in rows]
+        query = (
+            sa.select(_rounds.c.round, _rounds.c.metrics)
+            .where(_rounds.c.run_id == run_id)
+            .order_by(_rounds.c.round)
+        )
+        with self._db.read() as conn:
+            rows = conn.execute(query).all()
+        return [(int(r.round), json.loads(r.metrics)) for r in rows]
 
     # -- ledger -------------------------------------------------------------
     def ledger(self, run_id: str | None = None) -> list[LedgerRow]:
-        sql = _SELECT_LEDGER
-        args: tuple[str, ...] = ()
+        query = sa.select(_ledger.c.partner, *(_ledger.c[f] for f in _CHARGE_FIELDS))
         if run_id is not None:
-            sql += " WHERE run_id=?"
-            args = (run_id,)
-        rows = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
-        return [
-            LedgerRow(r["partner"], PrivacyCharge(**{f: r[f] for f in _CHARGE_FIELDS}))
-            for r in rows
-        ]
+            query = query.where(_ledger.c.run_id == run_id)
+        with self._db.read() as conn:
+            rows = conn.execute(query.order_by(_ledger.c.seq)).all()
+        return [LedgerRow(r.partner, _charge(r._mapping)) for r in rows]
 
     # -- checkpoints --------------------------------------------------------
     def commit_round(
@@ -191,60 +313,70 @@ class FederationStore:
         A charge already present (a node replayed a cached reply after resume)
         is skipped only if identical; a different one is an error.
         """
-        with transaction(self._conn):
+        now = _now()
+        with self._db.write() as conn:
             for row in charges:
-                self._insert_charge(row)
+                _insert_charge(conn, row, now)
             if metrics is not None:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO rounds (run_id, round, metrics) VALUES (?, ?, ?)",
-                    (run_id, round_, json.dumps(metrics)),
+                conn.execute(
+                    self._db.insert_or_update(
+                        _rounds,
+                        {
+                            "run_id": run_id,
+                            "round": round_,
+                            "metrics": json.dumps(metrics),
+                            "committed_at": now,
+                        },
+                        ["run_id", "round"],
+                    )
                 )
-            self._conn.execute(
-                "INSERT OR REPLACE INTO checkpoints (run_id, round, state, sha256) "
-                "VALUES (?, ?, ?, ?)",
-                (run_id, round_, state, hashlib.sha256(state).hexdigest()),
-            )
-            self._conn.execute(
-                "UPDATE runs SET current_round=?, "
-                "updated_at=strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id=?",
-                (round_, run_id),
-            )
-
-    def _insert_charge(self, row: LedgerRow) -> None:
-        c = row.charge
-        existing = self._conn.execute(
-            _SELECT_CHARGE, (c.run_id, row.partner, c.round, c.mechanism)
-        ).fetchone()
-        if existing is not None:
-            if PrivacyCharge(**{f: existing[f] for f in _CHARGE_FIELDS}) != c:
-                raise CheckpointError(
-                    f"partner {row.partner} reported a different charge for run {c.run_id} "
-                    f"round {c.round} than the one already recorded"
+            conn.execute(
+                self._db.insert_or_update(
+                    _checkpoints,
+                    {
+                        "run_id": run_id,
+                        "round": round_,
+                        "state": state,
+                        "sha256": hashlib.sha256(state).hexdigest(),
+                    },
+                    ["run_id"],
                 )
-            return
-        self._conn.execute(_INSERT_CHARGE, (row.partner, *(getattr(c, f) for f in _CHARGE_FIELDS)))
+            )
+            conn.execute(
+                _runs.update()
+                .where(_runs.c.run_id == run_id)
+                .values(current_round=round_, updated_at=now)
+            )
 
     def checkpoint(self, run_id: str) -> tuple[int, bytes]:
         """The last committed (round, state), verified against its digest."""
-        row = self._conn.execute(
-            "SELECT round, state, sha256 FROM checkpoints WHERE run_id=?", (run_id,)
-        ).fetchone()
+        # Untyped: SQLite hands back whatever a tamperer stored (even TEXT), which
+        # the digest check below must see rather than a conversion error.
+        raw_state = sa.type_coerce(_checkpoints.c.state, sa.types.NullType()).label("state")
+        query = sa.select(_checkpoints.c.round, raw_state, _checkpoints.c.sha256).where(
+            _checkpoints.c.run_id == run_id
+        )
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
         if row is None:
             raise CheckpointError(f"run {run_id} has no checkpoint to resume from")
-        state = row["state"]
-        if not isinstance(state, bytes) or hashlib.sha256(state).hexdigest() != row["sha256"]:
+        state = row.state
+        if isinstance(state, memoryview):
+            state = state.tobytes()
+        if not isinstance(state, bytes) or hashlib.sha256(state).hexdigest() != row.sha256:
             raise CheckpointError(
-                f"checkpoint of run {run_id} (round {row['round']}) is corrupt: its SHA-256 "
+                f"checkpoint of run {run_id} (round {row.round}) is corrupt: its SHA-256 "
                 "does not match the recorded digest; refusing to resume"
             )
-        return int(row["round"]), state
+        return int(row.round), state
 
     # -- registry index -----------------------------------------------------
     def next_model_version(self, name: str) -> int:
-        row = self._conn.execute(
-            "SELECT COALESCE(MAX(version), 0) FROM models WHERE name=?", (name,)
-        ).fetchone()
-        return int(row[0]) + 1
+        query = sa.select(sa.func.coalesce(sa.func.max(_models.c.version), 0)).where(
+            _models.c.name == name
+        )
+        with self._db.read() as conn:
+            return int(conn.execute(query).scalar_one()) + 1
 
     def add_model(
         self,
@@ -257,36 +389,76 @@ class FederationStore:
         artifact_sha256: str,
         signing_key_id: str,
         lineage: dict[str, Any],
+        artifact_blob: bytes | None = None,
     ) -> None:
-        with transaction(self._conn):
-            self._conn.execute(
-                "INSERT INTO models (model_id, name, version, run_id, artifact, artifact_sha256, "
-                "signing_key_id, lineage) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    model_id,
-                    name,
-                    version,
-                    run_id,
-                    artifact,
-                    artifact_sha256,
-                    signing_key_id,
-                    json.dumps(lineage),
-                ),
+        """Index a model version; ``artifact_blob`` stores the sealed artifact itself."""
+        with self._db.write() as conn:
+            conn.execute(
+                _models.insert().values(
+                    model_id=model_id,
+                    name=name,
+                    version=version,
+                    run_id=run_id,
+                    created_at=_now(),
+                    artifact=artifact,
+                    artifact_sha256=artifact_sha256,
+                    signing_key_id=signing_key_id,
+                    lineage=json.dumps(lineage),
+                    artifact_blob=artifact_blob,
+                )
             )
-            self._conn.execute("UPDATE runs SET model_id=? WHERE run_id=?", (model_id, run_id))
+            conn.execute(_runs.update().where(_runs.c.run_id == run_id).values(model_id=model_id))
 
     def models(self) -> list[dict[str, Any]]:
-        rows = self._conn.execute("SELECT * FROM models ORDER BY created_at").fetchall()
-        return [_model_row(r) for r in rows]
+        with self._db.read() as conn:
+            rows = conn.execute(sa.select(*_MODEL_COLUMNS).order_by(_models.c.created_at)).all()
+        return [_model_row(r._mapping) for r in rows]
 
     def model(self, model_id: str) -> dict[str, Any]:
-        row = self._conn.execute("SELECT * FROM models WHERE model_id=?", (model_id,)).fetchone()
+        query = sa.select(*_MODEL_COLUMNS).where(_models.c.model_id == model_id)
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
         if row is None:
             raise NotFoundError(f"no model {model_id!r} in the registry")
-        return _model_row(row)
+        return _model_row(row._mapping)
+
+    def model_artifact(self, model_id: str) -> bytes | None:
+        """The sealed artifact stored in the database, or None (it is a file)."""
+        query = sa.select(_models.c.artifact_blob).where(_models.c.model_id == model_id)
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise NotFoundError(f"no model {model_id!r} in the registry")
+        blob = row.artifact_blob
+        return None if blob is None else bytes(blob)
 
 
-def _run_record(row: sqlite3.Row) -> RunRecord:
+def _charge(row: sa.RowMapping) -> PrivacyCharge:
+    return PrivacyCharge(**{f: row[f] for f in _CHARGE_FIELDS})
+
+
+def _insert_charge(conn: sa.Connection, row: LedgerRow, now: str) -> None:
+    c = row.charge
+    existing = conn.execute(
+        sa.select(*(_ledger.c[f] for f in _CHARGE_FIELDS)).where(
+            _ledger.c.run_id == c.run_id,
+            _ledger.c.partner == row.partner,
+            _ledger.c.round == c.round,
+            _ledger.c.mechanism == c.mechanism,
+        )
+    ).first()
+    if existing is not None:
+        if _charge(existing._mapping) != c:
+            raise CheckpointError(
+                f"partner {row.partner} reported a different charge for run {c.run_id} "
+                f"round {c.round} than the one already recorded"
+            )
+        return
+    values = {f: getattr(c, f) for f in _CHARGE_FIELDS}
+    conn.execute(_ledger.insert().values(partner=row.partner, recorded_at=now, **values))
+
+
+def _run_record(row: sa.RowMapping) -> RunRecord:
     return RunRecord(
         run_id=row["run_id"],
         created_at=row["created_at"],
@@ -301,7 +473,8 @@ def _run_record(row: sqlite3.Row) -> RunRecord:
     )
 
 
-def _model_row(row: sqlite3.Row) -> dict[str, Any]:
+def _model_row(row: sa.RowMapping) -> dict[str, Any]:
     out = dict(row)
+    out["version"] = int(out["version"])
     out["lineage"] = json.loads(out["lineage"])
     return out

@@ -138,3 +138,45 @@ def serve_log(log: object, *, token: str | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def run_sql(location: str | Path, statement: str, params: tuple[object, ...] = ()) -> None:
+    """Run one raw statement as the operator could (bypassing the stores), then commit.
+
+    ``location`` is a SQLite path or a PostgreSQL URL; errors are the driver's own.
+    """
+    text = str(location)
+    if text.startswith("postgresql"):
+        import psycopg
+
+        plain = "postgresql://" + text.split("://", 1)[1]
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(statement.encode(), params)
+        return
+    import sqlite3
+
+    lite = sqlite3.connect(text, isolation_level=None)
+    try:
+        lite.execute(statement.replace("%s", "?"), params)
+    finally:
+        lite.close()
+
+
+def fetch_value(location: str | Path, statement: str, params: tuple[object, ...] = ()) -> object:
+    """First column of the first row of a raw query (``%s`` placeholders)."""
+    text = str(location)
+    if text.startswith("postgresql"):
+        import psycopg
+
+        plain = "postgresql://" + text.split("://", 1)[1]
+        with psycopg.connect(plain, autocommit=True) as conn:
+            row = conn.execute(statement.encode(), params).fetchone()
+    else:
+        import sqlite3
+
+        lite = sqlite3.connect(text, isolation_level=None)
+        try:
+            row = lite.execute(statement.replace("%s", "?"), params).fetchone()
+        finally:
+            lite.close()
+    return None if row is None else row[0]

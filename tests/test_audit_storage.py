@@ -14,15 +14,9 @@ import pytest
 from fedvault.errors import IntegrityError, UnavailableError
 from server.audit import merkle
 from server.audit.storage import AuditStorage, PostgresStorage, SQLiteStorage, open_storage
-from tests.audit_support import fresh_database, postgres_server
+from tests.audit_support import fresh_database
 
 _counter = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def pg_admin() -> Iterator[str]:
-    with postgres_server() as url:
-        yield url
 
 
 @dataclass

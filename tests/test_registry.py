@@ -1,9 +1,17 @@
-"""server.registry: model keys, sealed artifacts, lineage and tamper detection."""
+"""server.registry: model keys, sealed artifacts, lineage and tamper detection.
+
+The registry tests run three ways: artifacts as files beside a SQLite store
+(the default), artifacts in a SQLite store (no directory), and artifacts in a
+real PostgreSQL (what gateway replicas on other hosts read).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +34,9 @@ from server.registry import (
     privacy_statement,
 )
 from server.store import FederationStore
+from tests.audit_support import fetch_value, fresh_database, run_sql
+
+_dbs = itertools.count()
 
 SPEC = ModelSpec(kind="mlp", n_features=6, n_classes=3, hidden=4, activation="relu")
 LINEAGE: dict[str, Any] = {
@@ -47,9 +58,59 @@ def keys_dir(tmp_path: Path) -> Path:
     return path
 
 
+@dataclasses.dataclass
+class Where:
+    """Where artifacts live, and how an attacker with write access would alter them."""
+
+    mode: str  # "file", "sqlite-db" or "postgres"
+    location: str
+    registry_dir: Path | None  # what ModelRegistry is given
+
+    @property
+    def in_db(self) -> bool:
+        return self.mode != "file"
+
+    def read(self, model_id: str) -> bytes:
+        if not self.in_db:
+            assert self.registry_dir is not None
+            return (self.registry_dir / f"{model_id}.fvar").read_bytes()
+        blob = fetch_value(
+            self.location, "SELECT artifact_blob FROM models WHERE model_id = %s", (model_id,)
+        )
+        assert isinstance(blob, bytes)
+        return blob
+
+    def write(self, model_id: str, blob: bytes | None) -> None:
+        if not self.in_db:
+            assert self.registry_dir is not None
+            path = self.registry_dir / f"{model_id}.fvar"
+            if blob is None:
+                path.unlink()
+            else:
+                path.write_bytes(blob)
+            return
+        run_sql(
+            self.location,
+            "UPDATE models SET artifact_blob = %s WHERE model_id = %s",
+            (blob, model_id),
+        )
+
+
+@pytest.fixture(params=["file", "sqlite-db", "postgres"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> Where:
+    if request.param == "postgres":
+        url = fresh_database(request.getfixturevalue("pg_admin"), f"registry_{next(_dbs)}")
+        # A directory is given but must stay unused: PostgreSQL stores hold the blob.
+        return Where("postgres", url, tmp_path / "registry")
+    location = str(tmp_path / "fed.sqlite")
+    if request.param == "sqlite-db":
+        return Where("sqlite-db", location, None)
+    return Where("file", location, tmp_path / "registry")
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[FederationStore]:
-    s = FederationStore(tmp_path / "fed.sqlite")
+def store(where: Where) -> Iterator[FederationStore]:
+    s = FederationStore(where.location)
     s.create_run("run-1", {}, {})
     s.create_run("run-2", {}, {})
     yield s
@@ -57,12 +118,12 @@ def store(tmp_path: Path) -> Iterator[FederationStore]:
 
 
 @pytest.fixture
-def registry_dir(tmp_path: Path) -> Path:
-    return tmp_path / "registry"
+def registry_dir(where: Where) -> Path | None:
+    return where.registry_dir
 
 
 @pytest.fixture
-def registry(store: FederationStore, registry_dir: Path, keys_dir: Path) -> ModelRegistry:
+def registry(store: FederationStore, registry_dir: Path | None, keys_dir: Path) -> ModelRegistry:
     return ModelRegistry(store, registry_dir, load_model_keys(keys_dir))
 
 
@@ -103,13 +164,23 @@ def test_ensure_model_keys_creates_private_files_once(tmp_path: Path) -> None:
 
 
 def test_register_then_load_round_trips(
-    registry: ModelRegistry, store: FederationStore, registry_dir: Path, keys_dir: Path
+    registry: ModelRegistry,
+    store: FederationStore,
+    registry_dir: Path | None,
+    keys_dir: Path,
+    where: Where,
 ) -> None:
     params = init_parameters(SPEC, 0)
     model_id = _register(registry)
     assert model_id.startswith("digits-mlp-v1-")
-    artifact = registry_dir / f"{model_id}.fvar"
-    assert _mode(artifact) == 0o600
+    assert registry.stores_in_database == where.in_db
+    if where.in_db:
+        assert store.model_artifact(model_id) == where.read(model_id)
+        assert registry_dir is None or not registry_dir.exists()  # nothing on disk
+    else:
+        assert registry_dir is not None
+        assert _mode(registry_dir / f"{model_id}.fvar") == 0o600
+        assert store.model_artifact(model_id) is None
 
     loaded = registry.load(model_id)
     assert loaded.model_id == model_id
@@ -147,11 +218,9 @@ def test_versions_increase(registry: ModelRegistry, store: FederationStore) -> N
     assert not np.array_equal(registry.load(a).params[0], registry.load(b).params[0])
 
 
-def test_artifact_reveals_no_lineage_without_keys(
-    registry: ModelRegistry, registry_dir: Path
-) -> None:
+def test_artifact_reveals_no_lineage_without_keys(registry: ModelRegistry, where: Where) -> None:
     model_id = _register(registry)
-    blob = (registry_dir / f"{model_id}.fvar").read_bytes()
+    blob = where.read(model_id)
     assert b"partner-0" not in blob
     assert b"privacy_statement" not in blob
 
@@ -171,24 +240,27 @@ def test_register_refuses_bad_parameters(registry: ModelRegistry, store: Federat
     assert store.models() == []
 
 
-def test_flipped_byte_is_detected(registry: ModelRegistry, registry_dir: Path) -> None:
+def test_flipped_byte_is_detected(registry: ModelRegistry, where: Where) -> None:
     model_id = _register(registry)
-    path = registry_dir / f"{model_id}.fvar"
-    blob = bytearray(path.read_bytes())
-    for offset in (len(blob) // 2, len(blob) - 1):
+    blob = where.read(model_id)
+    for offset in (0, len(blob) // 2, len(blob) - 1):
         tampered = bytearray(blob)
         tampered[offset] ^= 0x01
-        path.write_bytes(bytes(tampered))
+        where.write(model_id, bytes(tampered))
         with pytest.raises(IntegrityError):
             registry.load(model_id)
-    path.write_bytes(bytes(blob))
+    where.write(model_id, blob[:-1])  # truncated
+    with pytest.raises(IntegrityError):
+        registry.load(model_id)
+    where.write(model_id, blob)
     assert registry.load(model_id).model_id == model_id
 
 
-def test_swapped_artifact_is_detected(registry: ModelRegistry, registry_dir: Path) -> None:
+def test_swapped_artifact_is_detected(registry: ModelRegistry, where: Where) -> None:
     victim = _register(registry, seed=1)
     other = _register(registry, seed=2, run_id="run-2")
-    (registry_dir / f"{other}.fvar").rename(registry_dir / f"{victim}.fvar")
+    where.write(victim, where.read(other))
+    where.write(other, None)
     with pytest.raises(IntegrityError, match="signed for model"):
         registry.load(victim)
     with pytest.raises(IntegrityError, match="missing"):
@@ -196,7 +268,7 @@ def test_swapped_artifact_is_detected(registry: ModelRegistry, registry_dir: Pat
 
 
 def test_wrong_encryption_key_is_detected(
-    registry: ModelRegistry, store: FederationStore, registry_dir: Path, keys_dir: Path
+    registry: ModelRegistry, store: FederationStore, registry_dir: Path | None, keys_dir: Path
 ) -> None:
     model_id = _register(registry)
     keys = load_model_keys(keys_dir)
@@ -208,7 +280,7 @@ def test_wrong_encryption_key_is_detected(
 def test_other_signing_key_is_detected(
     registry: ModelRegistry,
     store: FederationStore,
-    registry_dir: Path,
+    registry_dir: Path | None,
     keys_dir: Path,
     tmp_path: Path,
 ) -> None:
@@ -240,7 +312,7 @@ def test_loose_key_file_mode_is_refused(keys_dir: Path) -> None:
 
 
 def test_encryption_key_from_argument(
-    registry: ModelRegistry, store: FederationStore, registry_dir: Path, keys_dir: Path
+    registry: ModelRegistry, store: FederationStore, registry_dir: Path | None, keys_dir: Path
 ) -> None:
     model_id = _register(registry)
     key_file = keys_dir / ENCRYPTION_KEY_FILE
@@ -250,3 +322,57 @@ def test_encryption_key_from_argument(
     assert ModelRegistry(store, registry_dir, keys).load(model_id).model_id == model_id
     with pytest.raises(KeyFileError):
         load_model_keys(keys_dir, encryption_key_b64="not base64 !!", signing=False)
+
+
+_LOAD_ELSEWHERE = """
+import json, sys
+from pathlib import Path
+from server.registry import ModelRegistry, load_model_keys
+from server.store import FederationStore
+
+store = FederationStore(sys.argv[1])
+keys = load_model_keys(Path(sys.argv[2]), signing=False)
+loaded = ModelRegistry(store, None, keys).load(sys.argv[3])
+print(json.dumps({"model_id": loaded.model_id, "n_features": loaded.spec.n_features}))
+store.close()
+"""
+
+
+def test_a_replica_loads_from_the_database_alone(
+    registry: ModelRegistry, where: Where, keys_dir: Path, tmp_path: Path
+) -> None:
+    """Another process with only the database location and the keys: no registry directory."""
+    if not where.in_db:
+        pytest.skip("file-backed artifacts need the registry directory by design")
+    model_id = _register(registry)
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_ELSEWHERE, where.location, str(keys_dir), model_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f'"model_id": "{model_id}"' in result.stdout
+    assert not (tmp_path / "registry").exists()
+
+
+def test_rows_from_a_file_registry_stay_readable(
+    where: Where, keys_dir: Path, tmp_path: Path
+) -> None:
+    """Rows written before artifacts moved into the database (NULL blob) load from the directory."""
+    with FederationStore(where.location) as store:
+        store.create_run("run-1", {}, {})
+        model_id = _register(ModelRegistry(store, tmp_path / "old-registry", _keys(keys_dir)))
+        assert store.shared or store.model_artifact(model_id) is None
+        if store.shared:  # make it look like a row from before: file on disk, no blob
+            (tmp_path / "old-registry").mkdir(exist_ok=True)
+            (tmp_path / "old-registry" / f"{model_id}.fvar").write_bytes(where.read(model_id))
+            where.write(model_id, None)
+        reader = ModelRegistry(store, tmp_path / "old-registry", load_model_keys(keys_dir))
+        assert reader.load(model_id).model_id == model_id
+
+
+def _keys(keys_dir: Path) -> ModelKeys:
+    return load_model_keys(keys_dir)

@@ -1,4 +1,8 @@
-"""server.store.FederationStore: runs, atomic round commits, ledger, checkpoints, models."""
+"""server.store.FederationStore: runs, atomic round commits, ledger, checkpoints, models.
+
+Every test runs against both backends (``db_location`` in conftest.py): a
+SQLite file and a real PostgreSQL database, with the same expectations.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from fedvault.errors import CheckpointError, ConflictError, NotFoundError
+from fedvault.errors import CheckpointError, ConflictError, NotFoundError, UnavailableError
 from fedvault.privacy import (
     ACCOUNTANT_NAME,
     MECHANISM_DP_SGD,
@@ -17,6 +22,7 @@ from fedvault.privacy import (
     non_private_charge,
 )
 from server.store import FINISHED, RUNNING, FederationStore, LedgerRow
+from tests.audit_support import run_sql
 
 CONFIG = {"rounds": 3, "dataset": "digits"}
 SCHEMA = {"name": "digits", "features": []}
@@ -41,23 +47,23 @@ def _charge(
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "coordinator" / "federation.sqlite"
+def db_path(db_location: str) -> str:
+    return db_location
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[FederationStore]:
+def store(db_path: str) -> Iterator[FederationStore]:
     s = FederationStore(db_path)
     yield s
     s.close()
 
 
-def _raw_execute(path: Path, sql: str) -> None:
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute(sql)
-    finally:
-        conn.close()
+def _pg(location: str) -> bool:
+    return location.startswith("postgresql")
+
+
+def _raw_execute(location: str, sql: str) -> None:
+    run_sql(location, sql)
 
 
 def test_runs(store: FederationStore) -> None:
@@ -159,27 +165,34 @@ def test_missing_checkpoint(store: FederationStore) -> None:
         store.checkpoint("never-created")
 
 
-@pytest.mark.parametrize(
-    "statement",
-    [
-        # One byte flipped (the CAST keeps the column a BLOB; || alone yields TEXT).
+# (SQLite, PostgreSQL) spellings of each tampering.
+_TAMPER = {
+    # One byte flipped (the CAST keeps the column a BLOB; || alone yields TEXT).
+    "flipped": (
         "UPDATE checkpoints SET state = CAST(x'01' || substr(state, 2) AS BLOB)",
-        "UPDATE checkpoints SET state = substr(state, 1, 10)",  # truncated
-        "UPDATE checkpoints SET sha256 = '00' || substr(sha256, 3)",  # digest altered
-    ],
-)
+        "UPDATE checkpoints SET state = '\\x01'::bytea || substring(state from 2)",
+    ),
+    "truncated": (
+        "UPDATE checkpoints SET state = substr(state, 1, 10)",
+        "UPDATE checkpoints SET state = substring(state from 1 for 10)",
+    ),
+    "digest": ("UPDATE checkpoints SET sha256 = '00' || substr(sha256, 3)",) * 2,
+}
+
+
+@pytest.mark.parametrize("tampering", sorted(_TAMPER))
 def test_corrupt_checkpoint_is_refused(
-    store: FederationStore, db_path: Path, statement: str
+    store: FederationStore, db_path: str, tampering: str
 ) -> None:
     store.create_run("r", CONFIG, SCHEMA)
     store.commit_round("r", 4, [], {"loss": 1.0}, bytes(range(64)))
-    _raw_execute(db_path, statement)
+    _raw_execute(db_path, _TAMPER[tampering][_pg(db_path)])
     with pytest.raises(CheckpointError, match="corrupt"):
         store.checkpoint("r")
 
 
 def test_checkpoint_with_text_state_is_reported_corrupt(
-    store: FederationStore, db_path: Path
+    store: FederationStore, db_path: str
 ) -> None:
     store.create_run("r", CONFIG, SCHEMA)
     store.commit_round("r", 4, [], None, b"state")
@@ -188,7 +201,7 @@ def test_checkpoint_with_text_state_is_reported_corrupt(
         store.checkpoint("r")
 
 
-def test_checkpoint_survives_reopen(db_path: Path) -> None:
+def test_checkpoint_survives_reopen(db_path: str) -> None:
     first = FederationStore(db_path)
     try:
         first.create_run("r", CONFIG, SCHEMA)
@@ -205,13 +218,16 @@ def test_checkpoint_survives_reopen(db_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "statement", ["UPDATE ledger SET epsilon_after = 0", "DELETE FROM ledger WHERE 1"]
+    "statement",
+    ["UPDATE ledger SET epsilon_after = 0", "DELETE FROM ledger WHERE true", "TRUNCATE ledger"],
 )
-def test_ledger_is_append_only(store: FederationStore, db_path: Path, statement: str) -> None:
+def test_ledger_is_append_only(store: FederationStore, db_path: str, statement: str) -> None:
+    if statement.startswith("TRUNCATE") and not _pg(db_path):
+        pytest.skip("SQLite has no TRUNCATE (DELETE covers it)")
     store.create_run("r", CONFIG, SCHEMA)
     rows = [LedgerRow("p", _charge("r", 1))]
     store.commit_round("r", 1, rows, None, b"s")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="append-only"):
         _raw_execute(db_path, statement)
     assert store.ledger("r") == rows
 
@@ -279,3 +295,66 @@ def test_duplicate_model_version_is_refused(store: FederationStore) -> None:
         )
     assert store.run("r").model_id == "a"
     assert [m["model_id"] for m in store.models()] == ["a"]
+
+
+def test_two_instances_share_one_database(db_path: str) -> None:
+    """Gateway replicas and the coordinator: what one writes, another reads at once."""
+    with FederationStore(db_path) as writer, FederationStore(db_path) as reader:
+        writer.create_run("r", CONFIG, SCHEMA)
+        writer.commit_round("r", 1, [LedgerRow("p", _charge("r", 1))], {"loss": 1.0}, b"s1")
+        _add(writer, "digits-logreg", "r", "m1")
+        assert reader.run("r").current_round == 1
+        assert reader.checkpoint("r") == (1, b"s1")
+        assert [m["model_id"] for m in reader.models()] == ["m1"]
+        assert reader.next_model_version("digits-logreg") == 2
+
+
+def test_model_rows_do_not_carry_the_artifact(store: FederationStore) -> None:
+    """The index stays JSON-printable (``fedvault models list --json``); blobs load apart."""
+    store.create_run("r", CONFIG, SCHEMA)
+    _add(store, "n", "r", "file-backed")
+    store.add_model(
+        model_id="db-backed",
+        name="n",
+        version=2,
+        run_id="r",
+        artifact="db-backed.fvar",
+        artifact_sha256="00",
+        signing_key_id="k",
+        lineage={},
+        artifact_blob=b"\x00sealed\xff",
+    )
+    assert all("artifact_blob" not in m for m in store.models())
+    assert "artifact_blob" not in store.model("db-backed")
+    assert store.model_artifact("db-backed") == b"\x00sealed\xff"
+    assert store.model_artifact("file-backed") is None
+    with pytest.raises(NotFoundError):
+        store.model_artifact("ghost")
+
+
+def test_a_sqlite_file_from_before_the_blob_column_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE models (model_id TEXT PRIMARY KEY, name TEXT NOT NULL, "
+        "version INTEGER NOT NULL, run_id TEXT NOT NULL, created_at TEXT NOT NULL, "
+        "artifact TEXT NOT NULL, artifact_sha256 TEXT NOT NULL, signing_key_id TEXT NOT NULL, "
+        "lineage TEXT NOT NULL, UNIQUE (name, version));"
+        "INSERT INTO models VALUES ('old', 'n', 1, 'r', '2025-01-01T00:00:00.000Z', "
+        "'old.fvar', '00', 'k', '{}');"
+    )
+    conn.close()
+    with FederationStore(path) as store:
+        assert store.model("old")["artifact"] == "old.fvar"
+        assert store.model_artifact("old") is None
+        assert store.next_model_version("n") == 2
+
+
+def test_an_unreachable_postgres_is_unavailable_without_the_password(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("correct-horse-battery\n")
+    url = "postgresql://fedvault@127.0.0.1:1/fedvault?connect_timeout=2"
+    with pytest.raises(UnavailableError) as info:
+        FederationStore(url, password_file=secret)
+    assert "correct-horse-battery" not in str(info.value)
+    assert "federation" in str(info.value)

@@ -66,6 +66,10 @@ sim-epsilon-cap = 0.0
 # Where the coordinator appends to the audit log ("" = STATE-DIR/audit.db).
 audit-store = ""
 audit-store-password-file = ""
+# Where the coordinator keeps runs, ledger, checkpoints and the registry
+# ("" = STATE-DIR/federation.db, artifacts in STATE-DIR/registry).
+federation-store = ""
+federation-store-password-file = ""
 """
 
 
@@ -260,11 +264,13 @@ def submit_run(
     resume: bool = False,
     audit_store: str | None = None,
     audit_store_password_file: Path | None = None,
+    federation_store: str | None = None,
+    federation_store_password_file: Path | None = None,
 ) -> str:
     """Submit the coordinator for ``run_id`` to the SuperLink; return Flower's run id.
 
-    The audit store is a URL without password (settings refuse one) and a
-    path to the password file: neither is a secret in the run config.
+    The audit and federation stores are URLs without password (settings refuse
+    one) and paths to the password files: none is a secret in the run config.
     """
     run_config: dict[str, Any] = {
         "fedvault-run-id": run_id,
@@ -272,6 +278,8 @@ def submit_run(
         "resume": resume,
         "audit-store": audit_store or "",
         "audit-store-password-file": str(audit_store_password_file or ""),
+        "federation-store": federation_store or "",
+        "federation-store-password-file": str(federation_store_password_file or ""),
     }
     if config is not None:
         run_config["training"] = config.model_dump_json()

@@ -12,12 +12,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedvault.errors import ConfigError
 from fedvault.settings import FedvaultSettings, load_settings
+
+if TYPE_CHECKING:
+    from server.gateway.keys import GatewayStore
 
 gateway_app = typer.Typer(help="The audited inference gateway (OIP v2).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the gateway.", no_args_is_help=True)
@@ -32,6 +35,15 @@ def _settings(home: Path | None, **overrides: object) -> FedvaultSettings:
     if home is not None:
         values["home"] = home
     return load_settings(**values)
+
+
+def _gateway_store(settings: FedvaultSettings) -> GatewayStore:
+    """The key store the settings name (``FEDVAULT_GATEWAY_STORE`` or HOME's gateway.db)."""
+    from server.gateway.keys import GatewayStore
+
+    return GatewayStore(
+        settings.gateway_location, password_file=settings.gateway_store_password_file
+    )
 
 
 @gateway_app.command("start")
@@ -74,7 +86,7 @@ def start(
         raise ConfigError("give both --tls-cert and --tls-key, or neither")
     if settings.gateway_client_ca is not None and settings.gateway_tls_cert is None:
         raise ConfigError("--client-ca (mTLS) needs --tls-cert and --tls-key")
-    if not settings.federation_db.exists():
+    if settings.federation_store is None and not settings.federation_db.exists():
         raise ConfigError(f"{settings.home} has no federation database; train a model first")
     if not settings.audit_key_file.exists():
         signer = generate_note_key("fedvault/gateway-audit")
@@ -92,10 +104,12 @@ def start(
         )
         gw = build_gateway(
             GatewayConfig(
-                federation_db=settings.federation_db,
+                federation_db=settings.federation_location,
+                federation_password_file=settings.federation_store_password_file,
                 registry_dir=settings.registry_dir,
                 model_keys=keys,
-                gateway_db=settings.gateway_db,
+                gateway_db=settings.gateway_location,
+                gateway_password_file=settings.gateway_store_password_file,
                 rate_limit_per_s=settings.gateway_rate_limit_per_s,
                 rate_burst=settings.gateway_rate_burst,
                 limits=Limits(
@@ -153,9 +167,9 @@ def keys_create(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create a key and print its token ONCE (only a slow hash is stored)."""
-    from server.gateway.keys import GatewayStore, parse_expiry
+    from server.gateway.keys import parse_expiry
 
-    store = GatewayStore(_settings(home).gateway_db)
+    store = _gateway_store(_settings(home))
     try:
         token, key = store.create_key(
             role,
@@ -176,9 +190,8 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(home: HomeOpt = None) -> None:
     """Every key's id, role, grants, expiry and revocation (never tokens)."""
-    from server.gateway.keys import GatewayStore
 
-    store = GatewayStore(_settings(home).gateway_db)
+    store = _gateway_store(_settings(home))
     try:
         keys = store.keys()
     finally:
@@ -189,9 +202,8 @@ def keys_list(home: HomeOpt = None) -> None:
 @keys_app.command("revoke")
 def keys_revoke(key_id: str, home: HomeOpt = None) -> None:
     """Revoke a key (running gateways refuse it from their next request)."""
-    from server.gateway.keys import GatewayStore
 
-    store = GatewayStore(_settings(home).gateway_db)
+    store = _gateway_store(_settings(home))
     try:
         key = store.revoke(key_id)
     finally:

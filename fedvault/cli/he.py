@@ -45,7 +45,9 @@ def serve(
     )
 
     def open_registry() -> tuple[FederationStore, ModelRegistry]:
-        store = FederationStore(settings.federation_db)
+        store = FederationStore(
+            settings.federation_location, password_file=settings.federation_store_password_file
+        )
         return store, ModelRegistry(store, settings.registry_dir, keys)
 
     service = HEService(registry_model_source(open_registry), context_ttl_s=context_ttl_s)

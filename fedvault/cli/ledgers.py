@@ -10,9 +10,18 @@ from clients.ledger import NodeLedger
 from server.store import FederationStore
 
 
-def compare_ledgers(db: Path, run_id: str, node_ledgers: dict[str, Path]) -> dict[str, Any]:
-    """Row-by-row join of both views; ``agree`` only if every row matches exactly."""
-    with FederationStore(db) as store:
+def compare_ledgers(
+    db: str | Path,
+    run_id: str,
+    node_ledgers: dict[str, Path],
+    *,
+    password_file: Path | None = None,
+) -> dict[str, Any]:
+    """Row-by-row join of both views; ``agree`` only if every row matches exactly.
+
+    ``db`` is the federation store's location (a SQLite path or PostgreSQL URL).
+    """
+    with FederationStore(db, password_file=password_file) as store:
         record = store.run(run_id)
         federation = store.ledger(run_id)
     dataset = str(record.schema["name"])

@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -27,6 +27,9 @@ from .gateway import gateway_app, keys_app
 from .he import he_app
 from .partners import partner_app
 from .processes import ProcessGroup, free_port
+
+if TYPE_CHECKING:
+    from server.store import FederationStore
 
 app = typer.Typer(
     name="fedvault",
@@ -72,6 +75,15 @@ PARTNERS = ["alpha", "beta", "gamma"]
 
 def _settings(home: Path | None) -> FedvaultSettings:
     return load_settings(home=home)
+
+
+def _federation_store(settings: FedvaultSettings) -> FederationStore:
+    """The federation store the settings name (``FEDVAULT_FEDERATION_STORE`` or HOME's file)."""
+    from server.store import FederationStore
+
+    return FederationStore(
+        settings.federation_location, password_file=settings.federation_store_password_file
+    )
 
 
 def _paths(settings: FedvaultSettings, home: Path | None = None) -> fed.FederationPaths:
@@ -173,15 +185,22 @@ def _train_and_watch(
         resume=resume is not None,
         audit_store=settings.audit_store if settings else None,
         audit_store_password_file=settings.audit_store_password_file if settings else None,
+        federation_store=settings.federation_store if settings else None,
+        federation_store_password_file=(
+            settings.federation_store_password_file if settings else None
+        ),
     )
     console.print(f"submitted run {run_id}" + (" (resume)" if resume else ""))
-    # Wait for the coordinator to create the database before opening it.
+    shared = settings is not None and settings.federation_store is not None
+    # Wait for the coordinator to create the database file before opening it
+    # (a PostgreSQL store exists already; wait_for_run waits for the run row).
     deadline = time.monotonic() + 60
-    while not paths.db.exists() and time.monotonic() < deadline:
+    while not shared and not paths.db.exists() and time.monotonic() < deadline:
         if group is not None:
             group.check_alive()
         time.sleep(0.2)
-    with FederationStore(paths.db) as store:
+    opened = _federation_store(settings) if shared and settings else FederationStore(paths.db)
+    with opened as store:
         planned = cfg.rounds if cfg is not None else store.run(run_id).config["rounds"]
         record = wait_for_run(
             store,
@@ -306,12 +325,14 @@ def federation_up(
             from server.federation_metrics import serve_federation_metrics
 
             bind = metrics_host or host
+            settings = _settings(home)
             serve_federation_metrics(
-                paths.db,
+                settings.federation_location if settings.federation_store else paths.db,
                 bind,
                 metrics_port,
                 certfile=paths.server_cert,
                 keyfile=paths.server_key,
+                password_file=settings.federation_store_password_file,
             )
             out.print(f"federation metrics on https://{bind}:{metrics_port}/metrics")
         out.print("Ctrl-C to stop.")
@@ -431,9 +452,7 @@ def train(
             config, dataset=dataset, model=model, rounds=rounds, target_epsilon=epsilon
         )
     else:
-        from server.store import FederationStore
-
-        with FederationStore(paths.db) as store:
+        with _federation_store(settings) as store:
             record = store.run(resume)
             if record.status == "finished":
                 raise ConfigError(f"run {resume} already finished; nothing to resume")
@@ -449,9 +468,8 @@ def train(
 @runs_app.command("list")
 def runs_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """All runs, oldest first."""
-    from server.store import FederationStore
 
-    with FederationStore(_settings(home).home / "federation.db") as store:
+    with _federation_store(_settings(home)) as store:
         runs = store.runs()
     if as_json:
         _print_json(
@@ -476,21 +494,19 @@ def runs_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 @runs_app.command("show")
 def runs_show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """One run: status, accuracy per round, ε per partner, model."""
-    from server.store import FederationStore
 
     from .watch import run_summary
 
-    with FederationStore(_settings(home).home / "federation.db") as store:
+    with _federation_store(_settings(home)) as store:
         summary = run_summary(store, store.run(run_id))
     _show_summary(summary, as_json)
 
 
 def _registry(home: Path | None) -> Any:
     from server.registry import ModelRegistry, load_model_keys
-    from server.store import FederationStore
 
     settings = _settings(home)
-    store = FederationStore(settings.federation_db)
+    store = _federation_store(settings)
     import os
 
     keys = load_model_keys(
@@ -502,9 +518,8 @@ def _registry(home: Path | None) -> Any:
 @models_app.command("list")
 def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Registered model versions."""
-    from server.store import FederationStore
 
-    with FederationStore(_settings(home).federation_db) as store:
+    with _federation_store(_settings(home)) as store:
         models = store.models()
     if as_json:
         _print_json([{k: v for k, v in m.items() if k != "lineage"} for m in models])
@@ -620,7 +635,12 @@ def ledger_show(
         for d in sorted((paths.home / "nodes").iterdir()):
             if (d / "ledger.db").exists():
                 node_paths[d.name] = d / "ledger.db"
-    report = compare_ledgers(paths.db, run_id, node_paths)
+    report = compare_ledgers(
+        settings.federation_location if settings.federation_store else paths.db,
+        run_id,
+        node_paths,
+        password_file=settings.federation_store_password_file,
+    )
     if as_json:
         _print_json(report)
     else:

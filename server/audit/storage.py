@@ -27,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
+from fedvault.database import db_reason as _pg_reason
+from fedvault.database import is_postgres_url, postgres_url, read_password
 from fedvault.errors import IntegrityError, UnavailableError
 from fedvault.sqlite import append_only_triggers, connect, transaction
 from server.audit.merkle import Frontier, NodeKey, leaf_hash
@@ -371,12 +373,6 @@ class PostgresStorage:
         self._engine.dispose()
 
 
-def _pg_reason(exc: SQLAlchemyError) -> str:
-    """The driver's first line, without SQL or parameters (which may hold entries)."""
-    orig = getattr(exc, "orig", None)
-    return (str(orig) if orig is not None else type(exc).__name__).splitlines()[0]
-
-
 def _pg_size(conn: sa.Connection) -> int:
     value = conn.execute(sa.select(sa.func.coalesce(sa.func.max(_entries.c.idx) + 1, 0)))
     return int(value.scalar_one())
@@ -400,16 +396,7 @@ def open_storage(location: str | Path, *, password_file: Path | None = None) -> 
     a compose secret); it is read here and never put in the URL.
     """
     text = str(location)
-    if text.startswith(("postgresql://", "postgresql+", "postgres://")):
-        if text.startswith(("postgresql://", "postgres://")):
-            text = "postgresql+psycopg://" + text.split("://", 1)[1]
-        password = None
-        if password_file is not None:
-            try:
-                password = password_file.read_text().strip()
-            except OSError as exc:
-                raise UnavailableError(
-                    f"cannot read the audit database password file {password_file}: {exc.strerror}"
-                ) from None
-        return PostgresStorage(text, password=password)
+    if is_postgres_url(text):
+        password = read_password(password_file, "audit database")
+        return PostgresStorage(postgres_url(text), password=password)
     return SQLiteStorage(Path(text))

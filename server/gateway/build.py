@@ -31,10 +31,18 @@ _log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    federation_db: Path
+    """Where the gateway's state lives and how it serves.
+
+    ``federation_db`` and ``gateway_db`` are SQLite paths or PostgreSQL URLs
+    (without password; the ``*_password_file`` fields name the secrets). On
+    PostgreSQL, replicas share keys, defaults and the registry — artifacts
+    included — and ``registry_dir`` is only read for rows written before.
+    """
+
+    federation_db: str | Path
     registry_dir: Path
     model_keys: ModelKeys
-    gateway_db: Path
+    gateway_db: str | Path
     rate_limit_per_s: float = 0.0  # 0: unlimited
     rate_burst: float = 100.0
     key_cache_ttl_s: float = 30.0
@@ -42,6 +50,8 @@ class GatewayConfig:
     enable_he: bool = True
     he_context_ttl_s: float = 3600.0
     enable_console: bool = True
+    federation_password_file: Path | None = None
+    gateway_password_file: Path | None = None
 
 
 def build_gateway(
@@ -56,13 +66,13 @@ def build_gateway(
         raise ValueError("the gateway needs an audit sink: it never serves unaudited")
 
     def open_federation() -> FederationStore:
-        return FederationStore(config.federation_db)
+        return FederationStore(config.federation_db, password_file=config.federation_password_file)
 
     def open_registry() -> tuple[FederationStore, ModelRegistry]:
         store = open_federation()
         return store, ModelRegistry(store, config.registry_dir, config.model_keys)
 
-    store = GatewayStore(config.gateway_db)
+    store = GatewayStore(config.gateway_db, password_file=config.gateway_password_file)
     metrics = GatewayMetrics()
     repository = ModelRepository(open_registry, store, on_load_failure=metrics.load_failed)
     metrics.repository = repository

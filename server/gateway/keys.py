@@ -1,4 +1,4 @@
-"""API keys and the gateway's own small state (default model versions), in SQLite.
+"""API keys and the gateway's own small state (default model versions), in SQLite or PostgreSQL.
 
 A key is ``fvk_<key id>_<secret>``: the 12-hex-digit key id is a public
 lookup handle (it appears in audit records and ``keys list``), the secret is
@@ -16,6 +16,15 @@ verdict older than the current generation is refreshed from the key's row —
 a primary-key read, not scrypt — so ``fedvault keys revoke`` run beside a
 live gateway (another process, another connection) is honoured by the next
 request, while the slow hash is still paid once per token per TTL.
+
+On PostgreSQL (gateway replicas behind a load balancer sharing one database)
+the same holds across hosts with one bound: a replica re-reads the generation
+at most every ``generation_ttl_s`` (default 1 s) instead of on every request,
+so the event loop does not wait on a network round trip per call. A key
+revoked through one replica (or ``fedvault keys revoke``) is refused by every
+other replica within that bound — and immediately by the replica that
+revoked it. Keys created anywhere are visible everywhere at once (the first
+use of a token reads its row).
 """
 
 from __future__ import annotations
@@ -34,12 +43,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+import sqlalchemy as sa
+
+from fedvault.database import open_database
 from fedvault.errors import (
     AuthenticationError,
     ConfigError,
     NotFoundError,
+    UnavailableError,
 )
-from fedvault.sqlite import connect, transaction
+from fedvault.sqlite import connect
 
 __all__ = ["ROLES", "ApiKey", "GatewayStore", "KeyVerifier", "parse_expiry"]
 
@@ -74,6 +87,43 @@ CREATE TABLE IF NOT EXISTS model_defaults (
     set_at REAL NOT NULL
 );
 """
+_meta = sa.MetaData()
+_api_keys = sa.Table(
+    "api_keys",
+    _meta,
+    sa.Column("key_id", sa.Text, primary_key=True),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("models", sa.Text, nullable=False),
+    sa.Column("partner", sa.Text),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("salt", sa.LargeBinary, nullable=False),
+    sa.Column("hash", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double),
+    sa.Column("revoked_at", sa.Double),
+)
+_revocations = sa.Table(
+    "key_revocations",
+    _meta,
+    sa.Column("id", sa.Integer, sa.CheckConstraint("id = 1"), primary_key=True),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+)
+_defaults = sa.Table(
+    "model_defaults",
+    _meta,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("version", sa.Text, nullable=False),
+    sa.Column("set_by", sa.Text, nullable=False),
+    sa.Column("set_at", sa.Double, nullable=False),
+)
+_GENERATION = sa.select(_revocations.c.generation).where(_revocations.c.id == 1)
+
+
+def _pg_schema(conn: sa.Connection) -> None:
+    from sqlalchemy.dialects.postgresql import insert
+
+    _meta.create_all(conn)
+    conn.execute(insert(_revocations).values(id=1, generation=0).on_conflict_do_nothing())
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,21 +180,50 @@ def _hash(token: str, salt: bytes) -> bytes:
 
 
 class GatewayStore:
-    """API keys and default versions; one connection shared under a lock.
+    """API keys and default versions, in a SQLite file or a PostgreSQL database.
 
-    The lock (not ``check_same_thread``) serialises use because lookups happen
-    on the event loop thread and on worker threads alike.
+    Connections come from a pool (thread-safe), because lookups happen on the
+    event loop thread and on worker threads alike. ``generation_ttl_s`` bounds
+    how stale :meth:`revocation_generation` may be: 0 (the SQLite default)
+    reads it every time; PostgreSQL defaults to 1 s (see the module docstring).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._conn = connect(path, check_same_thread=False)
-        self._conn.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+    def __init__(
+        self,
+        location: str | Path,
+        *,
+        password_file: Path | None = None,
+        generation_ttl_s: float | None = None,
+    ) -> None:
+        self.path = location if isinstance(location, Path) else Path(str(location))
+        self.location = str(location)
+        self._db = open_database(
+            location,
+            what="gateway",
+            password_file=password_file,
+            sqlite_schema=_SCHEMA,
+            pg_schema=_pg_schema,
+        )
+        if generation_ttl_s is None:
+            generation_ttl_s = 1.0 if self._db.postgres else 0.0
+        self.generation_ttl_s = generation_ttl_s
+        self._generation: tuple[float, int] | None = None  # (monotonic read time, value)
+        self._defaults_cache: dict[str, tuple[float, str | None]] = {}
+        # The per-request queries (generation, default version) on SQLite: a
+        # dedicated raw connection under a lock costs ~5 µs where a pooled
+        # SQLAlchemy round costs ~50 µs on the event loop. (PostgreSQL amortises
+        # them with generation_ttl_s instead.)
+        self._hot: sqlite3.Connection | None = None
+        self._hot_lock = threading.Lock()
+        if not self._db.postgres:
+            self._hot = connect(self.path, check_same_thread=False)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        with self._hot_lock:
+            if self._hot is not None:
+                self._hot.close()
+                self._hot = None
+        self._db.close()
 
     # ------------------------------------------------------------------- keys
     def create_key(
@@ -168,94 +247,136 @@ class GatewayStore:
         key_id = secrets.token_hex(6)
         token = f"{TOKEN_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         salt = secrets.token_bytes(16)
-        digest = _hash(token, salt)  # outside the lock: the event loop reads under it
-        now = time.time()
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
-                "INSERT INTO api_keys (key_id, role, models, partner, description, salt, hash, "
-                "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key_id,
-                    role,
-                    json.dumps(sorted(models)),
-                    partner,
-                    description,
-                    salt,
-                    digest,
-                    now,
-                    expires_at,
-                ),
+        digest = _hash(token, salt)
+        with self._db.write() as conn:
+            conn.execute(
+                _api_keys.insert().values(
+                    key_id=key_id,
+                    role=role,
+                    models=json.dumps(sorted(models)),
+                    partner=partner,
+                    description=description,
+                    salt=salt,
+                    hash=digest,
+                    created_at=time.time(),
+                    expires_at=expires_at,
+                )
             )
         return token, self.key(key_id)
 
+    def _row(self, key_id: str) -> sa.RowMapping | None:
+        with self._db.read() as conn:
+            row = conn.execute(sa.select(_api_keys).where(_api_keys.c.key_id == key_id)).first()
+        return None if row is None else row._mapping
+
     def key(self, key_id: str) -> ApiKey:
-        with self._lock:
-            row = self._conn.execute("SELECT * FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
+        row = self._row(key_id)
         if row is None:
             raise NotFoundError(f"no API key {key_id[:32]!r}")
         return _key(row)
 
     def keys(self) -> list[ApiKey]:
-        with self._lock:
-            rows = self._conn.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
-        return [_key(r) for r in rows]
+        with self._db.read() as conn:
+            rows = conn.execute(sa.select(_api_keys).order_by(_api_keys.c.created_at)).all()
+        return [_key(r._mapping) for r in rows]
 
     def revoke(self, key_id: str) -> ApiKey:
-        """Revoke ``key_id``; every verifier on this database refuses it from its next request."""
+        """Revoke ``key_id``; every verifier on this database refuses it (see the bound above)."""
         self.key(key_id)
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
-                "UPDATE api_keys SET revoked_at=COALESCE(revoked_at, ?) WHERE key_id=?",
-                (time.time(), key_id),
+        with self._db.write() as conn:
+            conn.execute(
+                _api_keys.update()
+                .where(_api_keys.c.key_id == key_id)
+                .values(revoked_at=sa.func.coalesce(_api_keys.c.revoked_at, time.time()))
             )
-            self._conn.execute(
-                "UPDATE key_revocations SET generation = generation + 1 WHERE id = 1"
+            conn.execute(
+                _revocations.update()
+                .where(_revocations.c.id == 1)
+                .values(generation=_revocations.c.generation + 1)
             )
+        self._generation = None  # this process sees its own revocation at once
         return self.key(key_id)
 
     def revocation_generation(self) -> int:
-        """How many revocations this database has seen: cheap enough for every request."""
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT generation FROM key_revocations WHERE id = 1"
-            ).fetchone()
-        return 0 if row is None else int(row[0])
+        """How many revocations this database has seen: cheap enough for every request.
+
+        Read at most every ``generation_ttl_s`` (0: every call).
+        """
+        if self._hot is not None and self.generation_ttl_s <= 0:
+            row = self._hot_read("SELECT generation FROM key_revocations WHERE id = 1", ())
+            return 0 if row is None else int(row[0])
+        now = time.monotonic()
+        cached = self._generation
+        if cached is not None and now - cached[0] < self.generation_ttl_s:
+            return cached[1]
+        with self._db.read() as conn:
+            value = conn.execute(_GENERATION).scalar()
+        generation = 0 if value is None else int(value)
+        if self.generation_ttl_s > 0:
+            self._generation = (now, generation)
+        return generation
+
+    def _hot_read(self, sql: str, args: tuple[str, ...]) -> tuple[Any, ...] | None:
+        """One row through the dedicated SQLite connection (the request path's reads)."""
+        with self._hot_lock:
+            if self._hot is None:
+                raise UnavailableError("gateway store is closed")
+            try:
+                row = self._hot.execute(sql, args).fetchone()
+            except sqlite3.Error as exc:
+                raise UnavailableError(f"gateway database error: {exc}") from None
+        return None if row is None else tuple(row)
 
     def check_token(self, token: str) -> ApiKey:
         """The key ``token`` belongs to, after the slow hash matched; else AuthenticationError."""
         match = _TOKEN_RE.match(token)
         if match is None:
             raise AuthenticationError("malformed API key")
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT * FROM api_keys WHERE key_id=?", (match.group(1),)
-            ).fetchone()
+        row = self._row(match.group(1))
         if row is None:
             _hash(token, b"\0" * 16)  # same cost whether or not the id exists
             raise AuthenticationError("unknown or wrong API key")
-        if not hmac.compare_digest(_hash(token, row["salt"]), row["hash"]):
+        if not hmac.compare_digest(_hash(token, bytes(row["salt"])), bytes(row["hash"])):
             raise AuthenticationError("unknown or wrong API key")
         return _key(row)
 
     # --------------------------------------------------------------- defaults
     def default_version(self, name: str) -> str | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT version FROM model_defaults WHERE name=?", (name,)
-            ).fetchone()
-        return None if row is None else str(row["version"])
+        """The admin's chosen default for ``name`` (None: newest), read per request.
+
+        Fresh on SQLite; on PostgreSQL at most ``generation_ttl_s`` old, so a
+        rollback through one replica reaches the others within the same bound
+        as a revocation.
+        """
+        if self._hot is not None and self.generation_ttl_s <= 0:
+            row = self._hot_read("SELECT version FROM model_defaults WHERE name=?", (name,))
+            return None if row is None else str(row[0])
+        now = time.monotonic()
+        cached = self._defaults_cache.get(name)
+        if cached is not None and now - cached[0] < self.generation_ttl_s:
+            return cached[1]
+        with self._db.read() as conn:
+            value = conn.execute(
+                sa.select(_defaults.c.version).where(_defaults.c.name == name)
+            ).scalar()
+        version = None if value is None else str(value)
+        if self.generation_ttl_s > 0:
+            self._defaults_cache[name] = (now, version)
+        return version
 
     def set_default_version(self, name: str, version: str, *, actor: str) -> None:
-        with self._lock, transaction(self._conn):
-            self._conn.execute(
-                "INSERT INTO model_defaults (name, version, set_by, set_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET version=excluded.version, "
-                "set_by=excluded.set_by, set_at=excluded.set_at",
-                (name, version, actor, time.time()),
+        with self._db.write() as conn:
+            conn.execute(
+                self._db.insert_or_update(
+                    _defaults,
+                    {"name": name, "version": version, "set_by": actor, "set_at": time.time()},
+                    ["name"],
+                )
             )
+        self._defaults_cache.pop(name, None)
 
 
-def _key(row: sqlite3.Row) -> ApiKey:
+def _key(row: sa.RowMapping) -> ApiKey:
     return ApiKey(
         key_id=row["key_id"],
         role=row["role"],

@@ -1,0 +1,269 @@
+"""One way to open a store's database: a SQLite file (embedded default) or PostgreSQL.
+
+Why one helper: the federation store (runs, ledger, registry), the gateway's
+key store and the audit log all accept "a SQLite path or a PostgreSQL URL
+without password, plus a password file". Parsing that, reading the secret,
+refusing a password in the URL and turning driver errors into fedvault errors
+that carry neither SQL, parameters nor the password happens here, once.
+
+Stores speak SQLAlchemy Core to a :class:`Database`, so one statement serves
+both dialects. SQLite keeps the behaviour of :mod:`fedvault.sqlite` — WAL,
+``synchronous=FULL``, and writers that take the lock up front with
+``BEGIN IMMEDIATE`` — because its connections come from
+:func:`fedvault.sqlite.connect`. PostgreSQL engines are shared per process
+and URL: a gateway that opens the federation store for each console request
+reuses pooled (TLS) connections instead of dialling the server every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError as SAIntegrityError
+from sqlalchemy.exc import SQLAlchemyError
+
+from fedvault.errors import ConfigError, ConflictError, UnavailableError
+from fedvault.sqlite import connect
+
+__all__ = [
+    "Database",
+    "db_reason",
+    "is_postgres_url",
+    "open_database",
+    "postgres_url",
+    "read_password",
+    "url_has_password",
+]
+
+_PG_SCHEMES = ("postgresql://", "postgres://", "postgresql+")
+
+
+def is_postgres_url(location: str | Path) -> bool:
+    """``postgresql://…``, ``postgres://…`` or ``postgresql+driver://…``: else a SQLite path."""
+    return str(location).startswith(_PG_SCHEMES)
+
+
+def url_has_password(location: str) -> bool:
+    """Whether a URL's userinfo carries a password (``user:secret@host``)."""
+    if "://" not in location:
+        return False
+    netloc = location.split("://", 1)[1].split("/", 1)[0]
+    return "@" in netloc and ":" in netloc.rsplit("@", 1)[0]
+
+
+def postgres_url(location: str) -> str:
+    """The SQLAlchemy URL for ``location``: psycopg (3) unless a driver is named."""
+    if location.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + location.split("://", 1)[1]
+    return location
+
+
+def describe(location: str | Path) -> str:
+    """A printable name for a store: the path, or the URL's host and database only."""
+    text = str(location)
+    if not is_postgres_url(text):
+        return text
+    parts = urlsplit(text)
+    port = f":{parts.port}" if parts.port else ""
+    return f"postgresql://{parts.hostname or ''}{port}{parts.path}"
+
+
+def read_password(password_file: Path | None, what: str) -> str | None:
+    """The database password from its (mounted secret) file; None without one."""
+    if password_file is None:
+        return None
+    try:
+        return password_file.read_text().strip()
+    except OSError as exc:
+        raise UnavailableError(
+            f"cannot read the {what} password file {password_file}: {exc.strerror}"
+        ) from None
+
+
+def db_reason(exc: BaseException) -> str:
+    """The driver's first line, without SQL or parameters (which may hold data).
+
+    The password never reaches a driver message: it travels in
+    ``connect_args``, not in the URL.
+    """
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None else type(exc).__name__
+    return (text.splitlines() or [type(exc).__name__])[0]
+
+
+class Database:
+    """An engine, whether it is PostgreSQL, and transactions that translate errors.
+
+    ``write()`` is one transaction (``BEGIN IMMEDIATE`` on SQLite, so the
+    write lock is taken before the first read and a read-then-write cannot
+    lose an update); ``read()`` a connection for reads. Inside either, a
+    violated constraint becomes :class:`ConflictError` and any other database
+    failure :class:`UnavailableError` — messages name ``what``, never SQL.
+    """
+
+    def __init__(self, engine: sa.Engine, *, postgres: bool, what: str, owned: bool) -> None:
+        self.engine = engine
+        self.postgres = postgres
+        self.what = what
+        self._owned = owned
+        self._writer = engine.execution_options(fedvault_write=True)
+
+    @contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        with self._translate(), self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        with self._translate(), self.engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except SAIntegrityError as exc:
+            raise ConflictError(f"database constraint violated: {db_reason(exc)}") from None
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            raise UnavailableError(f"{self.what} database error: {db_reason(exc)}") from None
+
+    def insert_or_update(
+        self, table: sa.Table, values: dict[str, Any], keys: list[str]
+    ) -> sa.Executable:
+        """``INSERT … ON CONFLICT (keys) DO UPDATE`` the other columns, in this dialect."""
+        if self.postgres:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            pg = pg_insert(table).values(**values)
+            rest = {k: pg.excluded[k] for k in values if k not in keys}
+            return pg.on_conflict_do_update(index_elements=keys, set_=rest)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        lite = sqlite_insert(table).values(**values)
+        rest = {k: lite.excluded[k] for k in values if k not in keys}
+        return lite.on_conflict_do_update(index_elements=keys, set_=rest)
+
+    def close(self) -> None:
+        """Release a SQLite file's connections; a shared PostgreSQL pool stays for reuse."""
+        if self._owned:
+            self.engine.dispose()
+
+
+_pg_lock = threading.Lock()
+_pg_engines: dict[tuple[str, str | None], sa.Engine] = {}
+_pg_ready: set[tuple[int, str]] = set()
+
+
+def _pg_engine(url: str, password: str | None) -> sa.Engine:
+    with _pg_lock:
+        engine = _pg_engines.get((url, password))
+        if engine is None:
+            # The password travels beside the URL, so URLs can be logged and
+            # configured in plain sight while the secret stays in its file.
+            connect_args = {"password": password} if password else {}
+            engine = sa.create_engine(
+                url, pool_pre_ping=True, pool_size=8, connect_args=connect_args
+            )
+            _pg_engines[(url, password)] = engine
+        return engine
+
+
+def _sqlite_engine(path: Path) -> sa.Engine:
+    engine = sa.create_engine(
+        "sqlite://",
+        creator=lambda: connect(path, check_same_thread=False),
+        poolclass=sa.pool.QueuePool,
+        pool_size=4,
+        max_overflow=8,
+    )
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        # fedvault.sqlite.connect opens in autocommit mode (isolation_level=None):
+        # the transaction is ours to start, and writers take the lock up front.
+        mode = "IMMEDIATE" if conn.get_execution_options().get("fedvault_write") else "DEFERRED"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def open_database(
+    location: str | Path,
+    *,
+    what: str,
+    password_file: Path | None = None,
+    sqlite_schema: str,
+    sqlite_migrate: Callable[[sqlite3.Connection], None] | None = None,
+    pg_schema: Callable[[sa.Connection], None],
+) -> Database:
+    """Open ``location`` and make sure its schema exists.
+
+    SQLite runs ``sqlite_schema`` (idempotent DDL) on a plain connection, so
+    existing files keep exactly the tables they had, then ``sqlite_migrate``
+    (columns added since, for files created before). PostgreSQL runs
+    ``pg_schema`` once per process and database, under an advisory lock so
+    replicas starting together do not race on ``CREATE TABLE``.
+    """
+    text = str(location)
+    if not is_postgres_url(text):
+        path = Path(text)
+        conn = connect(path)
+        try:
+            conn.executescript(sqlite_schema)
+            if sqlite_migrate is not None:
+                sqlite_migrate(conn)
+        except sqlite3.Error as exc:
+            raise UnavailableError(f"cannot open {what} database {path}: {exc}") from None
+        finally:
+            conn.close()
+        return Database(_sqlite_engine(path), postgres=False, what=what, owned=True)
+    if url_has_password(text):
+        raise ConfigError(
+            f"the {what} database URL must not contain a password; give it a password file"
+        )
+    engine = _pg_engine(postgres_url(text), read_password(password_file, f"{what} database"))
+    db = Database(engine, postgres=True, what=what, owned=False)
+    key = (id(engine), what)
+    if key not in _pg_ready:
+        lock_id = int.from_bytes(hashlib.sha256(f"fedvault:{what}".encode()).digest()[:8]) >> 1
+        try:
+            with engine.begin() as pg:
+                pg.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id})
+                pg_schema(pg)
+        except SQLAlchemyError as exc:
+            raise UnavailableError(
+                f"cannot open the {what} database {describe(text)}: {db_reason(exc)}"
+            ) from None
+        _pg_ready.add(key)
+    return db
+
+
+PG_APPEND_ONLY_FUNCTION = """
+CREATE OR REPLACE FUNCTION fedvault_append_only() RETURNS trigger AS $$
+BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$ LANGUAGE plpgsql;
+"""
+
+
+def pg_append_only(conn: sa.Connection, table: str) -> None:
+    """Make ``table`` reject UPDATE, DELETE and TRUNCATE (PostgreSQL ≥ 14)."""
+    conn.execute(sa.text(PG_APPEND_ONLY_FUNCTION))
+    conn.execute(
+        sa.text(
+            f"CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION fedvault_append_only()"
+        )
+    )
+    conn.execute(
+        sa.text(
+            f"CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION fedvault_append_only()"
+        )
+    )
