@@ -262,6 +262,40 @@ def test_audit_log_goes_to_postgres_over_verified_tls(compose: dict[str, Any]) -
         assert "postgres_password" in services[name]["secrets"]
 
 
+# Which services keep which store in PostgreSQL: the coordinator (`train`, which
+# also passes the store to the ServerApp), the SuperLink (the ServerApp's parent,
+# and the federation metrics) and the gateway (registry with artifacts, keys).
+_STORES = {
+    "coordinator": ("FEDERATION",),
+    "superlink": ("FEDERATION",),
+    "gateway": ("FEDERATION", "GATEWAY"),
+}
+
+
+@pytest.mark.parametrize("service", sorted(_STORES))
+def test_registry_and_keys_go_to_postgres_over_verified_tls(
+    compose: dict[str, Any], service: str
+) -> None:
+    from fedvault.settings import FedvaultSettings
+
+    services = _services(compose)
+    env = services[service]["environment"]
+    for store in _STORES[service]:
+        url = env[f"FEDVAULT_{store}_STORE"]
+        assert url.startswith("postgresql://fedvault@postgres:5432/")
+        assert "sslmode=verify-full" in url
+        assert "sslrootcert=/state/pki/ca.crt" in url
+        FedvaultSettings(**{f"{store.lower()}_store": url})  # no password in the URL
+        password_file = env[f"FEDVAULT_{store}_STORE_PASSWORD_FILE"]
+        assert password_file == "/run/secrets/postgres_password"  # noqa: S105 - a path
+    assert "postgres_password" in services[service]["secrets"]
+    if service != "coordinator":  # network_mode: service:superlink waits via superlink
+        assert services[service]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # One database for all: the same URL as the audit store where both are set.
+    if "FEDVAULT_AUDIT_STORE" in env:
+        assert env["FEDVAULT_AUDIT_STORE"] == env["FEDVAULT_FEDERATION_STORE"]
+
+
 def test_federation_metrics_are_scraped_on_the_operator_network_only(
     compose: dict[str, Any],
 ) -> None:
