@@ -6,8 +6,10 @@ load generator:
 
 - ``rest_audited`` / ``grpc_audited``: ``fedvault gateway start``'s stack —
   API key checked (cached scrypt verdict), role + grant, rate limiter, audit
-  record appended durably (SQLite WAL, FULL sync, group commit) before the
-  answer;
+  record appended durably (SQLite WAL, FULL sync, group commit in the writer
+  process) before the answer;
+- ``rest_audited_thread`` / ``grpc_audited_thread`` (``--thread-writer``): the
+  same with the in-process writer thread (``--audit-writer thread``);
 - ``rest_unaudited`` / ``grpc_unaudited``: the same server and service with
   authentication and audit off (``unaudited_for_benchmark``);
 - ``rest_bare_fastapi``: a one-route FastAPI app returning the same
@@ -16,11 +18,23 @@ load generator:
   a joblib file, from ``/tmp/mlserver-venv`` (kept out of our venv); skipped
   with a reason if that venv is missing.
 
-The REST load generator is a minimal asyncio HTTP/1.1 keep-alive client
-(pre-built request bytes), so that it costs the shared CPUs less than the
-servers it measures; gRPC uses grpc.aio with a pre-built message. Each server
-runs in its own process. Usage: ``python bench/gateway.py [--seconds 5]
-[--connections 16]``.
+Load generator: ``h2load`` (nghttp2, C; Debian ``nghttp2-client``) when it is
+found — ``--h2load PATH``, ``$H2LOAD`` or PATH — for every server alike:
+HTTP/1.1 keep-alive for REST, HTTP/2 with a framed protobuf body for gRPC, one
+request in flight per connection, pre-built bodies, 1 s warm-up. It costs the
+shared CPUs far less than a Python client, which mattered most for gRPC (the
+grpc.aio client ate the CPU the server needed). Successes are checked: REST
+counts non-2xx as failures; gRPC errors arrive as HTTP 200 with a
+``grpc-status`` trailer and no message, so each gRPC server first answers one
+call from a real gRPC client (status OK) and ``responses_without_message``
+counts answers whose message bytes are missing; the audited runs also tally
+the audit log's entries by status. Without h2load (or with ``--loadgen
+python``) the previous generators run: a minimal asyncio HTTP/1.1 client and
+grpc.aio. Each result also carries the server's CPU time per request (the
+process and its children, i.e. the audit writer too), which noisy neighbours
+disturb far less than throughput, and the setup records fsync latency and
+load average before and after. Each server runs in its own process. Usage:
+``python bench/gateway.py [--seconds 5] [--connections 16] [--thread-writer]``.
 """
 
 import argparse
@@ -34,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +157,7 @@ def serve(home: Path, mode: str, http_port: int, grpc_port: int) -> None:
 
         uvicorn.run(app, host="127.0.0.1", port=http_port, log_level="warning", access_log=False)
         return
+    from fedvault.cli.gateway import audit_committer
     from secure.signed_note import generate_note_key
     from server.audit.log import AuditLog
     from server.audit.storage import open_storage
@@ -150,8 +166,13 @@ def serve(home: Path, mode: str, http_port: int, grpc_port: int) -> None:
     from server.gateway.runner import run as run_gateway
     from server.registry import load_model_keys
 
+    # What `fedvault gateway start` does: a writer process unless told "thread".
+    location = str(home / f"audit-{mode}.db")
+    writer = "thread" if mode == "audited_thread" else "process"
     log = AuditLog(
-        open_storage(str(home / f"audit-{mode}.db")), generate_note_key("bench/gateway-audit")
+        open_storage(location),
+        generate_note_key("bench/gateway-audit"),
+        committer=audit_committer(writer, location, None),
     )
     gw = build_gateway(
         GatewayConfig(
@@ -169,7 +190,6 @@ def serve(home: Path, mode: str, http_port: int, grpc_port: int) -> None:
         Listen("127.0.0.1", http_port, grpc_port),
         unaudited_for_benchmark=mode == "unaudited",
     )
-    (home / f"audit-{mode}.count").write_text(str(log.size()))
     log.close()
 
 
@@ -252,12 +272,9 @@ async def load_grpc(
 ) -> dict[str, Any]:
     import grpc
 
-    from server.gateway.pb import grpc_service_pb2 as pb
     from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
 
-    req = pb.ModelInferRequest(model_name=MODEL)
-    req.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
-    req.raw_input_contents.append(x.tobytes())
+    req = _grpc_request(x)
     md = (("authorization", f"Bearer {token}"),)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -271,6 +288,150 @@ async def load_grpc(
             *[_grpc_worker(stub, req, md, start + seconds, lat) for _ in range(conns)]
         )
     return _summary(lat, time.perf_counter() - start, {})
+
+
+# ------------------------------------------------------------- h2load driver
+def find_h2load(explicit: str | None) -> str | None:
+    """``--h2load``, ``$H2LOAD``, then PATH (Debian: ``apt-get install nghttp2-client``)."""
+    for candidate in (explicit, os.environ.get("H2LOAD"), shutil.which("h2load")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def _h2load(
+    h2load: str,
+    url: str,
+    body: bytes,
+    headers: list[str],
+    *,
+    h1: bool,
+    conns: int,
+    seconds: float,
+    work: Path,
+) -> dict[str, Any]:
+    """One h2load run: 1 s warm-up, then ``seconds`` measured; counts and latency percentiles."""
+    import re
+
+    body_file, log_file = work / "body.bin", work / "h2load.log"
+    body_file.write_bytes(body)
+    log_file.unlink(missing_ok=True)
+    duration = f"{max(1, round(seconds * 1000))}ms"  # h2load takes integers with units
+    cmd = [h2load, "-c", str(conns), "-m", "1", "-D", duration, "--warm-up-time", "1"]
+    cmd += ["--h1"] if h1 else []
+    for header in headers:
+        cmd += ["-H", header]
+    cmd += ["-d", str(body_file), "--log-file", str(log_file), url]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    out = run.stdout
+    if "requests:" not in out:
+        raise RuntimeError(f"h2load failed: {(run.stderr or out)[-500:]}")
+
+    def grab(pattern: str) -> list[int]:
+        found = re.search(pattern, out)
+        return [int(v) for v in found.groups()] if found else []
+
+    done, ok, failed, errored, timeout = grab(
+        r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout"
+    ) or [0, 0, 0, 0, 0]
+    s2xx, s3xx, s4xx, s5xx = grab(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx") or [
+        0,
+        0,
+        0,
+        0,
+    ]
+    (data,) = grab(r"traffic: .*? \((\d+)\) data") or [0]
+    lat = []
+    if log_file.exists():
+        for line in log_file.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].startswith("2"):
+                lat.append(int(parts[2]) / 1e6)
+    return _summary(
+        lat[: s2xx or len(lat)],
+        seconds,
+        {
+            "status_codes": {"2xx": s2xx, "3xx": s3xx, "4xx": s4xx, "5xx": s5xx},
+            "failed": failed + errored + timeout,
+            "data_bytes": data,
+            "done": done,
+            "succeeded": ok,
+        },
+    )
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live descendants (the audit writer too)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def fsync_ms(directory: Path, n: int = 50) -> float:
+    """Median latency of a small write + fsync in ``directory``: what a durable commit waits on."""
+    path = directory / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    times = []
+    try:
+        for _ in range(n):
+            os.write(fd, b"x" * 512)
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return round(statistics.median(times) * 1000, 3)
+
+
+def audit_tally(db: Path) -> dict[str, Any]:
+    """Entries and their status codes in a finished run's audit log (errors would show here)."""
+    import sqlite3
+
+    from server.audit.records import decode_entry
+
+    conn = sqlite3.connect(db)
+    try:
+        statuses: dict[str, int] = {}
+        for (entry,) in conn.execute("SELECT entry FROM audit_entries"):
+            status = decode_entry(bytes(entry)).status or "-"
+            statuses[status] = statuses.get(status, 0) + 1
+    finally:
+        conn.close()
+    return {"entries": sum(statuses.values()), "by_status": statuses}
+
+
+def grpc_preflight(port: int, x: np.ndarray, token: str) -> int:  # type: ignore[type-arg]
+    """One ModelInfer through a real gRPC client: raises unless OK; the framed response size."""
+    import grpc
+
+    from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+        reply = stub.ModelInfer(
+            _grpc_request(x), metadata=(("authorization", f"Bearer {token}"),), timeout=30
+        )
+    return 5 + len(reply.SerializeToString())
+
+
+def _grpc_request(x: np.ndarray) -> Any:  # type: ignore[type-arg]
+    from server.gateway.pb import grpc_service_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name=MODEL)
+    req.inputs.add(name="features", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    return req
 
 
 # ------------------------------------------------------------------- harness
@@ -321,12 +482,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--h2load", help="h2load binary (default: $H2LOAD, then PATH)")
+    parser.add_argument(
+        "--loadgen",
+        choices=("auto", "h2load", "python"),
+        default="auto",
+        help="auto: h2load when found, else the Python clients",
+    )
+    parser.add_argument(
+        "--thread-writer",
+        action="store_true",
+        help="also measure the audited gateway with the in-process writer thread",
+    )
     parser.add_argument("--serve", nargs=4, metavar=("HOME", "MODE", "HTTP", "GRPC"))
     args = parser.parse_args()
     if args.serve:
         serve(Path(args.serve[0]), args.serve[1], int(args.serve[2]), int(args.serve[3]))
         return
+    h2load = None if args.loadgen == "python" else find_h2load(args.h2load)
+    if args.loadgen == "h2load" and h2load is None:
+        parser.error("h2load not found (Debian: apt-get install nghttp2-client)")
     home = Path(tempfile.mkdtemp(prefix="fedvault-bench-gw-"))
+    fsync_before = fsync_ms(home)
+    load_before = os.getloadavg()
     x_all, _pipe = prepare(home)
     x = x_all[:1]
     token = (home / "token").read_text()
@@ -354,33 +532,68 @@ def main() -> None:
             ]
         }
     ).encode()
+    grpc_body = _grpc_request(x).SerializeToString()
+    grpc_framed = b"\0" + len(grpc_body).to_bytes(4, "big") + grpc_body
     results: dict[str, Any] = {}
     conns, secs = args.connections, args.seconds
 
-    for mode in ("audited", "unaudited"):
+    def drive_rest(port: int, path: str, body: bytes, auth: str | None) -> dict[str, Any]:
+        if h2load is None:
+            return asyncio.run(load_rest(port, path, body, auth, conns, secs))
+        headers = ["content-type: application/json"]
+        headers += [f"authorization: Bearer {auth}"] if auth else []
+        url = f"http://127.0.0.1:{port}{path}"
+        return _h2load(h2load, url, body, headers, h1=True, conns=conns, seconds=secs, work=home)
+
+    def drive_grpc(port: int) -> dict[str, Any]:
+        expected = grpc_preflight(port, x, token)  # a real client first: status OK
+        if h2load is None:
+            return asyncio.run(load_grpc(port, x, token, conns, secs))
+        url = f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"
+        headers = [
+            "content-type: application/grpc",
+            "te: trailers",
+            f"authorization: Bearer {token}",
+        ]
+        out = _h2load(
+            h2load, url, grpc_framed, headers, h1=False, conns=conns, seconds=secs, work=home
+        )
+        # gRPC errors are HTTP 200 with a grpc-status trailer and no message:
+        # answers without a full response message show up as missing data bytes.
+        out["responses_without_message"] = max(0, out["done"] - out["data_bytes"] // expected)
+        return out
+
+    def measured(pid: int, run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+        """``run(*args)`` plus the server's CPU per request (readable despite noisy neighbours)."""
+        cpu0 = _tree_cpu_s(pid)
+        out = run(*args)
+        served = out["requests"]
+        out["server_cpu_us_per_request"] = (
+            round((_tree_cpu_s(pid) - cpu0) / served * 1e6, 1) if served else None
+        )
+        return out
+
+    modes = ["audited", "unaudited"] + (["audited_thread"] if args.thread_writer else [])
+    for mode in modes:
         http_port, grpc_port = _free_port(), _free_port()
         proc = _start(
             [sys.executable, __file__, "--serve", str(home), mode, str(http_port), str(grpc_port)]
         )
         try:
             _wait_http(http_port, "/v2/health/live")
-            results[f"rest_{mode}"] = asyncio.run(
-                load_rest(http_port, f"/v2/models/{MODEL}/infer", oip, token, conns, secs)
-            )
-            results[f"grpc_{mode}"] = asyncio.run(load_grpc(grpc_port, x, token, conns, secs))
+            path = f"/v2/models/{MODEL}/infer"
+            results[f"rest_{mode}"] = measured(proc.pid, drive_rest, http_port, path, oip, token)
+            results[f"grpc_{mode}"] = measured(proc.pid, drive_grpc, grpc_port)
         finally:
             _stop(proc)
-        if mode == "audited":
-            count = home / "audit-audited.count"
-            results["audit_entries_written"] = int(count.read_text()) if count.exists() else None
+        if mode != "unaudited":
+            results[f"audit_log_{mode}"] = audit_tally(home / f"audit-{mode}.db")
 
     port = _free_port()
     proc = _start([sys.executable, __file__, "--serve", str(home), "bare", str(port), "0"])
     try:
         _wait_http(port, "/docs")
-        results["rest_bare_fastapi"] = asyncio.run(
-            load_rest(port, "/predict", oip, None, conns, secs)
-        )
+        results["rest_bare_fastapi"] = measured(proc.pid, drive_rest, port, "/predict", oip, None)
     finally:
         _stop(proc)
 
@@ -396,8 +609,9 @@ def main() -> None:
         proc = _start([str(mlserver), "start", str(home / "mlserver")], env=env)
         try:
             _wait_http(port, f"/v2/models/{MODEL}/ready", timeout=120)
-            results["rest_mlserver"] = asyncio.run(
-                load_rest(port, f"/v2/models/{MODEL}/infer", mlserver_body, None, conns, secs)
+            path = f"/v2/models/{MODEL}/infer"
+            results["rest_mlserver"] = measured(
+                proc.pid, drive_rest, port, path, mlserver_body, None
             )
             version = subprocess.run(
                 [
@@ -443,6 +657,9 @@ def main() -> None:
         "batch": 1,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "load_generator": f"h2load ({h2load})" if h2load else "python (asyncio HTTP/1.1, grpc.aio)",
+        "fsync_ms_median": {"before": fsync_before, "after": fsync_ms(home)},
+        "loadavg_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "note": "servers and load generator share this machine's CPUs",
     }
     print(json.dumps(results, indent=2))

@@ -20,6 +20,7 @@ from fedvault.errors import ConfigError
 from fedvault.settings import FedvaultSettings, load_settings
 
 if TYPE_CHECKING:
+    from server.audit.log import Committer
     from server.gateway.keys import GatewayStore
 
 gateway_app = typer.Typer(help="The audited inference gateway (OIP v2).", no_args_is_help=True)
@@ -46,6 +47,22 @@ def _gateway_store(settings: FedvaultSettings) -> GatewayStore:
     )
 
 
+def audit_committer(
+    writer: str, location: str | Path, password_file: Path | None
+) -> Committer | None:
+    """The gateway's audit committer: a writer process unless ``writer`` is ``thread``.
+
+    Why a process by default: the writer thread competes with the event loop
+    (and grpc.aio's poller) for the GIL on every SQLite call; see
+    :mod:`server.audit.writer` and the README's gateway benchmark.
+    """
+    if writer == "thread":
+        return None
+    from server.audit.writer import ProcessCommitter
+
+    return ProcessCommitter(location, password_file=password_file)
+
+
 @gateway_app.command("start")
 def start(
     home: HomeOpt = None,
@@ -61,6 +78,13 @@ def start(
         float | None, typer.Option(help="Requests/s per API key (0: unlimited).")
     ] = None,
     no_he: Annotated[bool, typer.Option("--no-he", help="Do not serve the HE extension.")] = False,
+    audit_writer: Annotated[
+        str,
+        typer.Option(
+            help="Where audit entries are committed: 'process' (a writer process, off the "
+            "server's GIL) or 'thread'. Both commit durably before the answer leaves."
+        ),
+    ] = "process",
 ) -> None:
     """Serve REST and gRPC until Ctrl-C / SIGTERM, then drain in-flight requests and stop."""
     from secure.signed_note import generate_note_key, load_note_signer, save_note_signer
@@ -92,10 +116,18 @@ def start(
         signer = generate_note_key("fedvault/gateway-audit")
         save_note_signer(settings.audit_key_file, signer)
         typer.echo(f"created audit signing key; verifier key: {signer.verifier.line}", err=True)
+    if audit_writer not in ("process", "thread"):
+        raise ConfigError("--audit-writer is 'process' or 'thread'")
     storage = open_storage(
         settings.audit_location, password_file=settings.audit_store_password_file
     )
-    log = AuditLog(storage, load_note_signer(settings.audit_key_file))
+    log = AuditLog(
+        storage,
+        load_note_signer(settings.audit_key_file),
+        committer=audit_committer(
+            audit_writer, settings.audit_location, settings.audit_store_password_file
+        ),
+    )
     try:
         keys = load_model_keys(
             settings.keys_dir,

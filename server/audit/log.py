@@ -33,7 +33,7 @@ from server.audit import merkle
 from server.audit.records import AuditRecord, encode_record
 from server.audit.storage import AuditStorage
 
-__all__ = ["MAX_PAGE", "AuditLog", "AuditSink", "GroupCommitter", "SignedCheckpoint"]
+__all__ = ["MAX_PAGE", "AuditLog", "AuditSink", "Committer", "GroupCommitter", "SignedCheckpoint"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +52,24 @@ class AuditSink(Protocol):
     """
 
     def append(self, record: AuditRecord) -> int: ...
+
+
+class Committer(Protocol):
+    """Turns single-entry appends into durable batched commits.
+
+    :class:`GroupCommitter` (a writer thread) or
+    :class:`server.audit.writer.ProcessCommitter` (a writer process). A future
+    resolves to the entry's index only once the entry is durable.
+    """
+
+    batches: int
+    items: int
+
+    def submit(self, item: bytes) -> Future[int]: ...
+
+    def submit_async(self, item: bytes) -> asyncio.Future[int]: ...
+
+    def close(self) -> None: ...
 
 
 _STOP: Final = object()
@@ -212,6 +230,7 @@ class AuditLog:
         max_batch: int = 1024,
         clock: Callable[[], float] = time.monotonic,
         node_cache: int = 65536,
+        committer: Committer | None = None,
     ) -> None:
         self.storage = storage
         self.signer = signer
@@ -221,8 +240,17 @@ class AuditLog:
         self._cp_lock = threading.Lock()
         self._cache: dict[merkle.NodeKey, bytes] = {}
         self._cache_limit = node_cache
-        self._latest = self._check_store()
-        self._committer = GroupCommitter(storage.append, max_batch=max_batch)
+        try:
+            self._latest = self._check_store()
+        except BaseException:
+            if committer is not None:
+                committer.close()
+            raise
+        # ``committer`` appends to this same store from elsewhere (a writer process);
+        # by default a thread here commits through ``storage``.
+        self._committer: Committer = committer or GroupCommitter(
+            storage.append, max_batch=max_batch
+        )
         self._bg_stop = threading.Event()
         self._bg: threading.Thread | None = None
 

@@ -1,0 +1,186 @@
+"""The audit writer process: durable and ordered like the thread, fail closed when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedvault.errors import UnavailableError
+from secure.signed_note import NoteSigner, generate_note_key
+from server.audit import merkle
+from server.audit.log import AuditLog
+from server.audit.records import decode_entry
+from server.audit.storage import SQLiteStorage
+from server.audit.writer import ProcessCommitter
+from tests.audit_support import record
+
+ORIGIN = "fedvault.test/audit-writer"
+
+
+@pytest.fixture
+def signer() -> NoteSigner:
+    return generate_note_key(ORIGIN)
+
+
+@pytest.fixture
+def log(tmp_path: Path, signer: NoteSigner) -> Iterator[AuditLog]:
+    db = tmp_path / "audit.db"
+    audit = AuditLog(SQLiteStorage(db), signer, committer=ProcessCommitter(db))
+    yield audit
+    audit.close()
+
+
+def _count(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM audit_entries").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_appends_are_durable_and_indexed(log: AuditLog, tmp_path: Path) -> None:
+    assert [log.append(record(i)) for i in range(5)] == [0, 1, 2, 3, 4]
+    assert _count(tmp_path / "audit.db") == 5  # acknowledged means committed
+    assert decode_entry(log.entries(0, 10)[3][1]) == record(3)
+
+
+def test_concurrent_appends_are_group_committed_in_one_tree(log: AuditLog) -> None:
+    barrier = threading.Barrier(8)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        barrier.wait()
+        for j in range(25):
+            idx = log.append(record(t * 100 + j))
+            with lock:
+                got.append(idx)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(200))
+    batches, items = log.group_commit_stats
+    assert items == 200
+    assert batches < 200
+    entries = [e for _, e in log.entries(0, 200)]
+    assert log.root(200) == merkle.reference_root([merkle.leaf_hash(e) for e in entries])
+    assert log.verify_store() == 200
+
+
+def test_async_appends_get_their_own_index(log: AuditLog) -> None:
+    async def main() -> list[int]:
+        return list(await asyncio.gather(*(log.append_async(record(i)) for i in range(50))))
+
+    indexes = asyncio.run(main())
+    assert sorted(indexes) == list(range(50))
+    for i, idx in enumerate(indexes):  # each waiter got the index of *its* entry
+        assert decode_entry(log.entries(idx, idx + 1)[0][1]) == record(i)
+
+
+def test_thread_and_process_appenders_share_one_verifiable_log(
+    tmp_path: Path, signer: NoteSigner
+) -> None:
+    """Two appenders on one store (e.g. REST and gRPC processes): one tree, one checkpoint."""
+    db = tmp_path / "audit.db"
+    by_process = AuditLog(SQLiteStorage(db), signer, committer=ProcessCommitter(db))
+    by_thread = AuditLog(SQLiteStorage(db), signer)
+    try:
+        for i in range(20):
+            (by_process if i % 2 else by_thread).append(record(i))
+        by_thread.checkpoint(force=True)
+        assert by_process.size() == by_thread.size() == 20
+        assert by_process.verify_store() == 20
+        entries = [e for _, e in by_thread.entries(0, 20)]
+        assert by_process.root(20) == merkle.reference_root([merkle.leaf_hash(e) for e in entries])
+        assert sorted(decode_entry(e).request_id or "" for e in entries) == sorted(
+            f"req-{i}" for i in range(20)
+        )
+    finally:
+        by_process.close()
+        by_thread.close()
+    reopened = AuditLog(SQLiteStorage(db), signer)  # its signed checkpoint still matches
+    assert reopened.size() == 20
+    reopened.close()
+
+
+def test_a_failing_store_fails_the_batch_not_the_writer(tmp_path: Path, signer: NoteSigner) -> None:
+    db = tmp_path / "audit.db"
+    audit = AuditLog(SQLiteStorage(db), signer, committer=ProcessCommitter(db))
+    try:
+        assert audit.append(record(0)) == 0
+        conn = sqlite3.connect(db)  # the store starts refusing appends (a stand-in for a full disk)
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit_entries "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        conn.commit()
+        with pytest.raises(UnavailableError):
+            audit.append(record(1))
+        conn.execute("DROP TRIGGER refuse")
+        conn.commit()
+        conn.close()
+        assert audit.append(record(2)) == 1  # same child, next batch commits
+    finally:
+        audit.close()
+
+
+def test_writer_death_fails_closed_then_recovers(tmp_path: Path, signer: NoteSigner) -> None:
+    db = tmp_path / "audit.db"
+    committer = ProcessCommitter(db)
+    audit = AuditLog(SQLiteStorage(db), signer, committer=committer)
+    try:
+        assert audit.append(record(0)) == 0
+        first = committer.pid
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        failed = False
+        while time.monotonic() < deadline and not failed:
+            try:
+                audit.append(record(1))
+            except UnavailableError:
+                failed = True  # in flight when it died: refused, never silently dropped
+            else:
+                break  # the death was noticed before this append: it went to a new child
+        assert committer.pid != first or failed
+        index = audit.append(record(2))  # a fresh writer process takes over
+        assert committer.pid != first
+        assert index == audit.size() - 1
+        assert audit.verify_store() == audit.size()
+    finally:
+        audit.close()
+    with pytest.raises(UnavailableError, match="closed"):
+        audit.append(record(3))
+
+
+def test_close_commits_what_was_sent(tmp_path: Path, signer: NoteSigner) -> None:
+    db = tmp_path / "audit.db"
+    committer = ProcessCommitter(db)
+    futures = [committer.submit(f'{{"n":{i}}}'.encode()) for i in range(100)]
+    committer.close()
+    assert sorted(f.result(5) for f in futures) == list(range(100))
+    assert _count(db) == 100
+
+
+def test_gateway_cli_picks_the_writer(tmp_path: Path) -> None:
+    from fedvault.cli.gateway import audit_committer
+
+    db = tmp_path / "audit.db"
+    assert audit_committer("thread", db, None) is None  # AuditLog's own writer thread
+    committer = audit_committer("process", db, None)
+    try:
+        assert isinstance(committer, ProcessCommitter)
+        assert committer.submit(b'{"n":0}').result(10) == 0
+    finally:
+        assert committer is not None
+        committer.close()
