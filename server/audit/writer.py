@@ -15,12 +15,16 @@ What does not change: an entry is acknowledged only after the child's
 ``synchronous=FULL``, or PostgreSQL's commit), so an acknowledged index is
 durable exactly as with the thread. A failed commit fails every waiter of
 that batch. If the child dies, or the socket breaks, every pending waiter
-fails (the request fails closed) and the next append starts a new child; an
-entry the dead child had committed without acknowledging stays in the log
-(like a request whose connection dropped after its record was written).
+fails (the request fails closed) and the first append a second later starts
+a new child (appends in between fail at once, so a writer that cannot start
+never costs a spawn per request); an entry the dead child had committed
+without acknowledging stays in the log (like a request whose connection
+dropped after its record was written). A child that cannot open the store
+makes the constructor raise: the gateway refuses to start.
 
 Wire format, parent to child: ``u32 length ‖ entry`` per entry. Child to
-parent, per batch in order: ``0x00 ‖ u64 first index ‖ u32 count`` or
+parent: ``0x02`` once the store is open, then per batch in order:
+``0x00 ‖ u64 first index ‖ u32 count`` or
 ``0x01 ‖ u32 count ‖ u16 length ‖ UTF-8 message`` (the batch failed; the
 message is the storage's error text, which never holds entries).
 """
@@ -29,12 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -54,6 +60,12 @@ _SEND_BUFFER: Final = 4 * 1024 * 1024
 _SEND_TIMEOUT_S: Final = 10.0
 """A sender blocked this long (child stalled, buffer full) fails closed instead of hanging."""
 _READ: Final = 1 << 20
+_READY: Final = 2
+"""The child's first byte once its store is open."""
+_START_TIMEOUT_S: Final = 60.0
+_RESTART_BACKOFF_S: Final = 1.0
+_ENV_LOCATION: Final = "FEDVAULT_AUDIT_WRITER_LOCATION"
+_ENV_PASSWORD_FILE: Final = "FEDVAULT_AUDIT_WRITER_PASSWORD_FILE"  # noqa: S105 - a variable name
 
 
 _Waiter = Future[int] | _LoopWaiter
@@ -76,6 +88,7 @@ class _Child:
     waiters: collections.deque[_Waiter] = field(default_factory=collections.deque)
     pending: list[bytes] = field(default_factory=list)  # frames not yet written
     alive: bool = True
+    ready: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
 
 
@@ -100,8 +113,13 @@ class ProcessCommitter:
         self.batches = 0
         self.items = 0
         self.restarts = 0
+        self._retry_at = 0.0  # no new child before this (monotonic), after one died
         with self._lock:
             self._child = self._spawn()
+        # Fail at start, not on the first request, when the store cannot be opened.
+        if not self._child.ready.wait(_START_TIMEOUT_S) or not self._child.alive:
+            self.close()
+            raise UnavailableError("the audit writer process could not open the audit store")
 
     # ------------------------------------------------------------------ child
     def _spawn(self) -> _Child:
@@ -115,13 +133,15 @@ class ProcessCommitter:
                 "-m",
                 "server.audit.writer",
                 str(child_end.fileno()),
-                self._location,
                 str(self._max_batch),
             ]
+            # The location goes by environment, not argv: a PostgreSQL URL may
+            # carry credentials, and argv is readable by every local user.
+            env = {**os.environ, _ENV_LOCATION: self._location}
             if self._password_file is not None:
-                args.append(str(self._password_file))
+                env[_ENV_PASSWORD_FILE] = str(self._password_file)
             proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                args, pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL
+                args, pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, env=env
             )
         except BaseException:
             parent.close()
@@ -152,7 +172,10 @@ class ProcessCommitter:
                     break
                 buf += data
                 while buf:
-                    if buf[0] == 0 and len(buf) >= _OK.size:
+                    if buf[0] == _READY:
+                        del buf[:1]
+                        child.ready.set()
+                    elif buf[0] == 0 and len(buf) >= _OK.size:
                         _, start, count = _OK.unpack_from(buf)
                         del buf[: _OK.size]
                         self._pop_and_settle(child, count, start, None)
@@ -163,7 +186,7 @@ class ProcessCommitter:
                         text = bytes(buf[_ERR.size : _ERR.size + size]).decode("utf-8", "replace")
                         del buf[: _ERR.size + size]
                         self._pop_and_settle(child, count, None, UnavailableError(text))
-                    elif buf[0] not in (0, 1):
+                    elif buf[0] not in (0, 1, _READY):
                         error = UnavailableError("audit writer process sent garbage")
                         return
                     else:
@@ -172,6 +195,8 @@ class ProcessCommitter:
             acks.close()
             with self._lock:
                 child.alive = False
+                child.ready.set()  # wakes a constructor still waiting (alive says how it went)
+                self._retry_at = time.monotonic() + _RESTART_BACKOFF_S
                 left = list(child.waiters)
                 child.waiters.clear()
             _settle_waiters(left, None, error)
@@ -196,6 +221,10 @@ class ProcessCommitter:
                 raise UnavailableError("audit log is closed")
             child = self._child
             if not child.alive:  # it died: a fresh one for this append
+                if time.monotonic() < self._retry_at:
+                    # At most one restart per backoff: a writer that cannot start
+                    # must not cost a process spawn per request.
+                    raise UnavailableError("audit writer process is restarting")
                 _stop(child, kill=True)
                 self.restarts += 1
                 child = self._child = self._spawn()
@@ -297,6 +326,7 @@ def _serve(sock: socket.socket, location: str, max_batch: int, password_file: Pa
     from server.audit.storage import open_storage
 
     storage = open_storage(location, password_file=password_file)
+    sock.sendall(bytes([_READY]))
     buf = bytearray()
     try:
         while True:
@@ -332,18 +362,21 @@ def _serve(sock: socket.socket, location: str, max_batch: int, password_file: Pa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m server.audit.writer FD LOCATION MAX_BATCH [PASSWORD_FILE]`` (spawned above)."""
+    """``python -m server.audit.writer FD MAX_BATCH`` (spawned above; the store from the env)."""
     args = list(sys.argv[1:] if argv is None else argv)
     # Ctrl-C or a group SIGTERM must not kill the writer before the server drained:
     # it stops when the server closes the socket (or exits).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(args[0]))
-    password_file = Path(args[3]) if len(args) > 3 else None
+    password = os.environ.get(_ENV_PASSWORD_FILE)
     try:
-        _serve(sock, args[1], int(args[2]), password_file)
+        _serve(sock, os.environ[_ENV_LOCATION], int(args[1]), Path(password) if password else None)
     except OSError:
         pass  # the parent went away mid-answer; nothing is waiting any more
+    except FedvaultError as exc:  # the store would not open: one line, no traceback
+        print(f"audit writer: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         sock.close()
 
