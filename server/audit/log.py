@@ -266,6 +266,10 @@ class AuditLog:
         """The same, for handlers on an event loop: awaits without blocking the loop."""
         return await self._committer.submit_async(encode_record(record))
 
+    async def append_entry_async(self, entry: bytes) -> int:
+        """:meth:`append_async` for a record already in canonical bytes (the gateway's)."""
+        return await self._committer.submit_async(entry)
+
     @property
     def group_commit_stats(self) -> tuple[int, int]:
         """(batches, items) committed so far: items/batches is the batching factor."""

@@ -19,7 +19,14 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["AuditRecord", "InvalidEntry", "decode_entry", "encode_record", "format_time"]
+__all__ = [
+    "AuditRecord",
+    "InvalidEntry",
+    "canonical_bytes",
+    "decode_entry",
+    "encode_record",
+    "format_time",
+]
 
 Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 """Hex SHA-256 of a request or response body (the bodies themselves stay out of the log)."""
@@ -93,7 +100,12 @@ class AuditRecord(BaseModel):
 
 def encode_record(record: AuditRecord) -> bytes:
     """Canonical bytes of ``record``: the leaf is SHA-256(0x00 ‖ these bytes)."""
-    return _CANONICAL.encode(record.to_json_dict()).encode("utf-8")
+    return canonical_bytes(record.to_json_dict())
+
+
+def canonical_bytes(fields: dict[str, Any]) -> bytes:
+    """Canonical bytes of a record's JSON field set (:meth:`AuditRecord.to_json_dict`'s form)."""
+    return _CANONICAL.encode(fields).encode("utf-8")
 
 
 _CANONICAL = json.JSONEncoder(
