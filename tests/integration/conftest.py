@@ -52,17 +52,26 @@ class Federation:
             port=free_port(),
         )
 
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return run_cli(*args, "--home", str(self.paths.home), timeout=timeout)
+    def cli(
+        self, *args: str, timeout: float = 300, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, "--home", str(self.paths.home), timeout=timeout, env=env)
 
-    def train(self, *args: str, timeout: float = 300) -> tuple[int, dict[str, Any], str]:
-        result = run_cli("train", "--home", str(self.paths.home), "--json", *args, timeout=timeout)
+    def train(
+        self, *args: str, timeout: float = 300, env: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], str]:
+        result = run_cli(
+            "train", "--home", str(self.paths.home), "--json", *args, timeout=timeout, env=env
+        )
         summary = json.loads(result.stdout) if result.stdout.strip() else {}
         return result.returncode, summary, result.stderr
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
+def run_cli(
+    *args: str, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m fedvault ARGS`` with our venv first on PATH; ``env`` adds variables."""
+    env = {**os.environ, **(env or {})}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     return subprocess.run(

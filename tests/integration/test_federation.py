@@ -14,11 +14,12 @@ import pytest
 
 from fedvault.cli.ledgers import compare_ledgers
 from fedvault.cli.processes import ManagedProcess
-from fedvault.errors import IntegrityError
+from fedvault.errors import IntegrityError, NotFoundError
 from server.audit.records import decode_entry
 from server.audit.storage import open_storage
 from server.registry import ModelRegistry, load_model_keys
 from server.store import FederationStore
+from tests.audit_support import fresh_database
 
 from .conftest import PARTNERS, Federation
 
@@ -115,6 +116,51 @@ def test_registered_model_verifies_and_tampering_is_refused(
             artifact.write_bytes(original)
     finally:
         store.close()
+
+
+def test_a_run_keeps_runs_ledger_registry_and_audit_in_postgresql(
+    federation: Federation, pg_admin: str
+) -> None:
+    # The compose stack's setting: coordinator state and the audit log in one
+    # PostgreSQL, nothing in the operator's SQLite files, artifacts in the rows.
+    env = {
+        "FEDVAULT_FEDERATION_STORE": fresh_database(pg_admin, "it_federation"),
+        "FEDVAULT_AUDIT_STORE": fresh_database(pg_admin, "it_audit"),
+    }
+    code, summary, err = federation.train(*RUN_ARGS, "--rounds", "2", env=env)
+    assert code == 0, err
+    assert summary["status"] == "finished"
+    run_id, model_id = summary["run_id"], summary["model_id"]
+
+    with FederationStore(federation.paths.db) as local, pytest.raises(NotFoundError):
+        local.run(run_id)
+    assert not (federation.paths.home / "registry" / f"{model_id}.fvar").exists()
+
+    with FederationStore(env["FEDVAULT_FEDERATION_STORE"]) as store:
+        assert store.run(run_id).status == "finished"
+        assert store.model_artifact(model_id) is not None
+        keys = load_model_keys(federation.paths.home / "keys", signing=False)
+        loaded = ModelRegistry(store, None, keys).load(model_id)
+        assert loaded.lineage["run_id"] == run_id
+    report = compare_ledgers(env["FEDVAULT_FEDERATION_STORE"], run_id, _node_ledgers(federation))
+    assert report["agree"], report["problems"]
+    assert len(report["rows"]) == 3 * 3  # stats release + 2 rounds per partner
+
+    storage = open_storage(env["FEDVAULT_AUDIT_STORE"])
+    try:
+        actions = [
+            r.action
+            for r in (decode_entry(e) for _, e in storage.entries(0, storage.size()))
+            if r.run_id == run_id
+        ]
+    finally:
+        storage.close()
+    assert actions[0] == "train.start"
+    assert actions[-2:] == ["model.register", "train.end"]
+
+    shown = federation.cli("models", "show", model_id, "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["lineage"]["run_id"] == run_id
 
 
 def _serverapp_pids() -> list[int]:
