@@ -4,14 +4,23 @@ There is no Docker engine here, so the stack cannot be started in tests. What ca
 be checked is what usually breaks a compose file silently: a command that is not
 (or no longer) a fedvault subcommand or uses an option that does not exist, a
 mounted file that is not in the repository, two services on one host port, a
-literal password, a long-running service without a healthcheck, and the
-operator's Control API reachable from the partners' network.
+literal password, a long-running service without a healthcheck, the
+operator's Control API reachable from a partner's network, a hop without TLS,
+a private key mounted where its consumer is not, and two partners on one
+network. Where Debian's `promtool`/`prometheus` are installed, the Prometheus
+configs are also checked by Prometheus itself, and Prometheus is started with
+the compose web config and a certificate from `federation init --service`.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import socket
+import ssl
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +28,8 @@ import click
 import pytest
 import typer.main
 import yaml
+from cryptography import x509
+from typer.testing import CliRunner
 
 from fedvault.cli.main import app
 
@@ -26,6 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 FEDVAULT_IMAGE = "fedvault:latest"
+PARTNERS = ("alpha", "beta", "gamma")
+# The uid each third-party image runs its server as (what tls-init must chown to).
+IMAGE_UIDS = {"prom/prometheus": 65534, "grafana/grafana": 472, "postgres": 999}
 SECRET_WORDS = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|PRIVATE", re.IGNORECASE)
 
 
@@ -65,8 +79,8 @@ def _resolve(argv: list[str]) -> tuple[click.Command, list[str], list[str]]:
 def test_fedvault_services_run_real_subcommands(compose: dict[str, Any]) -> None:
     checked = 0
     for name, service in _services(compose).items():
-        if service.get("image") != FEDVAULT_IMAGE:
-            continue
+        if service.get("image") != FEDVAULT_IMAGE or "entrypoint" in service:
+            continue  # tls-init: a shell step in the image, checked below
         argv = _argv(service)
         cmd, path, rest = _resolve(argv)
         # Parsing with click checks every option exists, takes the right type and
@@ -151,7 +165,7 @@ def test_mounted_configs_reference_existing_files() -> None:
     datasource = yaml.safe_load(
         (ROOT / "deploy/grafana/compose/datasources/prometheus.yml").read_text()
     )
-    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    assert datasource["datasources"][0]["url"] == "https://prometheus-operator:9090"
     assert list((ROOT / "deploy/grafana/dashboards").glob("*.json"))
 
 
@@ -216,14 +230,14 @@ def test_control_api_stays_on_the_operator_side(compose: dict[str, Any]) -> None
     published = [str(p) for p in services["superlink"].get("ports", [])]
     assert published == [f"{fleet_port}:{fleet_port}"]
     assert services["coordinator"]["network_mode"] == "service:superlink"
-    for partner in ("alpha", "beta", "gamma"):
+    for partner in PARTNERS:
         node = services[f"node-{partner}"]
-        assert node["networks"] == ["partners"]
+        assert node["networks"] == [f"partner-{partner}"]
         argv = _argv(node)
         assert "--superlink" not in argv  # the address comes from the kit
     assert compose["networks"]["operator"].get("internal") is True
-    for name in ("gateway", "postgres"):
-        assert "partners" not in services[name].get("networks", []), name
+    for name in ("gateway", "postgres", "grafana", "coordinator"):
+        assert not set(_networks(services[name])) & set(_partner_networks(compose)), name
 
 
 def test_dockerfile() -> None:
@@ -313,3 +327,429 @@ def test_federation_metrics_are_scraped_on_the_operator_network_only(
         for t in cfg["targets"]
     ]
     assert targets == [f"{host}:{port}"]
+
+
+# ------------------------------------------------------------ helpers (networks, mounts)
+
+
+def _networks(service: dict[str, Any]) -> list[str]:
+    networks = service.get("networks", [])
+    return list(networks) if isinstance(networks, (list, dict)) else []
+
+
+def _partner_networks(compose: dict[str, Any]) -> list[str]:
+    return [n for n in compose["networks"] if n.startswith("partner")]
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source (named volume or ./repo path)."""
+    out: dict[str, str] = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        out[target] = source
+    return out
+
+
+def _mounted_from(service: dict[str, Any], path: str) -> str | None:
+    """The source whose mount contains container path ``path`` (longest match)."""
+    best: tuple[int, str] | None = None
+    for target, source in _mounts(service).items():
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            if best is None or len(target) > best[0]:
+                best = (len(target), source)
+    return None if best is None else best[1]
+
+
+def _repo_file(service: dict[str, Any], path: str) -> Path:
+    """The repository file mounted at container path ``path``."""
+    for target, source in _mounts(service).items():
+        if source.startswith("./") and (path == target or path.startswith(target + "/")):
+            return ROOT / source / path[len(target) :].lstrip("/")
+    raise AssertionError(f"{path} is not mounted from the repository")
+
+
+def _image_uid(service: dict[str, Any]) -> int:
+    image = str(service["image"]).split(":")[0]
+    return IMAGE_UIDS[image]
+
+
+def _flag(argv: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"{name}=")]
+    assert len(values) == 1, f"{name} given {len(values)} times in {argv}"
+    return values[0]
+
+
+_INSTALL = re.compile(
+    r"install -m (?P<mode>0[0-7]{3}) -o (?P<uid>\d+) -g (?P<gid>\d+) (?P<src>\S+) (?P<dst>\S+)"
+)
+
+
+def _tls_installs(compose: dict[str, Any]) -> list[dict[str, str]]:
+    script = " ".join(str(c) for c in _services(compose)["tls-init"]["command"])
+    installs = [m.groupdict() for m in _INSTALL.finditer(script)]
+    assert installs, "tls-init installs nothing"
+    return installs
+
+
+# ------------------------------------------------------------------- TLS on every hop
+
+
+def test_every_scrape_is_tls_verified_with_the_ca(compose: dict[str, Any]) -> None:
+    prometheus = _services(compose)["prometheus"]
+    config = yaml.safe_load(_repo_file(prometheus, "/etc/prometheus/prometheus.yml").read_text())
+    for job in config["scrape_configs"]:
+        name = job["job_name"]
+        assert job.get("scheme") == "https", name
+        tls = job.get("tls_config", {})
+        assert tls.get("insecure_skip_verify", False) is False, name
+        # The CA file lies in a volume Prometheus really mounts, put there by tls-init.
+        assert _mounted_from(prometheus, tls["ca_file"]) == "prometheus-tls", name
+    tls_init_targets = {i["dst"] for i in _tls_installs(compose)}
+    assert "/tls/prometheus/ca.crt" in tls_init_targets
+
+
+def test_prometheus_serves_https_only(compose: dict[str, Any]) -> None:
+    prometheus = _services(compose)["prometheus"]
+    argv = [str(a) for a in prometheus["command"]]
+    web = yaml.safe_load(_repo_file(prometheus, _flag(argv, "--web.config.file")).read_text())
+    server = web["tls_server_config"]
+    for key in ("cert_file", "key_file"):
+        assert _mounted_from(prometheus, server[key]) == "prometheus-tls", key
+    assert server.get("client_auth_type", "NoClientCert") in (
+        "NoClientCert",
+        "RequireAndVerifyClientCert",
+    )
+    # Its health check speaks HTTPS and verifies the certificate.
+    test = [str(t) for t in prometheus["healthcheck"]["test"]]
+    assert test[:4] == ["CMD", "promtool", "check", "healthy"]
+    assert _flag(test, "--url").startswith("https://")
+    http_config = yaml.safe_load(
+        _repo_file(prometheus, _flag(test, "--http.config.file")).read_text()
+    )
+    assert _mounted_from(prometheus, http_config["tls_config"]["ca_file"]) == "prometheus-tls"
+    assert not http_config["tls_config"].get("insecure_skip_verify", False)
+
+
+def test_grafana_reads_prometheus_over_verified_https_and_serves_https(
+    compose: dict[str, Any],
+) -> None:
+    services = _services(compose)
+    grafana = services["grafana"]
+    files = list((ROOT / "deploy/grafana/compose/datasources").glob("*.yml"))
+    assert files
+    for path in files:
+        for source in yaml.safe_load(path.read_text())["datasources"]:
+            assert source["url"].startswith("https://"), path
+            assert source["jsonData"]["tlsAuthWithCACert"] is True
+            assert not source["jsonData"].get("tlsSkipVerify", False)
+            match = re.fullmatch(r"\$__file\{(.+)\}", source["secureJsonData"]["tlsCACert"])
+            assert match, "tlsCACert must be read from the CA file"
+            assert _mounted_from(grafana, match.group(1)) == "grafana-tls"
+    # The URL's host is Prometheus' alias on the one network both share.
+    prometheus = services["prometheus"]
+    host = "prometheus-operator"
+    assert host in prometheus["networks"]["operator"]["aliases"]
+    assert set(_networks(grafana)) & set(_networks(prometheus)) == {"operator"}
+    env = grafana["environment"]
+    assert env["GF_SERVER_PROTOCOL"] == "https"
+    for key in ("GF_SERVER_CERT_FILE", "GF_SERVER_CERT_KEY"):
+        assert _mounted_from(grafana, env[key]) == "grafana-tls", key
+    test = [str(t) for t in grafana["healthcheck"]["test"]]
+    assert test[1] == "curl"
+    assert "--cacert" in test
+    assert "-k" not in test
+    assert any(t.startswith("https://") for t in test)
+
+
+def test_no_plain_http_url_in_the_compose_stack() -> None:
+    files = [
+        COMPOSE,
+        *(ROOT / "deploy/compose").glob("*.yml"),
+        *(ROOT / "deploy/grafana/compose").rglob("*.yml"),
+    ]
+    for path in files:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            body = line.split("#", 1)[0]
+            assert "http://" not in body, f"{path.name}:{number}: {line.strip()}"
+            assert "insecure_skip_verify: true" not in body, f"{path.name}:{number}"
+            assert "sslmode=disable" not in body, f"{path.name}:{number}"
+
+
+# ------------------------------------------------------------- keys: their consumer only
+
+
+def test_private_keys_reach_only_their_consumer(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    # The operator's state (CA key, model keys, the SuperLink's key) only in
+    # fedvault's own services, never in a third-party image.
+    with_state = {n for n, s in services.items() if "operator-state" in _mounts(s).values()}
+    assert with_state == {"init", "tls-init", "superlink", "coordinator", "gateway"}
+    for name in with_state:
+        assert services[name]["image"] == FEDVAULT_IMAGE, name
+    # A partner's kit (its node key, its TLS key): init writes it, its node reads it.
+    for partner in PARTNERS:
+        users = {n for n, s in services.items() if f"kit-{partner}" in _mounts(s).values()}
+        assert users == {"init", f"node-{partner}"}, partner
+        assert _mounts(services[f"node-{partner}"])["/kit"] == f"kit-{partner}"
+        assert f"kit-{partner}:/kit:ro" in services[f"node-{partner}"]["volumes"]
+    # Each TLS volume: tls-init and exactly one consumer, owned by the
+    # consumer's uid, key 0600, and the consumer's own key (not the SuperLink's).
+    tls_init = services["tls-init"]
+    assert tls_init.get("network_mode") == "none"
+    assert "operator-state:/state:ro" in tls_init["volumes"]
+    installs = _tls_installs(compose)
+    keys = [i for i in installs if i["dst"].endswith(".key")]
+    assert {k["dst"].split("/")[2] for k in keys} == {"prometheus", "grafana", "postgres"}
+    for item in installs:
+        volume = _mounted_from(tls_init, item["dst"])
+        assert volume is not None, item
+        assert volume.endswith("-tls"), item
+        consumers = [
+            n for n, s in services.items() if n != "tls-init" and volume in _mounts(s).values()
+        ]
+        assert len(consumers) == 1, (volume, consumers)
+        consumer = services[consumers[0]]
+        assert int(item["uid"]) == _image_uid(consumer), item
+        assert f"{volume}:" in " ".join(consumer["volumes"])
+        assert any(v.startswith(f"{volume}:") and v.endswith(":ro") for v in consumer["volumes"])
+        if item["dst"].endswith(".key"):
+            assert item["mode"] == "0600", item
+            service_name = item["dst"].split("/")[2]
+            assert item["src"] == f"/state/pki/services/{service_name}/server.key", item
+        else:
+            assert item["src"].endswith((".pem", ".crt")), item
+    script = " ".join(str(c) for c in tls_init["command"])
+    for volume_dir in ("/tls/prometheus", "/tls/grafana", "/tls/postgres"):
+        assert f"chmod 0700 {volume_dir}" in script
+    # The consumers' configs point at the installed files.
+    postgres = " ".join(services["postgres"]["command"])
+    for option in ("ssl_cert_file", "ssl_key_file"):
+        path = re.search(rf"{option}=(\S+)", postgres)
+        assert path, option
+        assert _mounted_from(services["postgres"], path.group(1)) == "postgres-tls"
+
+
+# ---------------------------------------------------------------- partners' isolation
+
+
+def test_each_partner_node_has_a_network_of_its_own(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    partner_networks = _partner_networks(compose)
+    assert sorted(partner_networks) == [f"partner-{p}" for p in PARTNERS]
+    nodes = {p: set(_networks(services[f"node-{p}"])) for p in PARTNERS}
+    for a in PARTNERS:
+        for b in PARTNERS:
+            if a < b:
+                assert not nodes[a] & nodes[b], f"node-{a} and node-{b} share {nodes[a] & nodes[b]}"
+    for network in partner_networks:
+        members = {n for n, s in services.items() if network in _networks(s)}
+        partner = network.removeprefix("partner-")
+        # The partner's node, the Fleet proxy, Prometheus as a scraper: nobody else.
+        assert members == {f"node-{partner}", "superlink", "prometheus"}, (network, members)
+    # Nobody joins a partner network through another container's namespace.
+    for name, service in services.items():
+        mode = str(service.get("network_mode", ""))
+        if mode.startswith("service:"):
+            assert mode == "service:superlink", name
+            assert name == "coordinator", name
+
+
+def test_nothing_but_the_fleet_proxy_listens_on_a_partner_network(
+    compose: dict[str, Any],
+) -> None:
+    services = _services(compose)
+    superlink = services["superlink"]
+    argv = _argv(superlink)
+    # Control + Runtime APIs: loopback only, never published.
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    control_port = argv[argv.index("--port") + 1]
+    for service in services.values():
+        for port in service.get("ports", []):
+            assert str(port).split(":")[-2] != control_port
+    # Federation metrics: the operator-network alias only.
+    metrics_host = argv[argv.index("--metrics-host") + 1]
+    assert metrics_host in superlink["networks"]["operator"]["aliases"]
+    # Prometheus holds every partner's ε: its web port is bound to its
+    # operator-network alias, so on a partner network it refuses connections.
+    prometheus = services["prometheus"]
+    listen = _flag([str(a) for a in prometheus["command"]], "--web.listen-address")
+    host = listen.rsplit(":", 1)[0]
+    assert host in prometheus["networks"]["operator"]["aliases"]
+    for network, config in prometheus["networks"].items():
+        if network != "operator":
+            assert not (config or {}).get("aliases"), network
+    assert not prometheus.get("ports")  # not published on the host either
+
+
+# ------------------------------------------------ the init command really issues these
+
+
+@pytest.fixture(scope="module")
+def compose_pki(tmp_path_factory: pytest.TempPathFactory, compose: dict[str, Any]) -> Path:
+    """Run the compose `init` command, with /state and /kits in a temp dir."""
+    root = tmp_path_factory.mktemp("compose-init")
+    argv = [
+        str(root / a[1:]) if a in ("/state", "/kits") else a
+        for a in _argv(_services(compose)["init"])
+    ]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    return root / "state"
+
+
+def _sans(cert_path: Path) -> set[str]:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(v) for v in san.get_values_for_type(x509.DNSName)} | {
+        str(v) for v in san.get_values_for_type(x509.IPAddress)
+    }
+
+
+def test_init_issues_every_file_tls_init_installs(
+    compose: dict[str, Any], compose_pki: Path
+) -> None:
+    for item in _tls_installs(compose):
+        source = compose_pki / item["src"].removeprefix("/state/")
+        assert source.is_file(), item["src"]
+        if source.suffix == ".key":
+            assert source.stat().st_mode & 0o777 == 0o600
+    services = compose_pki / "pki" / "services"
+    ca = x509.load_pem_x509_certificate((compose_pki / "pki" / "ca.crt").read_bytes())
+    for name in ("prometheus", "grafana", "postgres"):
+        cert = x509.load_pem_x509_certificate((services / name / "server.pem").read_bytes())
+        cert.verify_directly_issued_by(ca)
+    # Each certificate names the host its clients use.
+    assert "prometheus-operator" in _sans(services / "prometheus" / "server.pem")
+    assert {"grafana", "localhost", "127.0.0.1"} <= _sans(services / "grafana" / "server.pem")
+    assert _sans(services / "postgres" / "server.pem") == {"postgres"}
+    # A service's key is its own: not the SuperLink's.
+    superlink_key = (compose_pki / "pki" / "server.key").read_bytes()
+    for name in ("prometheus", "grafana", "postgres"):
+        assert (services / name / "server.key").read_bytes() != superlink_key
+
+
+def test_init_keeps_service_certs_and_refuses_bad_specs(tmp_path: Path) -> None:
+    runner = CliRunner()
+    home = tmp_path / "fed"
+    base = ["federation", "init", "--home", str(home), "--partners", ""]
+    assert runner.invoke(app, [*base, "--service", "prometheus"]).exit_code == 0
+    cert = home / "pki" / "services" / "prometheus" / "server.pem"
+    first = cert.read_bytes()
+    assert _sans(cert) == {"prometheus"}
+    # Re-run (every `docker compose up`): kept; a new service is added to an existing CA.
+    again = runner.invoke(app, [*base, "--service", "prometheus", "--service", "grafana=a,b"])
+    assert again.exit_code == 0, again.output
+    assert cert.read_bytes() == first
+    assert _sans(home / "pki" / "services" / "grafana" / "server.pem") == {"a", "b"}
+    for bad in ("../x", "Prom", "x=", "dup"):
+        specs = ["--service", bad] + (["--service", "dup"] if bad == "dup" else [])
+        result = runner.invoke(app, [*base, *specs])
+        assert result.exit_code != 0, bad
+
+
+# ------------------------------------ Prometheus' own checks (Debian's prometheus package)
+
+
+def _localised_prometheus_configs(
+    compose: dict[str, Any], pki: Path, out: Path
+) -> tuple[Path, Path]:
+    """Copies of the compose Prometheus configs with container paths mapped to ``out``."""
+    prometheus = _services(compose)["prometheus"]
+    tls_dir = out / "tls"
+    tls_dir.mkdir()
+    for item in _tls_installs(compose):
+        if item["dst"].startswith("/tls/prometheus/"):
+            target = tls_dir / Path(item["dst"]).name
+            shutil.copyfile(pki / item["src"].removeprefix("/state/"), target)
+            target.chmod(int(item["mode"], 8))
+    token = out / "token"
+    token.write_text("not-a-real-token\n")
+    mapping = {
+        "/etc/prometheus/tls/": f"{tls_dir}/",
+        "/run/secrets/fedvault-auditor.token": str(token),
+    }
+    for target, source in _mounts(prometheus).items():
+        if source.startswith("./") and target.endswith(".yml"):
+            mapping[target] = str(out / Path(target).name)
+    for target, source in _mounts(prometheus).items():
+        if source.startswith("./") and target.endswith(".yml"):
+            text = (ROOT / source).read_text()
+            for container_path, local in mapping.items():
+                text = text.replace(container_path, local)
+            (out / Path(target).name).write_text(text)
+    argv = [str(a) for a in prometheus["command"]]
+    config = Path(mapping[_flag(argv, "--config.file")])
+    web = Path(mapping[_flag(argv, "--web.config.file")])
+    return config, web
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_the_compose_configs(
+    compose: dict[str, Any], compose_pki: Path, tmp_path: Path
+) -> None:
+    config, web = _localised_prometheus_configs(compose, compose_pki, tmp_path)
+    for argv in (["check", "web-config", str(web)], ["check", "config", str(config)]):
+        done = subprocess.run(
+            ["promtool", *argv], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get(port: int, ctx: ssl.SSLContext | None, host: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        conn: socket.socket = ctx.wrap_socket(raw, server_hostname=host) if ctx else raw
+        conn.sendall(
+            f"GET /-/healthy HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+        return data
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
+def test_prometheus_serves_the_compose_web_config_over_verified_tls(
+    compose: dict[str, Any], compose_pki: Path, tmp_path: Path
+) -> None:
+    config, web = _localised_prometheus_configs(compose, compose_pki, tmp_path)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--web.config.file={web}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        ctx = ssl.create_default_context(cafile=str(compose_pki / "pki" / "ca.crt"))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                answer = _get(port, ctx, "prometheus-operator")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "prometheus did not come up"
+                time.sleep(0.3)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        # Plain HTTP is refused (Go answers 400 to plain HTTP on a TLS port).
+        assert not _get(port, None, "prometheus-operator").startswith(b"HTTP/1.1 200")
+        # A client trusting another CA does not get through.
+        with pytest.raises(ssl.SSLError):
+            _get(port, ssl.create_default_context(), "prometheus-operator")
+        # Nor one that expects another name (the certificate names Prometheus only).
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _get(port, ctx, "superlink")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -3,6 +3,7 @@
 A federation home (``--home``, default ``.fedvault``) holds::
 
     pki/            CA, SuperLink server certificate (keys 0600)
+    pki/services/NAME/  a server certificate of its own per --service (key 0600)
     nodes/NAME/     each partner's SuperNode auth key pair and node ledger
     keys/           model signing + encryption keys (0600)
     flwr/           private FLWR_HOME (connection config for `flwr`)
@@ -16,6 +17,7 @@ A federation home (``--home``, default ``.fedvault``) holds::
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -26,7 +28,7 @@ from typing import Any
 
 from fedvault.errors import ConfigError, ProcessFailedError, UnavailableError
 from fedvault.training_config import TrainingConfig
-from secure import create_ca, create_node_auth_keypair, issue_server_cert
+from secure import CAFiles, create_ca, create_node_auth_keypair, issue_server_cert
 from server.registry import ensure_model_keys
 
 from .processes import ManagedProcess, ProcessGroup, child_env, executable, wait_for_port
@@ -97,6 +99,9 @@ class FederationPaths:
     def server_key(self) -> Path:
         return self.pki / "server.key"
 
+    def service_dir(self, service: str) -> Path:
+        return self.pki / "services" / service
+
     def node_dir(self, partner: str) -> Path:
         return self.home / "nodes" / partner
 
@@ -124,15 +129,55 @@ class FederationPaths:
         return self.home / "federation.json"
 
 
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def parse_service_specs(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME`` or ``NAME=HOST[,HOST...]`` -> {NAME: hosts} (hosts default: [NAME])."""
+    services: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        name = name.strip()
+        if not _SERVICE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"--service {spec!r}: the name must be lower-case letters, digits and '-'"
+            )
+        hosts = [h.strip() for h in rest.split(",") if h.strip()] if sep else [name]
+        if not hosts:
+            raise ConfigError(f"--service {spec!r}: no host names after '='")
+        if name in services:
+            raise ConfigError(f"--service {name} given twice")
+        services[name] = hosts
+    return services
+
+
 def init_federation(
-    paths: FederationPaths, partners: list[str], hosts: list[str], *, name: str = "fedvault"
+    paths: FederationPaths,
+    partners: list[str],
+    hosts: list[str],
+    *,
+    name: str = "fedvault",
+    services: dict[str, list[str]] | None = None,
 ) -> None:
-    """Create the PKI, node auth keys and model keys that do not exist yet."""
+    """Create the PKI, node auth keys and model keys that do not exist yet.
+
+    ``services`` (name -> host names) each get a server certificate and key of
+    their own in ``pki/services/NAME/``, so a service that only needs to serve
+    TLS (Prometheus, Grafana, PostgreSQL) never holds the SuperLink's key.
+    Like the SuperLink's, an existing service certificate is kept as it is.
+    """
     paths.home.mkdir(parents=True, exist_ok=True)
     paths.home.chmod(0o700)
     if not paths.ca_cert.exists():
         ca = create_ca(f"{name} federation CA"[:64], paths.pki)
         issue_server_cert(ca, paths.pki, hosts=hosts)
+    for service, service_hosts in (services or {}).items():
+        out = paths.service_dir(service)
+        if not (out / "server.pem").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            out.chmod(0o700)
+            ca_files = CAFiles(ca_cert=paths.ca_cert, ca_key=paths.pki / "ca.key")
+            issue_server_cert(ca_files, out, hosts=service_hosts)
     for partner in partners:
         if not paths.node_key(partner).exists():
             create_node_auth_keypair(paths.node_dir(partner), NODE_KEY_NAME)

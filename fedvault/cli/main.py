@@ -243,6 +243,13 @@ def federation_init(
     superlink: Annotated[
         str | None, typer.Option(help="Fleet API host:port written into the kits.")
     ] = None,
+    service: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME[=HOST,...]: a server certificate of its own for another TLS service "
+            "(pki/services/NAME; hosts default to NAME). Repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Create the federation's CA (key 0600), config, SuperLink certificate and model keys.
 
@@ -258,7 +265,8 @@ def federation_init(
     if kits_dir is not None and superlink is None:
         raise ConfigError("--kits-dir needs --superlink (the Fleet address partners reach)")
     kits.check_name(name, "federation")
-    fed.init_federation(paths, [] if kits_dir else names, hosts, name=name)
+    services = fed.parse_service_specs(service or [])
+    fed.init_federation(paths, [] if kits_dir else names, hosts, name=name, services=services)
     kits.init_identity(paths, name, hosts)
     if kits_dir is not None and superlink is not None:
         issued = kits.load_partners(paths)
