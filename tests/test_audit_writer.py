@@ -222,3 +222,13 @@ def test_writer_process_on_postgresql(pg_admin: str, signer: NoteSigner) -> None
         assert decode_entry(audit.entries(4, 5)[0][1]) == record(4)
     finally:
         audit.close()
+
+
+def test_commit_delay_only_under_load() -> None:
+    """Small batches right after a commit wait for company; an idle writer commits at once."""
+    from server.audit.writer import BUSY_WINDOW_S, SMALL_BATCH, wait_for_more
+
+    assert wait_for_more(1, 0.0005)  # busy: one entry, last commit 0.5 ms ago
+    assert not wait_for_more(SMALL_BATCH, 0.0005)  # a real batch goes now
+    assert not wait_for_more(1, BUSY_WINDOW_S * 2)  # idle: no added latency
+    assert not wait_for_more(1, 10.0)

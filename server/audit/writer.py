@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import select
 import signal
 import socket
 import struct
@@ -50,7 +51,7 @@ from typing import Final
 from fedvault.errors import FedvaultError, UnavailableError
 from server.audit.log import GroupCommitter, _LoopWaiter
 
-__all__ = ["ProcessCommitter", "main"]
+__all__ = ["ProcessCommitter", "main", "wait_for_more"]
 
 _OK: Final = struct.Struct(">BQI")
 _ERR: Final = struct.Struct(">BIH")
@@ -322,27 +323,61 @@ def _stop(child: _Child, *, kill: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------- child
+def _frames(buf: bytearray) -> list[bytes]:
+    """Take the complete ``u32 length ‖ entry`` frames off the front of ``buf``."""
+    entries: list[bytes] = []
+    pos = 0
+    while len(buf) - pos >= _LEN.size:
+        (size,) = _LEN.unpack_from(buf, pos)
+        if len(buf) - pos - _LEN.size < size:
+            break
+        entries.append(bytes(buf[pos + _LEN.size : pos + _LEN.size + size]))
+        pos += _LEN.size + size
+    del buf[:pos]
+    return entries
+
+
+def wait_for_more(entries: int, since_last_commit_s: float) -> bool:
+    """Whether to hold a batch up to :data:`COMMIT_DELAY_S` for more entries.
+
+    Why: with a fast disk, a server whose requests trickle in one per event
+    loop turn (grpc.aio's do) sent batches of ~1, so every request paid a
+    whole commit — one fsync and a wake-up of both processes — and gRPC
+    served ~25% fewer requests than with the writer thread (whose GIL waits
+    happened to batch). Like PostgreSQL's ``commit_delay`` with
+    ``commit_siblings``, the wait applies only under load: a small batch
+    right after a commit. An idle server commits at once.
+    """
+    return entries < SMALL_BATCH and since_last_commit_s < BUSY_WINDOW_S
+
+
+SMALL_BATCH: Final = 4
+BUSY_WINDOW_S: Final = 0.002
+COMMIT_DELAY_S: Final = 0.0003
+
+
 def _serve(sock: socket.socket, location: str, max_batch: int, password_file: Path | None) -> None:
     from server.audit.storage import open_storage
 
     storage = open_storage(location, password_file=password_file)
     sock.sendall(bytes([_READY]))
     buf = bytearray()
+    last_commit = 0.0
     try:
-        while True:
+        closing = False
+        while not closing:
             data = sock.recv(_READ)
             if not data:
                 return  # parent closed (or died): everything sent was handled
             buf += data
-            entries: list[bytes] = []
-            pos = 0
-            while len(buf) - pos >= _LEN.size:
-                (size,) = _LEN.unpack_from(buf, pos)
-                if len(buf) - pos - _LEN.size < size:
-                    break
-                entries.append(bytes(buf[pos + _LEN.size : pos + _LEN.size + size]))
-                pos += _LEN.size + size
-            del buf[:pos]
+            entries = _frames(buf)
+            if wait_for_more(len(entries), time.monotonic() - last_commit):
+                ready, _, _ = select.select([sock], [], [], COMMIT_DELAY_S)
+                if ready:
+                    more = sock.recv(_READ)
+                    closing = not more  # commit what we have, then stop
+                    buf += more
+                    entries += _frames(buf)
             for offset in range(0, len(entries), max_batch):
                 chunk = entries[offset : offset + max_batch]
                 try:
@@ -357,6 +392,7 @@ def _serve(sock: socket.socket, location: str, max_batch: int, password_file: Pa
                     sock.sendall(_ERR.pack(1, len(chunk), len(raw)) + raw)
                     continue
                 sock.sendall(_OK.pack(0, start, len(chunk)))
+            last_commit = time.monotonic()
     finally:
         storage.close()
 
