@@ -190,6 +190,8 @@ def serve(home: Path, mode: str, http_port: int, grpc_port: int) -> None:
         Listen("127.0.0.1", http_port, grpc_port),
         unaudited_for_benchmark=mode == "unaudited",
     )
+    batches, items = log.group_commit_stats
+    (home / f"commits-{mode}.json").write_text(json.dumps({"batches": batches, "items": items}))
     log.close()
 
 
@@ -588,6 +590,12 @@ def main() -> None:
             _stop(proc)
         if mode != "unaudited":
             results[f"audit_log_{mode}"] = audit_tally(home / f"audit-{mode}.db")
+            commits = home / f"commits-{mode}.json"
+            if commits.exists():  # the server wrote its group-commit counts on the way out
+                counts = json.loads(commits.read_text())
+                results[f"audit_log_{mode}"]["mean_batch"] = round(
+                    counts["items"] / max(counts["batches"], 1), 2
+                )
 
     port = _free_port()
     proc = _start([sys.executable, __file__, "--serve", str(home), "bare", str(port), "0"])
