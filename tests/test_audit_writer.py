@@ -232,3 +232,45 @@ def test_commit_delay_only_under_load() -> None:
     assert not wait_for_more(SMALL_BATCH, 0.0005)  # a real batch goes now
     assert not wait_for_more(1, BUSY_WINDOW_S * 2)  # idle: no added latency
     assert not wait_for_more(1, 10.0)
+
+
+def test_a_stalled_writer_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    """Entries beyond what the socket holds wait in memory; the loop keeps running."""
+    db = tmp_path / "audit.db"
+    committer = ProcessCommitter(db)
+    entry = b'{"pad":"' + b"x" * 1000 + b'"}'
+    try:
+        os.kill(committer.pid, signal.SIGSTOP)  # a commit that takes forever
+
+        async def main() -> tuple[float, list[int]]:
+            futures = [committer.submit_async(entry) for _ in range(20000)]  # > the socket buffer
+            worst = 0.0
+            for _ in range(20):  # the loop stays responsive while nothing is written
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.01)
+                worst = max(worst, time.perf_counter() - t0)
+            assert not any(f.done() for f in futures)  # nothing acknowledged: not durable
+            os.kill(committer.pid, signal.SIGCONT)
+            return worst, list(await asyncio.wait_for(asyncio.gather(*futures), 60))
+
+        worst, indexes = asyncio.run(main())
+        assert worst < 0.5
+        assert indexes == list(range(20000))
+    finally:
+        os.kill(committer.pid, signal.SIGCONT)
+        committer.close()
+    assert _count(db) == 20000
+
+
+def test_a_thread_waits_for_a_stalled_writer_without_losing_order(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    committer = ProcessCommitter(db)
+    entry = b'{"pad":"' + b"x" * 1000 + b'"}'
+    try:
+        os.kill(committer.pid, signal.SIGSTOP)
+        threading.Timer(0.3, os.kill, (committer.pid, signal.SIGCONT)).start()
+        futures = [committer.submit(entry) for _ in range(20000)]  # blocks once the socket is full
+        assert [f.result(60) for f in futures] == list(range(20000))
+    finally:
+        os.kill(committer.pid, signal.SIGCONT)
+        committer.close()

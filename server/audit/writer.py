@@ -59,7 +59,7 @@ _LEN: Final = struct.Struct(">I")
 _SEND_BUFFER: Final = 4 * 1024 * 1024
 """Room for thousands of queued entries, so a sender only blocks when the child is stuck."""
 _SEND_TIMEOUT_S: Final = 10.0
-"""A sender blocked this long (child stalled, buffer full) fails closed instead of hanging."""
+"""A thread's append that could not be written this long (child stalled) fails closed."""
 _READ: Final = 1 << 20
 _READY: Final = 2
 """The child's first byte once its store is open."""
@@ -128,7 +128,9 @@ class ProcessCommitter:
         parent, child_end = socket.socketpair()
         try:
             parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-            parent.settimeout(_SEND_TIMEOUT_S)
+            # Non-blocking: the event loop must never wait on a stuck writer.
+            # What the socket cannot take yet stays queued (see _flush_locked).
+            parent.setblocking(False)
             args = [
                 sys.executable,
                 "-m",
@@ -150,9 +152,7 @@ class ProcessCommitter:
         finally:
             child_end.close()
         child = _Child(proc, parent)
-        # Its own handle: the reader blocks without a timeout, the senders keep theirs.
-        acks = parent.dup()
-        acks.settimeout(None)
+        acks = parent.dup()  # the reader's handle (non-blocking too: it waits in select)
         child.reader = threading.Thread(
             target=self._read_acks, args=(child, acks), name="audit-writer-acks", daemon=True
         )
@@ -166,8 +166,11 @@ class ProcessCommitter:
         try:
             while True:
                 try:
+                    select.select([acks], [], [])
                     data = acks.recv(_READ)
-                except OSError:
+                except BlockingIOError:
+                    continue
+                except (OSError, ValueError):  # ValueError: closed under us
                     data = b""
                 if not data:
                     break
@@ -214,7 +217,7 @@ class ProcessCommitter:
         _settle_waiters(batch, start, error)
 
     # -------------------------------------------------------------- producers
-    def _enqueue(self, item: bytes, waiter: _Waiter, *, flush: bool) -> None:
+    def _enqueue(self, item: bytes, waiter: _Waiter) -> _Child:
         """Queue ``item``'s frame beside its waiter (one lock: same order on both sides)."""
         frame = _LEN.pack(len(item)) + item
         with self._lock:
@@ -231,33 +234,54 @@ class ProcessCommitter:
                 child = self._child = self._spawn()
             child.waiters.append(waiter)
             child.pending.append(frame)
-            if flush:
-                self._flush_locked(child)
+            return child
 
-    def _flush(self) -> None:
-        """Send every queued frame in one write (scheduled once per event-loop turn)."""
-        with self._lock:
-            self._flush_scheduled = False
-            self._flush_locked(self._child)
+    def _flush_locked(self, child: _Child) -> bool:
+        """Write what the socket takes now, keep the rest; True once nothing is left.
 
-    def _flush_locked(self, child: _Child) -> None:
-        if not child.pending or not child.alive:
-            return
+        Never blocks: a writer stuck in a slow commit (a PostgreSQL failover,
+        a disk stall) fills the socket, and the event loop must keep serving
+        health probes and timing requests out meanwhile.
+        """
+        if not child.alive:
+            return True  # its reader fails the waiters
+        if not child.pending:
+            return True
         data = b"".join(child.pending)
         child.pending.clear()
+        sent = 0
         try:
-            child.sock.sendall(data)
+            while sent < len(data):
+                sent += child.sock.send(data[sent:])
+        except BlockingIOError:
+            child.pending.append(data[sent:])  # byte order is all the stream needs
+            return False
         except OSError:
-            # A partial frame corrupts the stream: drop this child; its reader
-            # fails every waiter still pending, the next append starts another.
+            # The child is gone: its reader fails every waiter still pending,
+            # the next append starts another.
             child.alive = False
             _stop(child, kill=True)
             raise UnavailableError("audit writer process is not accepting entries") from None
+        return True
 
     def submit(self, item: bytes) -> Future[int]:
+        """For a caller on a thread: written before this returns (or the append fails)."""
         fut: Future[int] = Future()
-        self._enqueue(item, fut, flush=True)
-        return fut
+        child = self._enqueue(item, fut)
+        deadline = time.monotonic() + _SEND_TIMEOUT_S
+        while True:
+            with self._lock:
+                if self._flush_locked(child):
+                    return fut
+            if time.monotonic() > deadline:
+                with self._lock:
+                    child.alive = False
+                    _stop(child, kill=True)  # its reader fails the waiters, this one too
+                raise UnavailableError("audit writer process is not accepting entries")
+            try:
+                select.select([], [child.sock], [], 0.05)
+            except (OSError, ValueError):
+                continue  # closed meanwhile: the next round says so
 
     def submit_async(self, item: bytes) -> asyncio.Future[int]:
         """An asyncio future of the running loop, resolved once per batch (like the thread's).
@@ -268,17 +292,23 @@ class ProcessCommitter:
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[int] = loop.create_future()
-        self._enqueue(item, _LoopWaiter(loop, fut), flush=False)
+        self._enqueue(item, _LoopWaiter(loop, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush_quietly)
+            loop.call_soon(self._flush_on, loop)
         return fut
 
-    def _flush_quietly(self) -> None:
-        try:
-            self._flush()
-        except UnavailableError:
-            pass  # the dead child's reader fails the waiters
+    def _flush_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Write the queued frames; while the socket is full, try again in a millisecond."""
+        with self._lock:
+            try:
+                done = self._flush_locked(self._child)
+            except UnavailableError:
+                done = True  # the dead child's reader fails the waiters
+            if done or self._closed:
+                self._flush_scheduled = False
+                return
+        loop.call_later(0.001, self._flush_on, loop)
 
     # -------------------------------------------------------------- lifecycle
     @property
@@ -293,10 +323,18 @@ class ProcessCommitter:
                 return
             self._closed = True
             child = self._child
+        deadline = time.monotonic() + _SEND_TIMEOUT_S
+        while time.monotonic() < deadline:  # whatever a loop had not written yet
+            with self._lock:
+                try:
+                    if self._flush_locked(child):
+                        break
+                except UnavailableError:
+                    break
             try:
-                self._flush_locked(child)  # whatever a loop had not written yet
-            except UnavailableError:
-                pass
+                select.select([], [child.sock], [], 0.05)
+            except (OSError, ValueError):
+                break
         try:
             child.sock.shutdown(socket.SHUT_WR)  # EOF after the queued frames
         except OSError:
