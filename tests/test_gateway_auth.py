@@ -227,3 +227,71 @@ def test_revocation_elsewhere_is_honoured_by_the_next_request(
     # Keys that were not revoked keep their cached verdicts.
     analyst = {"Authorization": f"Bearer {harness.tokens['analyst']}"}
     assert client.get(M, headers=analyst).status_code == 200
+
+
+# ------------------------------------------------------------ gRPC (OIP service)
+OK, DENIED = "OK", "PERMISSION_DENIED"
+GRPC_OPEN = ("ServerLive", "ServerReady")
+GRPC_MATRIX: dict[str, dict[str, str]] = {  # method -> role -> status ("OK": the handler ran)
+    "ServerMetadata": dict.fromkeys(ROLES, OK),
+    "ModelReady": {"admin": OK, "analyst": OK, "partner": OK, "auditor": DENIED},
+    "ModelMetadata": {"admin": OK, "analyst": OK, "partner": OK, "auditor": DENIED},
+    "ModelInfer": {"admin": DENIED, "analyst": OK, "partner": DENIED, "auditor": DENIED},
+    # Per message: the stream opens for every live key, each message is authorised.
+    "ModelStreamInfer": {"admin": DENIED, "analyst": OK, "partner": DENIED, "auditor": DENIED},
+}
+
+
+def _grpc_status(stub: Any, method: str, metadata: tuple[tuple[str, str], ...]) -> str:
+    """The status name one call of ``method`` ends with (for the stream: its one message)."""
+    import grpc
+
+    from server.gateway.pb import grpc_service_pb2 as pb
+
+    infer = pb.ModelInferRequest(model_name=MODEL)
+    infer.inputs.add(name="features", datatype="FP32", shape=[1, 30])
+    infer.inputs[0].contents.fp32_contents.extend([0.0] * 30)
+    requests = {
+        "ServerLive": pb.ServerLiveRequest(),
+        "ServerReady": pb.ServerReadyRequest(),
+        "ServerMetadata": pb.ServerMetadataRequest(),
+        "ModelReady": pb.ModelReadyRequest(name=MODEL),
+        "ModelMetadata": pb.ModelMetadataRequest(name=MODEL),
+        "ModelInfer": infer,
+    }
+    try:
+        if method == "ModelStreamInfer":
+            (answer,) = list(stub.ModelStreamInfer(iter([infer]), metadata=metadata))
+            return answer.error_message.split(":")[0] or OK
+        getattr(stub, method)(requests[method], metadata=metadata)
+    except grpc.RpcError as exc:
+        return str(exc.code().name)
+    return OK
+
+
+def test_grpc_matrix(harness: Harness) -> None:
+    """Every RPC of inference.GRPCInferenceService × every role, and bad keys: UNAUTHENTICATED."""
+    import grpc
+
+    from server.gateway.pb import grpc_service_pb2 as pb
+    from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
+    from tests.gateway_support import grpc_server
+
+    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods}
+    assert methods == set(GRPC_MATRIX) | set(GRPC_OPEN)
+    bad_keys = [
+        (),
+        (("authorization", "Bearer fvk_000000000000_" + "x" * 43),),
+        (("authorization", f"Bearer {harness.tokens['revoked']}"),),
+        (("authorization", f"Bearer {harness.tokens['expired']}"),),
+    ]
+    with grpc_server(harness) as address, grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for method in GRPC_OPEN:
+            assert _grpc_status(stub, method, ()) == OK
+        for method, codes in GRPC_MATRIX.items():
+            for role in ROLES:
+                md = (("authorization", f"Bearer {harness.tokens[role]}"),)
+                assert _grpc_status(stub, method, md) == codes[role], (method, role)
+            for md in bad_keys:
+                assert _grpc_status(stub, method, md) == "UNAUTHENTICATED", (method, md)

@@ -43,7 +43,13 @@ def test_field_numbers_match_tritonclient() -> None:
         "ServerMetadata",
         "ModelMetadata",
         "ModelInfer",
+        "ModelStreamInfer",
     ]
+    stream = service.methods_by_name["ModelStreamInfer"]
+    assert stream.client_streaming
+    assert stream.server_streaming
+    assert stream.input_type.full_name == "inference.ModelInferRequest"
+    assert stream.output_type.full_name == "inference.ModelStreamInferResponse"
 
 
 def test_fedvault_extension_services() -> None:

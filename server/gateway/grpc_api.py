@@ -7,6 +7,15 @@ status of :data:`fedvault.errors.ERROR_TABLE` for the error raised, after
 auditing that too. ServerLive/ServerReady are unauthenticated and unaudited,
 like the REST health probes.
 
+ModelStreamInfer (Triton's bidirectional stream) runs every message through
+the same steps as a unary ModelInfer — key re-checked against revocation and
+expiry through the cached verifier, rate limit, role + model grant,
+validation, inference, an audit record durable before the message's answer
+— but a failing message answers with ``error_message`` set and the stream
+goes on, as Triton does. Only a missing or dead key at stream start
+(UNAUTHENTICATED) and an audit log that cannot record (UNAVAILABLE, fail
+closed) end the stream.
+
 Digests: gRPC hands us parsed messages, so the audit record carries SHA-256
 of each message's deterministic protobuf serialisation (for the requests
 stock clients send, the bytes on the wire).
@@ -19,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,8 +39,10 @@ from google.protobuf.message import Message as PbMessage
 
 from fedvault.errors import (
     DeadlineExceededError,
+    ErrorMapping,
     FedvaultError,
     InvalidRequestError,
+    UnavailableError,
     mapping_for,
     problem_type,
 )
@@ -136,21 +147,41 @@ class AuditedServicer:
         self.svc = gw.service
         self._bare = unaudited_for_benchmark  # bench/gateway.py's baseline only
 
-    async def _principal(
-        self, context: grpc.aio.ServicerContext[Any, Any], event: AuditEvent
-    ) -> Principal:
-        auth = self.gw.authenticator
-        header = None
+    @staticmethod
+    def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The ``authorization`` metadata value (gRPC lower-cases keys), or None."""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
+                return value if isinstance(value, str) else value.decode("latin-1")
+        return None
+
+    @staticmethod
+    def _mtls_subject(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The verified client certificate's subject (mTLS), or None."""
+        auth_ctx = context.auth_context()
+        for value in auth_ctx.get("x509_subject", ()) or auth_ctx.get("x509_common_name", ()):
+            return value.decode("utf-8", "replace")[:200]
+        return None
+
+    async def _authenticate(self, header: str | None, event: AuditEvent) -> Principal:
+        """Key → live principal (revocation, expiry, rate limit); fills the event's who.
+
+        The cached verdict is re-checked against the store's revocation
+        counter on every call, so calling this per streamed message is what
+        makes a revocation reach an open stream at its next message.
+        """
+        auth = self.gw.authenticator
         token, key_, hit = auth.fast(header)
         if not hit:
             key_ = await asyncio.to_thread(auth.verifier.verify, token)
         principal = auth.finish(key_, peer=event.peer, mtls_subject=event.mtls_subject)
         event.key_id, event.role = principal.key_id, principal.role
         return principal
+
+    async def _principal(
+        self, context: grpc.aio.ServicerContext[Any, Any], event: AuditEvent
+    ) -> Principal:
+        return await self._authenticate(self._authorization(context), event)
 
     async def _handle(
         self,
@@ -169,18 +200,13 @@ class AuditedServicer:
         t0 = time.perf_counter()
         if self._bare:
             return await work(benchmark_principal(), AuditEvent("grpc", endpoint, "", 0.0))
-        subject = None
-        auth_ctx = context.auth_context()
-        for value in auth_ctx.get("x509_subject", ()) or auth_ctx.get("x509_common_name", ()):
-            subject = value.decode("utf-8", "replace")[:200]  # verified client certificate
-            break
         event = AuditEvent(
             protocol="grpc",
             endpoint=endpoint,
             resource=f"/{self.SERVICE}/{endpoint}",
             started=time.time(),
             peer=context.peer(),
-            mtls_subject=subject,
+            mtls_subject=self._mtls_subject(context),
         )
         response: R | None = None
         error: FedvaultError | None = None
@@ -220,14 +246,16 @@ class AuditedServicer:
             retry = getattr(error, "retry_after_s", None)
             if retry:
                 context.set_trailing_metadata((("retry-after", str(int(retry))),))
-            detail = (
-                str(error)
-                if mapping.http_status < 500 or mapping.http_status == 503
-                else ("internal error")
-            )
-            await context.abort(grpc.StatusCode[mapping.grpc_status], detail)
+            await context.abort(grpc.StatusCode[mapping.grpc_status], _detail(error, mapping))
         assert response is not None  # noqa: S101 - abort() raised otherwise
         return response
+
+
+def _detail(error: FedvaultError, mapping: ErrorMapping) -> str:
+    """What the caller may read: the message for 4xx/503-class errors, never internals."""
+    if mapping.http_status < 500 or mapping.http_status == 503:
+        return str(error)
+    return "internal error"
 
 
 class InferenceServicer(AuditedServicer, pb_grpc.GRPCInferenceServiceServicer):
@@ -285,21 +313,175 @@ class InferenceServicer(AuditedServicer, pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._handle("ModelMetadata", request, context, work)
 
+    async def _infer(
+        self, request: pb.ModelInferRequest, p: Principal, ev: AuditEvent
+    ) -> pb.ModelInferResponse:
+        """One inference, unary or streamed: grant, decode, validate, infer, encode."""
+        ev.model, ev.version = request.model_name, request.model_version or None
+        self.svc.authorize_model(p, Action.INFER, request.model_name)
+        req = decode_infer_request(request)
+        if sum(t.data.size for t in req.inputs) > INLINE_ELEMENTS:
+            result = await asyncio.to_thread(self.svc.infer, p, req)
+        else:
+            result = self.svc.infer(p, req)
+        ev.version = result.model_version
+        return encode_infer_response(result)
+
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ModelInferResponse:
         async def work(p: Principal, ev: AuditEvent) -> pb.ModelInferResponse:
-            ev.model, ev.version = request.model_name, request.model_version or None
-            self.svc.authorize_model(p, Action.INFER, request.model_name)
-            req = decode_infer_request(request)
-            if sum(t.data.size for t in req.inputs) > INLINE_ELEMENTS:
-                result = await asyncio.to_thread(self.svc.infer, p, req)
-            else:
-                result = self.svc.infer(p, req)
-            ev.version = result.model_version
-            return encode_infer_response(result)
+            return await self._infer(request, p, ev)
 
         return await self._handle("ModelInfer", request, context, work)
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's bidirectional stream: one audited inference per message, answers in order.
+
+        Why streaming at all: a unary grpc.aio call costs the server several
+        times the CPU of one REST request (call set-up, metadata, status),
+        and a stream pays that once. Nothing else is relaxed per message:
+        the key is re-checked (revocation, expiry — the cached verifier
+        re-reads the key when the revocation counter moved), the rate limit
+        charged, the grant, validation and inference are ModelInfer's, and
+        the message's audit record is durable before its answer is sent.
+
+        Messages are handled one after another: the answer to message *i*
+        (and its audit record) precede reading message *i+1*, so order and
+        audit-before-response hold by construction; concurrent streams
+        still share the audit writer's group commits.
+        """
+        if self._bare:  # bench/gateway_stream.py's unaudited reference only
+            bare = benchmark_principal()
+            async for request in request_iterator:
+                ev = AuditEvent("grpc", "ModelStreamInfer", "", 0.0)
+                yield pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, bare, ev)
+                )
+            return
+        header = self._authorization(context)
+        peer, subject = context.peer(), self._mtls_subject(context)
+        resource = f"/{self.SERVICE}/ModelStreamInfer"
+
+        def new_event() -> AuditEvent:
+            return AuditEvent(
+                protocol="grpc",
+                endpoint="ModelStreamInfer",
+                resource=resource,
+                started=time.time(),
+                peer=peer,
+                mtls_subject=subject,
+            )
+
+        # Stream start: a missing, wrong, revoked or expired key ends the call
+        # before any message is read (audited like a refused unary call). No
+        # rate-limit token is taken here: each message pays its own.
+        t0 = time.perf_counter()
+        opening = new_event()
+        try:
+            token, key_, hit = self.gw.authenticator.fast(header)
+            if not hit:
+                key_ = await asyncio.to_thread(self.gw.authenticator.verifier.verify, token)
+            self.gw.authenticator.verifier.check_live(key_)
+        except FedvaultError as exc:
+            await self._refuse_stream(context, opening, exc, t0)
+            return
+
+        async for request in request_iterator:
+            t0 = time.perf_counter()
+            event = new_event()
+            response: pb.ModelStreamInferResponse | None = None
+            error: FedvaultError | None = None
+            try:
+                principal = await self._authenticate(header, event)
+                async with asyncio.timeout(self.gw.limits.request_timeout_s):
+                    result = await self._infer(request, principal, event)
+                response = pb.ModelStreamInferResponse(infer_response=result)
+            except TimeoutError:
+                error = DeadlineExceededError(
+                    f"request took longer than {self.gw.limits.request_timeout_s:g} s"
+                )
+            except FedvaultError as exc:
+                error = exc
+            except Exception:
+                error = FedvaultError("internal error")
+            mapping = mapping_for(error) if error is not None else None
+            event.status = mapping.grpc_status if mapping else "OK"
+            if error is not None:
+                event.error_type = problem_type(type(error))
+            event.request_id = request.id[:128] or None
+            event.request_digest = _digest(request)
+            event.response_digest = _digest(response) if response is not None else None
+            event.latency_s = time.perf_counter() - t0
+            audit_error: UnavailableError | None = None
+            try:
+                await self.gw.audit.append(event)
+            except FedvaultError as exc:
+                audit_error = UnavailableError(str(exc))
+                error, mapping = audit_error, mapping_for(audit_error)
+                event.status = mapping.grpc_status
+            self.gw.metrics.observe_request(
+                "grpc",
+                "ModelStreamInfer",
+                event.model,
+                event.version,
+                event.status,
+                time.perf_counter() - t0,
+            )
+            if error is not None and mapping is not None:
+                yield _stream_error(request, error, mapping)
+                if audit_error is not None:  # fail closed: nothing more unaudited
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(audit_error))
+                continue
+            assert response is not None  # noqa: S101 - set whenever error is None
+            yield response
+
+    async def _refuse_stream(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        event: AuditEvent,
+        error: FedvaultError,
+        t0: float,
+    ) -> None:
+        """Audit a stream refused at its start, then abort it with the table's status."""
+        mapping = mapping_for(error)
+        event.status, event.error_type = mapping.grpc_status, problem_type(type(error))
+        event.latency_s = time.perf_counter() - t0
+        try:
+            await self.gw.audit.append(event)
+        except FedvaultError as exc:
+            error, mapping = exc, mapping_for(exc)
+            event.status = mapping.grpc_status
+        self.gw.metrics.observe_request(
+            "grpc", "ModelStreamInfer", None, None, event.status, time.perf_counter() - t0
+        )
+        await context.abort(grpc.StatusCode[mapping.grpc_status], _detail(error, mapping))
+
+
+def _stream_error(
+    request: pb.ModelInferRequest, error: FedvaultError, mapping: ErrorMapping
+) -> pb.ModelStreamInferResponse:
+    """A failed message's answer: ``STATUS: detail`` and the request's id to correlate.
+
+    Triton puts a plain message in ``error_message``; the gRPC status name of
+    the error table in front lets a client tell a bad input from a denied
+    key or a rate limit without parsing prose. Like Triton, the id of the
+    failed request rides in ``infer_response.id``.
+    """
+    detail = _detail(error, mapping)
+    retry = getattr(error, "retry_after_s", None)
+    if retry:
+        detail += f" (retry after {int(retry)} s)"
+    return pb.ModelStreamInferResponse(
+        error_message=f"{mapping.grpc_status}: {detail}",
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )
 
 
 async def start_grpc_server(

@@ -64,6 +64,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.ModelStreamInfer = channel.stream_stream(
+                '/inference.GRPCInferenceService/ModelStreamInfer',
+                request_serializer=server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer:
@@ -111,6 +116,17 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStreamInfer(self, request_iterator, context):
+        """Plaintext inference over one bidirectional stream (Triton's declaration):
+        one response per request, in request order. A request that fails gets a
+        response with `error_message` set and the stream goes on; the key is
+        checked at stream start and again for every message, and every message
+        has its own audit record, durable before its response is sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +159,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferRequest.FromString,
                     response_serializer=server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+            ),
+            'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
+                    servicer.ModelStreamInfer,
+                    request_deserializer=server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +328,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelInfer',
             server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
             server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStreamInfer(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inference.GRPCInferenceService/ModelStreamInfer',
+            server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            server_dot_gateway_dot_pb_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
