@@ -8,8 +8,10 @@ back, the others must see — revocations within the documented bound
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -175,5 +177,135 @@ def test_the_password_goes_to_the_driver_not_into_the_url(pg_admin: str, tmp_pat
         with pytest.raises(NotFoundError) as info:
             store.key("000000000000")
         assert "s3cr3t" not in str(info.value)
+    finally:
+        store.close()
+
+
+def _counting_hash(
+    monkeypatch: pytest.MonkeyPatch, delay_s: float = 0.3
+) -> tuple[list[str], Callable[[str, bytes], bytes]]:
+    """Wrap keys._hash: record each call (token) and hold it ``delay_s`` to widen the race."""
+    from server.gateway import keys
+
+    real = keys._hash
+    calls: list[str] = []
+
+    def counted(token: str, salt: bytes) -> bytes:
+        calls.append(token)
+        time.sleep(delay_s)
+        return real(token, salt)
+
+    monkeypatch.setattr(keys, "_hash", counted)
+    return calls, real
+
+
+def _verify_all(verifier: KeyVerifier, tokens: list[str]) -> list[object]:
+    """verify(token) for each token in its own thread, all released at once: results or errors."""
+    barrier = threading.Barrier(len(tokens))
+
+    def one(token: str) -> object:
+        barrier.wait()
+        try:
+            return verifier.verify(token)
+        except AuthenticationError as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(tokens)) as pool:
+        return list(pool.map(one, tokens))
+
+
+def test_concurrent_verifications_of_one_token_share_one_scrypt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = GatewayStore(tmp_path / "s.sqlite")
+    try:
+        token, key = store.create_key("analyst", models=frozenset({"m"}))
+        calls, _ = _counting_hash(monkeypatch)
+        verifier = KeyVerifier(store)
+        results = _verify_all(verifier, [token] * 16)
+        assert results == [key] * 16
+        assert len(calls) == 1
+        assert verifier._inflight == {}  # cleaned up, nothing of the token left behind
+    finally:
+        store.close()
+
+
+def test_concurrent_wrong_token_fails_for_every_waiter_after_one_scrypt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = GatewayStore(tmp_path / "s.sqlite")
+    try:
+        token, _ = store.create_key("analyst", models=frozenset({"m"}))
+        wrong = token[:-4] + ("aaaa" if not token.endswith("aaaa") else "bbbb")
+        calls, _ = _counting_hash(monkeypatch)
+        verifier = KeyVerifier(store)
+        results = _verify_all(verifier, [wrong] * 16)
+        assert all(isinstance(r, AuthenticationError) for r in results)
+        assert {str(r) for r in results} == {"unknown or wrong API key"}
+        assert len(calls) == 1
+        assert verifier._inflight == {}
+    finally:
+        store.close()
+
+
+def test_an_error_reaches_every_waiter_and_is_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = GatewayStore(tmp_path / "s.sqlite")
+    try:
+        token, key = store.create_key("admin")
+        real_check = store.check_token
+        attempts: list[int] = []
+
+        def failing(t: str) -> object:
+            attempts.append(1)
+            time.sleep(0.3)
+            raise UnavailableError("gateway database error: down")
+
+        monkeypatch.setattr(store, "check_token", failing)
+        verifier = KeyVerifier(store)
+        barrier = threading.Barrier(8)
+
+        def one(_: int) -> str:
+            barrier.wait()
+            try:
+                verifier.verify(token)
+            except UnavailableError as exc:
+                return str(exc)
+            return "ok"
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(one, range(8))) == {"gateway database error: down"}
+        assert len(attempts) == 1
+        assert verifier.cached(token) == (False, None)  # the outage was not remembered
+        monkeypatch.setattr(store, "check_token", real_check)
+        assert verifier.verify(token) == key
+    finally:
+        store.close()
+
+
+def test_different_tokens_are_not_serialised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Token A's scrypt waits until token B's has finished: serialised, this would time out."""
+    from server.gateway import keys
+
+    store = GatewayStore(tmp_path / "s.sqlite")
+    try:
+        token_a, key_a = store.create_key("admin")
+        token_b, key_b = store.create_key("admin")
+        real = keys._hash
+        b_done = threading.Event()
+
+        def ordered(token: str, salt: bytes) -> bytes:
+            if token == token_a:
+                assert b_done.wait(5), "token A's verification blocked token B's"
+                return real(token, salt)
+            digest = real(token, salt)
+            b_done.set()
+            return digest
+
+        monkeypatch.setattr(keys, "_hash", ordered)
+        assert _verify_all(KeyVerifier(store), [token_a, token_b]) == [key_a, key_b]
     finally:
         store.close()
