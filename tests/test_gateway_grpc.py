@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 
-from server.audit.records import decode_entry
+from server.audit.records import AuditRecord, decode_entry
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway_support import (
@@ -140,3 +140,39 @@ def test_grpc_calls_are_audited(harness: Harness, stub: pb_grpc.GRPCInferenceSer
         harness.sink.broken = False
     stub.ModelInfer(_request(features(1)), metadata=_md(harness))
     assert stub.ServerReady(pb.ServerReadyRequest()).ready
+
+
+def _last_record(harness: Harness) -> AuditRecord:
+    size = harness.log.size()
+    ((_, entry),) = harness.log.entries(size - 1, size)
+    return decode_entry(entry)
+
+
+def test_unary_audit_records_carry_a_request_id(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """Like REST: x-request-id metadata, else the OIP request's id, else a generated one."""
+    req = _request(features(1))
+    req.id = "oip-7"
+    assert stub.ModelInfer(req, metadata=_md(harness)).id == "oip-7"
+    rec = _last_record(harness)
+    assert (rec.action, rec.request_id) == ("grpc:ModelInfer", "oip-7")
+
+    stub.ModelInfer(req, metadata=(*_md(harness), ("x-request-id", "trace-1")))
+    assert _last_record(harness).request_id == "trace-1"  # the header wins, as on REST
+
+    req.id = ""
+    stub.ModelInfer(req, metadata=_md(harness))
+    generated = _last_record(harness).request_id
+    assert generated is not None
+    assert len(generated) == 32
+
+    with pytest.raises(grpc.RpcError):  # refused calls are findable too
+        stub.ModelInfer(_request(features(1)), metadata=_md(harness, "auditor"))
+    rec = _last_record(harness)
+    assert (rec.status, rec.request_id) == ("PERMISSION_DENIED", "r1")
+
+    stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=_md(harness))
+    rec = _last_record(harness)
+    assert rec.action == "grpc:ServerMetadata"
+    assert rec.request_id is not None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,23 @@ class AuditedServicer:
         return None
 
     @staticmethod
+    def _request_id(context: grpc.aio.ServicerContext[Any, Any], request: PbMessage) -> str:
+        """The audit record's request id, with REST's semantics for every unary RPC.
+
+        REST records the ``X-Request-ID`` header or a generated id, so a
+        caller can find its call in the audit log; gRPC takes the same
+        ``x-request-id`` metadata first (same 200-character cap), then the
+        OIP request's own ``id`` (ModelInferRequest, capped at 128 like a
+        streamed message's), else a generated one.
+        """
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id" and value:
+                return (value if isinstance(value, str) else value.decode("latin-1"))[:200]
+        if isinstance(request, pb.ModelInferRequest) and request.id:
+            return str(request.id)[:128]
+        return uuid.uuid4().hex
+
+    @staticmethod
     def _mtls_subject(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         """The verified client certificate's subject (mTLS), or None."""
         auth_ctx = context.auth_context()
@@ -207,6 +225,7 @@ class AuditedServicer:
             started=time.time(),
             peer=context.peer(),
             mtls_subject=self._mtls_subject(context),
+            request_id=self._request_id(context, request),
         )
         response: R | None = None
         error: FedvaultError | None = None
