@@ -26,6 +26,7 @@ Only the few functions here touch ``*_pb2`` types (the serde edge).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 import uuid
@@ -43,7 +44,6 @@ from fedvault.errors import (
     ErrorMapping,
     FedvaultError,
     InvalidRequestError,
-    UnavailableError,
     mapping_for,
     problem_type,
 )
@@ -196,11 +196,6 @@ class AuditedServicer:
         event.key_id, event.role = principal.key_id, principal.role
         return principal
 
-    async def _principal(
-        self, context: grpc.aio.ServicerContext[Any, Any], event: AuditEvent
-    ) -> Principal:
-        return await self._authenticate(self._authorization(context), event)
-
     async def _handle(
         self,
         endpoint: str,
@@ -227,10 +222,38 @@ class AuditedServicer:
             mtls_subject=self._mtls_subject(context),
             request_id=self._request_id(context, request),
         )
+        response, error, _ = await self._audited(
+            event, request, self._authorization(context), work, metric_endpoint or endpoint, t0
+        )
+        if error is not None:
+            mapping = mapping_for(error)
+            retry = getattr(error, "retry_after_s", None)
+            if retry:
+                context.set_trailing_metadata((("retry-after", str(int(retry))),))
+            await context.abort(grpc.StatusCode[mapping.grpc_status], _detail(error, mapping))
+        assert response is not None  # noqa: S101 - abort() raised otherwise
+        return response
+
+    async def _audited(
+        self,
+        event: AuditEvent,
+        request: PbMessage,
+        header: str | None,
+        work: Callable[[Principal, AuditEvent], Awaitable[R]],
+        metric_endpoint: str,
+        t0: float,
+    ) -> tuple[R | None, FedvaultError | None, bool]:
+        """Authenticate, run ``work`` under the timeout, audit the outcome, count it.
+
+        One path for a unary call and for each streamed message. Returns the
+        response, the error to answer with — the work's, or the audit log's
+        when it could not record (fail closed) — and whether the audit write
+        failed.
+        """
         response: R | None = None
         error: FedvaultError | None = None
         try:
-            principal = await self._principal(context, event)
+            principal = await self._authenticate(header, event)
             async with asyncio.timeout(self.gw.limits.request_timeout_s):  # no extra task
                 response = await work(principal, event)
         except TimeoutError:
@@ -241,33 +264,27 @@ class AuditedServicer:
             error = exc
         except Exception:
             error = FedvaultError("internal error")
-        mapping = mapping_for(error) if error is not None else None
-        event.status = mapping.grpc_status if mapping else "OK"
+        event.status = mapping_for(error).grpc_status if error is not None else "OK"
         if error is not None:
             event.error_type = problem_type(type(error))
         event.request_digest = _digest(request)
         event.response_digest = _digest(response) if response is not None else None
         event.latency_s = time.perf_counter() - t0
+        audit_failed = False
         try:
             await self.gw.audit.append(event)
-        except FedvaultError as exc:
-            error, mapping = exc, mapping_for(exc)
-            event.status = mapping.grpc_status
+        except FedvaultError as exc:  # UnavailableError: the request fails closed
+            error, audit_failed = exc, True
+            event.status = mapping_for(exc).grpc_status
         self.gw.metrics.observe_request(
             "grpc",
-            metric_endpoint or endpoint,
+            metric_endpoint,
             event.model,
             event.version,
             event.status,
             time.perf_counter() - t0,
         )
-        if error is not None and mapping is not None:
-            retry = getattr(error, "retry_after_s", None)
-            if retry:
-                context.set_trailing_metadata((("retry-after", str(int(retry))),))
-            await context.abort(grpc.StatusCode[mapping.grpc_status], _detail(error, mapping))
-        assert response is not None  # noqa: S101 - abort() raised otherwise
-        return response
+        return response, error, audit_failed
 
 
 def _detail(error: FedvaultError, mapping: ErrorMapping) -> str:
@@ -413,51 +430,27 @@ class InferenceServicer(AuditedServicer, pb_grpc.GRPCInferenceServiceServicer):
         async for request in request_iterator:
             t0 = time.perf_counter()
             event = new_event()
-            response: pb.ModelStreamInferResponse | None = None
-            error: FedvaultError | None = None
-            try:
-                principal = await self._authenticate(header, event)
-                async with asyncio.timeout(self.gw.limits.request_timeout_s):
-                    result = await self._infer(request, principal, event)
-                response = pb.ModelStreamInferResponse(infer_response=result)
-            except TimeoutError:
-                error = DeadlineExceededError(
-                    f"request took longer than {self.gw.limits.request_timeout_s:g} s"
-                )
-            except FedvaultError as exc:
-                error = exc
-            except Exception:
-                error = FedvaultError("internal error")
-            mapping = mapping_for(error) if error is not None else None
-            event.status = mapping.grpc_status if mapping else "OK"
-            if error is not None:
-                event.error_type = problem_type(type(error))
             event.request_id = request.id[:128] or None
-            event.request_digest = _digest(request)
-            event.response_digest = _digest(response) if response is not None else None
-            event.latency_s = time.perf_counter() - t0
-            audit_error: UnavailableError | None = None
-            try:
-                await self.gw.audit.append(event)
-            except FedvaultError as exc:
-                audit_error = UnavailableError(str(exc))
-                error, mapping = audit_error, mapping_for(audit_error)
-                event.status = mapping.grpc_status
-            self.gw.metrics.observe_request(
-                "grpc",
+            response, error, audit_failed = await self._audited(
+                event,
+                request,
+                header,
+                functools.partial(self._stream_answer, request),
                 "ModelStreamInfer",
-                event.model,
-                event.version,
-                event.status,
-                time.perf_counter() - t0,
+                t0,
             )
-            if error is not None and mapping is not None:
-                yield _stream_error(request, error, mapping)
-                if audit_error is not None:  # fail closed: nothing more unaudited
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(audit_error))
+            if error is not None:
+                yield _stream_error(request, error, mapping_for(error))
+                if audit_failed:  # fail closed: nothing more unaudited
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
                 continue
             assert response is not None  # noqa: S101 - set whenever error is None
             yield response
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, p: Principal, ev: AuditEvent
+    ) -> pb.ModelStreamInferResponse:
+        return pb.ModelStreamInferResponse(infer_response=await self._infer(request, p, ev))
 
     async def _refuse_stream(
         self,
