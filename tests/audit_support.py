@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fedvault.cli.processes import free_port
+from server.audit.log import AuditLog
 from server.audit.records import AuditRecord
 
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -180,3 +182,28 @@ def fetch_value(location: str | Path, statement: str, params: tuple[object, ...]
         finally:
             lite.close()
     return None if row is None else row[0]
+
+
+def append_concurrently(log: AuditLog, threads: int, per_thread: int) -> list[int]:
+    """``threads`` threads released together, each appending ``per_thread`` records.
+
+    Returns every acknowledged index; the committer under test (thread or
+    process) must have group-committed them into one gap-free tree.
+    """
+    barrier = threading.Barrier(threads)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        barrier.wait()
+        for j in range(per_thread):
+            idx = log.append(record(t * 100 + j))
+            with lock:
+                got.append(idx)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return got

@@ -17,7 +17,7 @@ from server.audit import merkle
 from server.audit.log import AuditLog, AuditSink
 from server.audit.records import AuditRecord, InvalidEntry, decode_entry, encode_record
 from server.audit.storage import SQLiteStorage
-from tests.audit_support import record
+from tests.audit_support import append_concurrently, record
 
 ORIGIN = "fedvault.test/audit"
 
@@ -122,22 +122,7 @@ def test_append_is_durable_and_indexed(log: AuditLog, tmp_path: Path, signer: No
 
 
 def test_concurrent_appends_are_group_committed(log: AuditLog) -> None:
-    barrier = threading.Barrier(16)
-    got: list[int] = []
-    lock = threading.Lock()
-
-    def work(t: int) -> None:
-        barrier.wait()
-        for j in range(25):
-            idx = log.append(record(t * 100 + j))
-            with lock:
-                got.append(idx)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = append_concurrently(log, threads=16, per_thread=25)
     assert sorted(got) == list(range(400))
     batches, items = log.group_commit_stats
     assert items == 400

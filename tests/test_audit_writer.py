@@ -20,7 +20,7 @@ from server.audit.log import AuditLog
 from server.audit.records import decode_entry
 from server.audit.storage import SQLiteStorage
 from server.audit.writer import ProcessCommitter
-from tests.audit_support import record
+from tests.audit_support import append_concurrently, record
 
 ORIGIN = "fedvault.test/audit-writer"
 
@@ -53,22 +53,7 @@ def test_appends_are_durable_and_indexed(log: AuditLog, tmp_path: Path) -> None:
 
 
 def test_concurrent_appends_are_group_committed_in_one_tree(log: AuditLog) -> None:
-    barrier = threading.Barrier(8)
-    got: list[int] = []
-    lock = threading.Lock()
-
-    def work(t: int) -> None:
-        barrier.wait()
-        for j in range(25):
-            idx = log.append(record(t * 100 + j))
-            with lock:
-                got.append(idx)
-
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = append_concurrently(log, threads=8, per_thread=25)
     assert sorted(got) == list(range(200))
     batches, items = log.group_commit_stats
     assert items == 200
