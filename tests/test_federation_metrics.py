@@ -12,25 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fedvault.cli import federation as fed
 from fedvault.cli.processes import free_port
-from fedvault.privacy import ACCOUNTANT_NAME, MECHANISM_DP_SGD, PrivacyCharge
 from server.federation_metrics import FederationCollector, serve_federation_metrics
 from server.store import FederationStore, LedgerRow
-
-
-def _charge(run_id: str, round_: int, epsilon_after: float) -> PrivacyCharge:
-    return PrivacyCharge(
-        run_id=run_id,
-        round=round_,
-        mechanism=MECHANISM_DP_SGD,
-        noise_multiplier=1.1,
-        sample_rate=0.05,
-        steps=20,
-        max_grad_norm=1.0,
-        delta=1e-5,
-        accountant=ACCOUNTANT_NAME,
-        accountant_version="opacus-test",
-        epsilon_after=epsilon_after,
-    )
+from tests.ledger_support import charge as _charge
 
 
 def _federation(db: Path) -> None:
@@ -38,8 +22,8 @@ def _federation(db: Path) -> None:
         config = {"rounds": 3, "dataset": "digits", "federation_epsilon_budget": 3.0}
         store.create_run("run-a", config, {"name": "digits"})
         for round_, eps in ((1, 1.0), (2, 1.8)):
-            rows = [LedgerRow("alpha", _charge("run-a", round_, eps))]
-            rows.append(LedgerRow("beta", _charge("run-a", round_, eps + 0.1)))
+            rows = [LedgerRow("alpha", _charge("run-a", round_, epsilon_after=eps))]
+            rows.append(LedgerRow("beta", _charge("run-a", round_, epsilon_after=eps + 0.1)))
             metrics = {"failed": ["gamma"] if round_ == 2 else [], "partners": ["alpha", "beta"]}
             store.commit_round("run-a", round_, rows, metrics, b"state")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sqlite3
 from collections.abc import Iterator
@@ -12,41 +13,15 @@ import pytest
 from clients.ledger import NodeLedger, request_digest
 from fedvault.errors import ConflictError
 from fedvault.privacy import (
-    ACCOUNTANT_NAME,
-    MECHANISM_DP_SGD,
     MECHANISM_GAUSSIAN_SUMS,
     GaussianEvent,
-    PrivacyCharge,
     epsilon,
     non_private_charge,
 )
+from tests.ledger_support import charge
 
 DELTA = 1e-5
-
-
-def _charge(
-    run_id: str,
-    round_: int,
-    *,
-    mechanism: str = MECHANISM_DP_SGD,
-    sigma: float = 1.1,
-    q: float = 0.05,
-    steps: int = 20,
-    epsilon_after: float = 1.0,
-) -> PrivacyCharge:
-    return PrivacyCharge(
-        run_id=run_id,
-        round=round_,
-        mechanism=mechanism,
-        noise_multiplier=sigma,
-        sample_rate=q,
-        steps=steps,
-        max_grad_norm=1.0,
-        delta=DELTA,
-        accountant=ACCOUNTANT_NAME,
-        accountant_version="opacus-test",
-        epsilon_after=epsilon_after,
-    )
+_charge = functools.partial(charge, epsilon_after=1.0)
 
 
 @pytest.fixture

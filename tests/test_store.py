@@ -15,35 +15,15 @@ import pytest
 
 from fedvault.errors import CheckpointError, ConflictError, NotFoundError, UnavailableError
 from fedvault.privacy import (
-    ACCOUNTANT_NAME,
-    MECHANISM_DP_SGD,
     MECHANISM_GAUSSIAN_SUMS,
-    PrivacyCharge,
     non_private_charge,
 )
 from server.store import FINISHED, RUNNING, FederationStore, LedgerRow
 from tests.audit_support import run_sql
+from tests.ledger_support import charge as _charge
 
 CONFIG = {"rounds": 3, "dataset": "digits"}
 SCHEMA = {"name": "digits", "features": []}
-
-
-def _charge(
-    run_id: str, round_: int, *, epsilon_after: float = 0.5, mechanism: str = MECHANISM_DP_SGD
-) -> PrivacyCharge:
-    return PrivacyCharge(
-        run_id=run_id,
-        round=round_,
-        mechanism=mechanism,
-        noise_multiplier=1.1,
-        sample_rate=0.05,
-        steps=20,
-        max_grad_norm=1.0,
-        delta=1e-5,
-        accountant=ACCOUNTANT_NAME,
-        accountant_version="opacus-test",
-        epsilon_after=epsilon_after,
-    )
 
 
 @pytest.fixture
