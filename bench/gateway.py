@@ -663,6 +663,17 @@ def main() -> None:
         "connections": conns,
         "seconds": secs,
         "batch": 1,
+        **machine_setup(h2load, home, fsync_before, load_before),
+    }
+    print(json.dumps(results, indent=2))
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def machine_setup(
+    h2load: str | None, home: Path, fsync_before: float, load_before: tuple[float, float, float]
+) -> dict[str, Any]:
+    """What the figures depend on besides the servers: CPUs, load generator, disk, load."""
+    return {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "load_generator": f"h2load ({h2load})" if h2load else "python (asyncio HTTP/1.1, grpc.aio)",
@@ -670,8 +681,6 @@ def main() -> None:
         "loadavg_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "note": "servers and load generator share this machine's CPUs",
     }
-    print(json.dumps(results, indent=2))
-    shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

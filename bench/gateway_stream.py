@@ -41,7 +41,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import sqlite3
 import sys
@@ -346,12 +345,7 @@ def main() -> None:
         "seconds": drv.seconds,
         "messages_per_stream": drv.n,
         "batch_rows_per_inference": 1,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "load_generator": f"h2load ({h2load})" if h2load else "python (asyncio HTTP/1.1, grpc.aio)",
-        "fsync_ms_median": {"before": fsync_before, "after": gwb.fsync_ms(home)},
-        "loadavg_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
-        "note": "server and load generator share this machine's CPUs",
+        **gwb.machine_setup(h2load, home, fsync_before, load_before),
     }
     print(json.dumps(results, indent=2))
     shutil.rmtree(home, ignore_errors=True)
