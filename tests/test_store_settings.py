@@ -39,7 +39,9 @@ def test_a_password_in_a_url_is_refused_naming_the_field(tmp_path: Path, field: 
     assert "hunter2" not in errors
 
 
-@pytest.mark.parametrize("env", ["FEDVAULT_FEDERATION_STORE", "FEDVAULT_GATEWAY_STORE"])
+@pytest.mark.parametrize(
+    "env", ["FEDVAULT_AUDIT_STORE", "FEDVAULT_FEDERATION_STORE", "FEDVAULT_GATEWAY_STORE"]
+)
 def test_the_cli_exits_2_without_the_secret(tmp_path: Path, env: str) -> None:
     environ = dict(os.environ, **{env: "postgresql://u:hunter2@db/x"})
     result = subprocess.run(
