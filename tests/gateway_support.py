@@ -54,6 +54,9 @@ class SwitchableSink:
     def __init__(self, log: AuditLog) -> None:
         self.log = log
         self.broken = False
+        self.delay_s = 0.0  # a slow commit, to see what overlaps it
+        self.in_flight = 0
+        self.max_in_flight = 0
 
     def append(self, record: AuditRecord) -> int:
         if self.broken:
@@ -63,7 +66,14 @@ class SwitchableSink:
     async def append_async(self, record: AuditRecord) -> int:
         if self.broken:
             raise UnavailableError("audit store unreachable")
-        return await self.log.append_async(record)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return await self.log.append_async(record)
+        finally:
+            self.in_flight -= 1
 
 
 def make_home(home: Path) -> dict[str, str]:

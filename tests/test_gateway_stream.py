@@ -21,6 +21,7 @@ import pytest
 
 from server.audit.records import AuditRecord, decode_entry
 from server.gateway.auth import RateLimiter
+from server.gateway.grpc_api import STREAM_WINDOW
 from server.gateway.keys import GatewayStore
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
@@ -172,6 +173,31 @@ def test_every_message_has_its_own_audit_record(
     )
 
 
+def test_messages_overlap_their_audit_commits_within_a_window(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """A slow commit does not set the stream's pace: up to the window's worth of
+    messages wait on it together, no more, and answers keep their order."""
+    n = 3 * STREAM_WINDOW
+    requests = [_request(features(1), f"w{i}") for i in range(n)]
+    size = harness.log.size()
+    harness.sink.delay_s, harness.sink.max_in_flight = 0.02, 0
+    try:
+        answers = list(
+            stub.ModelStreamInfer(iter(requests), metadata=_md(harness.tokens["analyst"]))
+        )
+    finally:
+        harness.sink.delay_s = 0.0
+    assert [a.infer_response.id for a in answers] == [f"w{i}" for i in range(n)]
+    assert all(a.error_message == "" for a in answers)
+    # The answering loop awaits one message, the window holds STREAM_WINDOW
+    # more, and the reader has started one it cannot queue yet.
+    assert STREAM_WINDOW <= harness.sink.max_in_flight <= STREAM_WINDOW + 2
+    records = _records_since(harness, size)
+    assert sorted(r.request_id or "" for r in records) == sorted(f"w{i}" for i in range(n))
+    assert {r.status for r in records} == {"OK"}
+
+
 def test_bad_keys_refuse_the_stream(
     harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
 ) -> None:
@@ -209,10 +235,11 @@ def test_grants_are_checked_per_message(
 
 
 # ------------------------------------------------------------------ mid-stream
-def test_revocation_reaches_an_open_stream(
+def test_revocation_ends_an_open_stream(
     harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
 ) -> None:
-    """Revoked by another connection (as `fedvault keys revoke`): the next message fails."""
+    """Revoked by another connection (as `fedvault keys revoke`): the next message
+    is refused and audited, then the stream ends UNAUTHENTICATED."""
     token, key = harness.gw.store.create_key("analyst", models=frozenset({MODEL}))
     stream = Duplex(stub, token)
     x = features(1)
@@ -221,15 +248,18 @@ def test_revocation_reaches_an_open_stream(
     other.revoke(key.key_id)
     other.close()
     size = harness.log.size()
-    for i in range(2):
-        answer = stream.send(_request(x, f"after{i}"))
-        assert answer.error_message == "UNAUTHENTICATED: API key revoked"
-        assert not answer.infer_response.outputs
-    assert stream.close() == []
+    answer = stream.send(_request(x, "after"))
+    assert answer.error_message == "UNAUTHENTICATED: API key revoked"
+    assert answer.infer_response.id == "after"
+    assert not answer.infer_response.outputs
+    with pytest.raises(grpc.RpcError) as info:
+        stream.close()
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.details() == "API key revoked"
     records = _records_since(harness, size)
-    assert [(r.status, r.outcome, r.actor) for r in records] == [
-        ("UNAUTHENTICATED", "denied", "anonymous")
-    ] * 2
+    assert [(r.status, r.outcome, r.actor, r.request_id) for r in records] == [
+        ("UNAUTHENTICATED", "denied", "anonymous", "after")
+    ]
 
 
 def test_rate_limit_per_message(harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub) -> None:

@@ -12,9 +12,9 @@ the same steps as a unary ModelInfer — key re-checked against revocation and
 expiry through the cached verifier, rate limit, role + model grant,
 validation, inference, an audit record durable before the message's answer
 — but a failing message answers with ``error_message`` set and the stream
-goes on, as Triton does. Only a missing or dead key at stream start
-(UNAUTHENTICATED) and an audit log that cannot record (UNAVAILABLE, fail
-closed) end the stream.
+goes on, as Triton does. A missing or dead key (UNAUTHENTICATED, at the
+start or when revoked or expired mid-stream) and an audit log that cannot
+record (UNAVAILABLE, fail closed) end the stream.
 
 Digests: gRPC hands us parsed messages, so the audit record carries SHA-256
 of each message's deterministic protobuf serialisation (for the requests
@@ -63,7 +63,7 @@ from server.gateway.tensors import (
     from_list,
 )
 
-__all__ = ["AuditedServicer", "GrpcTLS", "InferenceServicer", "start_grpc_server"]
+__all__ = ["STREAM_WINDOW", "AuditedServicer", "GrpcTLS", "InferenceServicer", "start_grpc_server"]
 
 R = TypeVar("R", bound=PbMessage)
 
@@ -386,10 +386,12 @@ class InferenceServicer(AuditedServicer, pb_grpc.GRPCInferenceServiceServicer):
         charged, the grant, validation and inference are ModelInfer's, and
         the message's audit record is durable before its answer is sent.
 
-        Messages are handled one after another: the answer to message *i*
-        (and its audit record) precede reading message *i+1*, so order and
-        audit-before-response hold by construction; concurrent streams
-        still share the audit writer's group commits.
+        Up to ``STREAM_WINDOW`` messages are in flight at once (see
+        :func:`_read_stream`): while message *i* waits for its audit commit,
+        later ones are already checked and inferred, and their records join
+        the same group commit. Answers still go out in message order, each
+        after its own durable record. A key revoked or expired mid-stream
+        answers that message UNAUTHENTICATED and then ends the stream.
         """
         if self._bare:  # bench/gateway_stream.py's unaudited reference only
             bare = benchmark_principal()
@@ -427,25 +429,34 @@ class InferenceServicer(AuditedServicer, pb_grpc.GRPCInferenceServiceServicer):
             await self._refuse_stream(context, opening, exc, t0)
             return
 
-        async for request in request_iterator:
+        async def message(request: pb.ModelInferRequest) -> _StreamOutcome:
             t0 = time.perf_counter()
             event = new_event()
             event.request_id = request.id[:128] or None
+            answer = functools.partial(self._stream_answer, request)
             response, error, audit_failed = await self._audited(
-                event,
-                request,
-                header,
-                functools.partial(self._stream_answer, request),
-                "ModelStreamInfer",
-                t0,
+                event, request, header, answer, "ModelStreamInfer", t0
             )
-            if error is not None:
-                yield _stream_error(request, error, mapping_for(error))
-                if audit_failed:  # fail closed: nothing more unaudited
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-                continue
-            assert response is not None  # noqa: S101 - set whenever error is None
-            yield response
+            return _StreamOutcome(request, response, error, audit_failed)
+
+        window: asyncio.Queue[asyncio.Future[_StreamOutcome] | None] = asyncio.Queue(STREAM_WINDOW)
+        reader = asyncio.create_task(_read_stream(request_iterator, message, window))
+        try:
+            while (pending := await window.get()) is not None:
+                outcome = await pending
+                if outcome.error is None:
+                    assert outcome.response is not None  # noqa: S101 - set when no error
+                    yield outcome.response
+                    continue
+                mapping = mapping_for(outcome.error)
+                yield _stream_error(outcome.request, outcome.error, mapping)
+                if outcome.audit_failed:  # fail closed: nothing more unaudited
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(outcome.error))
+                if mapping.grpc_status == "UNAUTHENTICATED":  # revoked or expired mid-stream
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(outcome.error))
+            await reader  # re-raises what reading the client's messages raised
+        finally:
+            reader.cancel()
 
     async def _stream_answer(
         self, request: pb.ModelInferRequest, p: Principal, ev: AuditEvent
@@ -494,6 +505,56 @@ def _stream_error(
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
+
+
+STREAM_WINDOW = 32
+"""Messages of one stream in flight at once: read, authorised, inferred and
+awaiting their audit commit while earlier answers go out."""
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamOutcome:
+    """One streamed message's result, handed from its task to the answering loop."""
+
+    request: pb.ModelInferRequest
+    response: pb.ModelStreamInferResponse | None
+    error: FedvaultError | None
+    audit_failed: bool
+
+
+async def _read_stream(
+    requests: AsyncIterator[pb.ModelInferRequest],
+    handle: Callable[[pb.ModelInferRequest], Awaitable[_StreamOutcome]],
+    window: asyncio.Queue[asyncio.Future[_StreamOutcome] | None],
+) -> None:
+    """Start one task per incoming message, at most ``STREAM_WINDOW`` ahead of the answers.
+
+    Why a window: a message's answer waits for its audit record's durable
+    commit (~0.1–4 ms of fsync here), and handling one message at a time made
+    that wait the stream's pace. Tasks start in arrival order, so rate-limit
+    tokens and key checks are taken in order; the answering loop awaits them in
+    that same order, so answers keep Triton's order and each still follows its
+    own durable record. A full window stops reading: a client cannot make the
+    server buffer more than ``STREAM_WINDOW`` messages. Tasks are never
+    cancelled — a message already started finishes and is audited even when
+    the stream ends early (its answer is then simply not sent).
+    """
+    try:
+        async for request in requests:
+            task = asyncio.ensure_future(handle(request))
+            _RUNNING.add(task)
+            task.add_done_callback(_RUNNING.discard)
+            await window.put(task)
+    except asyncio.CancelledError:
+        raise  # the answering loop has ended the stream: nobody awaits the end mark
+    except BaseException:
+        await window.put(None)  # the answering loop then re-raises this from the task
+        raise
+    await window.put(None)
+
+
+_RUNNING: set[asyncio.Future[_StreamOutcome]] = set()
+"""Strong references to in-flight message tasks (the event loop keeps only weak ones)."""
 
 
 async def start_grpc_server(
