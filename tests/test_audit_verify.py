@@ -202,6 +202,8 @@ def test_search_and_export(served: tuple[str, Path], tmp_path: Path) -> None:
         home=tmp_path,
     )
     assert [json.loads(line)["index"] for line in timed.stdout.splitlines()] == [10, 11]
+    by_id = _cli("search", "--url", url, "--request-id", "req-7", home=tmp_path)
+    assert [json.loads(line)["index"] for line in by_id.stdout.splitlines()] == [7]
     out = tmp_path / "all.jsonl"
     exported = _cli("export", "--url", url, "--out", out, home=tmp_path)
     assert exported.returncode == 0, exported.stderr

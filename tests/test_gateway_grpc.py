@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from server.audit.records import AuditRecord, decode_entry
+from server.gateway.auth import RateLimiter
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
 from tests.gateway_support import (
@@ -162,17 +163,40 @@ def test_unary_audit_records_carry_a_request_id(
     assert _last_record(harness).request_id == "trace-1"  # the header wins, as on REST
 
     req.id = ""
-    stub.ModelInfer(req, metadata=_md(harness))
+    _, call = stub.ModelInfer.with_call(req, metadata=_md(harness))
     generated = _last_record(harness).request_id
     assert generated is not None
     assert len(generated) == 32
+    # Echoed in the trailers (REST: the X-Request-ID header), so the caller can find it.
+    assert ("x-request-id", generated) in tuple(call.trailing_metadata())
 
-    with pytest.raises(grpc.RpcError):  # refused calls are findable too
+    with pytest.raises(grpc.RpcError) as info:  # refused calls are findable too
         stub.ModelInfer(_request(features(1)), metadata=_md(harness, "auditor"))
     rec = _last_record(harness)
     assert (rec.status, rec.request_id) == ("PERMISSION_DENIED", "r1")
+    assert ("x-request-id", "r1") in tuple(info.value.trailing_metadata())
 
     stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=_md(harness))
     rec = _last_record(harness)
     assert rec.action == "grpc:ServerMetadata"
     assert rec.request_id is not None
+
+
+def test_rate_limited_call_says_when_to_retry(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """RESOURCE_EXHAUSTED with a retry-after trailer (REST: 429 + Retry-After), audited."""
+    limiter = harness.gw.authenticator.limiter
+    harness.gw.authenticator.limiter = RateLimiter(0.001, 1.0)  # one call, then refuse
+    try:
+        stub.ModelInfer(_request(features(1)), metadata=_md(harness))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(_request(features(1)), metadata=_md(harness))
+    finally:
+        harness.gw.authenticator.limiter = limiter
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(info.value.trailing_metadata())
+    assert int(trailers["retry-after"]) >= 1
+    rec = _last_record(harness)
+    assert (rec.status, rec.outcome, rec.request_id) == ("RESOURCE_EXHAUSTED", "error", "r1")
+    assert trailers["x-request-id"] == "r1"

@@ -229,6 +229,13 @@ def search(
         str | None, typer.Option("--outcome", help="Gateway requests: ok, denied or error.")
     ] = None,
     role: Annotated[str | None, typer.Option("--role")] = None,
+    request_id: Annotated[
+        str | None,
+        typer.Option(
+            "--request-id",
+            help="The X-Request-ID / x-request-id the gateway echoed (or the caller sent).",
+        ),
+    ] = None,
     protocol: Annotated[str | None, typer.Option("--protocol", help="rest or grpc.")] = None,
     status: Annotated[
         str | None, typer.Option("--status", help="HTTP status (503) or gRPC code (UNAVAILABLE).")
@@ -263,6 +270,7 @@ def search(
         "resource": resource,
         "outcome": outcome,
         "role": role,
+        "request_id": request_id,
         "protocol": protocol,
         "status": status,
     }

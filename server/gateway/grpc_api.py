@@ -225,12 +225,17 @@ class AuditedServicer:
         response, error, _ = await self._audited(
             event, request, self._authorization(context), work, metric_endpoint or endpoint, t0
         )
+        # The record's id goes back in the trailers, as REST's X-Request-ID
+        # header: a caller that sent none can still find its call in the log.
+        trailers: tuple[tuple[str, str], ...] = (("x-request-id", event.request_id or ""),)
         if error is not None:
             mapping = mapping_for(error)
             retry = getattr(error, "retry_after_s", None)
             if retry:
-                context.set_trailing_metadata((("retry-after", str(int(retry))),))
+                trailers += (("retry-after", str(int(retry))),)
+            context.set_trailing_metadata(trailers)
             await context.abort(grpc.StatusCode[mapping.grpc_status], _detail(error, mapping))
+        context.set_trailing_metadata(trailers)
         assert response is not None  # noqa: S101 - abort() raised otherwise
         return response
 
