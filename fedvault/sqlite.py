@@ -34,14 +34,18 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
     return conn
 
 
+def append_only_trigger_statements(table: str) -> list[str]:
+    """The statements that make ``table`` reject UPDATE and DELETE (an append-only ledger)."""
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{event.lower()} BEFORE {event} ON {table}\n"
+        f"    BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+        for event in ("UPDATE", "DELETE")
+    ]
+
+
 def append_only_triggers(table: str) -> str:
-    """SQL that makes ``table`` reject UPDATE and DELETE (an append-only ledger)."""
-    return f"""
-    CREATE TRIGGER IF NOT EXISTS {table}_no_update BEFORE UPDATE ON {table}
-    BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END;
-    CREATE TRIGGER IF NOT EXISTS {table}_no_delete BEFORE DELETE ON {table}
-    BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END;
-    """
+    """:func:`append_only_trigger_statements` as one script (for ``executescript``)."""
+    return "".join(f"\n    {statement};" for statement in append_only_trigger_statements(table))
 
 
 CHARGE_COLUMNS = (
