@@ -7,7 +7,10 @@ refusing a password in the URL and turning driver errors into fedvault errors
 that carry neither SQL, parameters nor the password happens here, once.
 
 Stores speak SQLAlchemy Core to a :class:`Database`, so one statement serves
-both dialects. SQLite keeps the behaviour of :mod:`fedvault.sqlite` — WAL,
+both dialects — and one ``Table`` declaration is each store's schema on both:
+:func:`create_tables` turns it into the SQLite files' DDL (``INTEGER``/``REAL``
+column types, SQLite-only defaults, append-only triggers) and PostgreSQL's.
+SQLite keeps the behaviour of :mod:`fedvault.sqlite` — WAL,
 ``synchronous=FULL``, and writers that take the lock up front with
 ``BEGIN IMMEDIATE`` — because its connections come from
 :func:`fedvault.sqlite.connect`. PostgreSQL engines are shared per process
@@ -23,23 +26,35 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
+from sqlalchemy.sql.compiler import DDLCompiler
 
 from fedvault.errors import ConfigError, ConflictError, UnavailableError
-from fedvault.sqlite import connect
+from fedvault.sqlite import append_only_trigger_statements, connect
 
 __all__ = [
+    "FLOAT64",
+    "INT64",
+    "SQLITE_NOW",
     "Database",
+    "add_columns",
+    "append_only",
+    "create_tables",
     "db_reason",
+    "insert_if_absent",
     "is_postgres_url",
+    "key_column",
     "open_database",
     "postgres_url",
     "read_password",
+    "sqlite_default",
     "url_has_password",
 ]
 
@@ -200,30 +215,33 @@ def open_database(
     *,
     what: str,
     password_file: Path | None = None,
-    sqlite_schema: str,
-    sqlite_migrate: Callable[[sqlite3.Connection], None] | None = None,
-    pg_schema: Callable[[sa.Connection], None],
+    schema: Callable[[sa.Connection], None],
 ) -> Database:
     """Open ``location`` and make sure its schema exists.
 
-    SQLite runs ``sqlite_schema`` (idempotent DDL) on a plain connection, so
-    existing files keep exactly the tables they had, then ``sqlite_migrate``
-    (columns added since, for files created before). PostgreSQL runs
-    ``pg_schema`` once per process and database, under an advisory lock so
-    replicas starting together do not race on ``CREATE TABLE``.
+    ``schema`` (idempotent: :func:`create_tables` and friends) serves both
+    dialects. SQLite runs it on a plain autocommit connection — each
+    statement its own transaction, as a DDL script would — so existing files
+    keep exactly the tables they had and two processes opening a new file
+    together both succeed. PostgreSQL runs it once per process and database,
+    in one transaction under an advisory lock, so replicas starting together
+    do not race on ``CREATE TABLE``.
     """
     text = str(location)
     if not is_postgres_url(text):
         path = Path(text)
-        conn = connect(path)
+        setup = sa.create_engine(
+            "sqlite://", creator=lambda: connect(path), poolclass=sa.pool.NullPool
+        )
         try:
-            conn.executescript(sqlite_schema)
-            if sqlite_migrate is not None:
-                sqlite_migrate(conn)
-        except sqlite3.Error as exc:
-            raise UnavailableError(f"cannot open {what} database {path}: {exc}") from None
+            with setup.connect() as conn:
+                schema(conn)
+                conn.commit()
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            reason = db_reason(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+            raise UnavailableError(f"cannot open {what} database {path}: {reason}") from None
         finally:
-            conn.close()
+            setup.dispose()
         return Database(_sqlite_engine(path), postgres=False, what=what, owned=True)
     if url_has_password(text):
         raise ConfigError(
@@ -237,7 +255,7 @@ def open_database(
         try:
             with engine.begin() as pg:
                 pg.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id})
-                pg_schema(pg)
+                schema(pg)
         except SQLAlchemyError as exc:
             raise UnavailableError(
                 f"cannot open the {what} database {describe(text)}: {db_reason(exc)}"
@@ -246,24 +264,132 @@ def open_database(
     return db
 
 
+# -- one schema, two dialects -------------------------------------------------
+#
+# A store declares its tables once, as SQLAlchemy ``Table``s; these pieces make
+# that declaration produce, on SQLite, the schema its files have always had
+# (``INTEGER``/``REAL`` columns, ``TEXT PRIMARY KEY``, timestamp defaults,
+# trigger-enforced append-only ledgers), and on PostgreSQL what it always had.
+
+# 64-bit integers and doubles: BIGINT and DOUBLE PRECISION on PostgreSQL, the
+# INTEGER and REAL that SQLite files declare (same affinity, same PRAGMA output).
+INT64: Final[sa.BigInteger] = sa.BigInteger().with_variant(sa.INTEGER(), "sqlite")
+FLOAT64: Final[sa.Double[float]] = sa.Double().with_variant(sa.REAL(), "sqlite")
+
+_SQLITE_DEFAULT = "fedvault_sqlite_default"
+# The timestamp every SQLite file defaults to (the format ``_now()`` helpers write).
+SQLITE_NOW: Final = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+
+
+def sqlite_default(expression: str) -> dict[str, Any]:
+    """``Column(info=...)`` for a DEFAULT that only SQLite files declare.
+
+    PostgreSQL tables never had these defaults (the stores always write the
+    value), so ``server_default`` — which both dialects would get — does not fit.
+    """
+    return {_SQLITE_DEFAULT: expression}
+
+
+@compiles(CreateColumn, "sqlite")
+def _sqlite_column(create: CreateColumn, compiler: DDLCompiler, **kw: Any) -> str | None:
+    text: str | None = compiler.visit_create_column(create, **kw)  # type: ignore[no-untyped-call]
+    default = create.element.info.get(_SQLITE_DEFAULT)
+    if text is None or default is None:
+        return text
+    if create.element.server_default is not None:
+        raise sa.exc.ArgumentError(f"{create.element} has two defaults")
+    return f"{text} DEFAULT ({default})"
+
+
+def key_column(name: str, type_: Any, *args: Any, **kw: Any) -> sa.Column[Any]:
+    """A single-column primary key declared without NOT NULL, as SQLite files have it.
+
+    ``key TEXT PRIMARY KEY``: SQLite's legacy rule lets such a column hold
+    NULL (an ``INTEGER PRIMARY KEY`` is the rowid and never does), and files
+    created before keep that rule, so new ones do too. PostgreSQL makes every
+    primary key column NOT NULL regardless. Not for an IDENTITY column, which
+    PostgreSQL refuses to declare NULL.
+    """
+    return sa.Column(name, type_, *args, primary_key=True, nullable=True, **kw)
+
+
+_APPEND_ONLY = "fedvault_append_only"
+
+
+def append_only(table: sa.Table) -> sa.Table:
+    """Mark ``table`` append-only: :func:`create_tables` gives it triggers refusing
+    UPDATE and DELETE (SQLite) or UPDATE, DELETE and TRUNCATE (PostgreSQL)."""
+    table.info[_APPEND_ONLY] = True
+    return table
+
+
 PG_APPEND_ONLY_FUNCTION = """
 CREATE OR REPLACE FUNCTION fedvault_append_only() RETURNS trigger AS $$
 BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$ LANGUAGE plpgsql;
 """
 
 
-def pg_append_only(conn: sa.Connection, table: str) -> None:
+def _pg_append_only_statements(table: str) -> list[str]:
     """Make ``table`` reject UPDATE, DELETE and TRUNCATE (PostgreSQL ≥ 14)."""
-    conn.execute(sa.text(PG_APPEND_ONLY_FUNCTION))
-    conn.execute(
-        sa.text(
-            f"CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-            "FOR EACH ROW EXECUTE FUNCTION fedvault_append_only()"
-        )
-    )
-    conn.execute(
-        sa.text(
-            f"CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
-            "FOR EACH STATEMENT EXECUTE FUNCTION fedvault_append_only()"
-        )
-    )
+    return [
+        PG_APPEND_ONLY_FUNCTION,
+        f"CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+        "FOR EACH ROW EXECUTE FUNCTION fedvault_append_only()",
+        f"CREATE OR REPLACE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION fedvault_append_only()",
+    ]
+
+
+# Idempotent, so they run on every open (a dropped trigger comes back), not
+# only when the table is created.
+_APPEND_ONLY_DDL: dict[str, Callable[[str], list[str]]] = {
+    "sqlite": append_only_trigger_statements,
+    "postgresql": _pg_append_only_statements,
+}
+
+
+def create_tables(conn: sa.Connection, metadata: sa.MetaData) -> None:
+    """Create what is missing of ``metadata``'s tables, indexes and append-only triggers.
+
+    SQLite: ``CREATE … IF NOT EXISTS`` in declaration order (safe when two
+    processes create a new file at once). PostgreSQL: ``create_all`` (the
+    caller holds the advisory lock).
+    """
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        metadata.create_all(conn)
+    for table in metadata.tables.values():
+        if dialect != "postgresql":
+            conn.execute(CreateTable(table, if_not_exists=True))
+            for index in sorted(table.indexes, key=lambda i: str(i.name)):
+                conn.execute(CreateIndex(index, if_not_exists=True))
+        if table.info.get(_APPEND_ONLY):
+            for statement in _APPEND_ONLY_DDL[dialect](table.name):
+                conn.execute(sa.text(statement))
+
+
+def add_columns(conn: sa.Connection, columns: list[sa.Column[Any]]) -> None:
+    """``ALTER TABLE … ADD COLUMN`` each of ``columns`` its table lacks.
+
+    For columns added after a table's first release: databases created before
+    gain them on open; the column's declaration is the one in its ``Table``.
+    """
+    inspector = sa.inspect(conn)
+    for column in columns:
+        table = column.table
+        if column.name not in {c["name"] for c in inspector.get_columns(table.name)}:
+            spec = CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {spec}"))
+            inspector.clear_cache()
+
+
+def insert_if_absent(conn: sa.Connection, table: sa.Table, values: dict[str, Any]) -> None:
+    """Insert ``values`` unless the row conflicts with one already there."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        conn.execute(pg_insert(table).values(**values).on_conflict_do_nothing())
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        conn.execute(sqlite_insert(table).values(**values).on_conflict_do_nothing())

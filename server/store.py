@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -27,85 +26,39 @@ from typing import Any, Self
 
 import sqlalchemy as sa
 
-from fedvault.database import describe, open_database, pg_append_only
+from fedvault.database import (
+    FLOAT64,
+    INT64,
+    SQLITE_NOW,
+    add_columns,
+    append_only,
+    create_tables,
+    describe,
+    key_column,
+    open_database,
+    sqlite_default,
+)
 from fedvault.errors import CheckpointError, NotFoundError
 from fedvault.privacy import PrivacyCharge
-from fedvault.sqlite import CHARGE_COLUMNS, append_only_triggers
+from fedvault.sqlite import CHARGE_COLUMNS
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    status TEXT NOT NULL,
-    message TEXT NOT NULL DEFAULT '',
-    config TEXT NOT NULL,
-    schema TEXT NOT NULL,
-    current_round INTEGER NOT NULL DEFAULT 0,
-    model_id TEXT,
-    final_metrics TEXT
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    round INTEGER NOT NULL,
-    metrics TEXT NOT NULL,
-    committed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    PRIMARY KEY (run_id, round)
-);
-CREATE TABLE IF NOT EXISTS ledger (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    partner TEXT NOT NULL,
-    {CHARGE_COLUMNS},
-    recorded_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    UNIQUE (run_id, partner, round, mechanism)
-);
-{append_only_triggers("ledger")}
-CREATE TABLE IF NOT EXISTS checkpoints (
-    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
-    round INTEGER NOT NULL,
-    state BLOB NOT NULL,
-    sha256 TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS models (
-    model_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    run_id TEXT NOT NULL,
-    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-    artifact TEXT NOT NULL,
-    artifact_sha256 TEXT NOT NULL,
-    signing_key_id TEXT NOT NULL,
-    lineage TEXT NOT NULL,
-    UNIQUE (name, version)
-);
-"""
-# Added after the first release: files created before it gain the column on open.
-_SQLITE_MIGRATIONS = {
-    ("models", "artifact_blob"): "ALTER TABLE models ADD COLUMN artifact_blob BLOB",
-}
-
-
-def _sqlite_migrate(conn: sqlite3.Connection) -> None:
-    for (table, column), ddl in _SQLITE_MIGRATIONS.items():
-        have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in have:
-            conn.execute(ddl)
-
-
-# The same tables for SQLAlchemy: statements for both dialects, DDL for PostgreSQL.
-_SQL_TYPES: dict[str, Any] = {"TEXT": sa.Text, "INTEGER": sa.BigInteger, "REAL": sa.Double}
+# The schema, for both dialects (see fedvault.database: on SQLite it is the DDL
+# the files have always had — INTEGER/REAL columns, TEXT PRIMARY KEYs,
+# strftime timestamp defaults, the ledger's append-only triggers).
+_SQL_TYPES: dict[str, Any] = {"TEXT": sa.Text, "INTEGER": INT64, "REAL": FLOAT64}
+_NOW = sqlite_default(SQLITE_NOW)
 _meta = sa.MetaData()
 _runs = sa.Table(
     "runs",
     _meta,
-    sa.Column("run_id", sa.Text, primary_key=True),
-    sa.Column("created_at", sa.Text, nullable=False),
-    sa.Column("updated_at", sa.Text, nullable=False),
+    key_column("run_id", sa.Text),
+    sa.Column("created_at", sa.Text, nullable=False, info=_NOW),
+    sa.Column("updated_at", sa.Text, nullable=False, info=_NOW),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("message", sa.Text, nullable=False, server_default=""),
     sa.Column("config", sa.Text, nullable=False),
     sa.Column("schema", sa.Text, nullable=False),
-    sa.Column("current_round", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("current_round", INT64, nullable=False, server_default="0"),
     sa.Column("model_id", sa.Text),
     sa.Column("final_metrics", sa.Text),
 )
@@ -113,42 +66,47 @@ _rounds = sa.Table(
     "rounds",
     _meta,
     sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=True),
-    sa.Column("round", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("round", INT64, primary_key=True, autoincrement=False),
     sa.Column("metrics", sa.Text, nullable=False),
-    sa.Column("committed_at", sa.Text, nullable=False),
+    sa.Column("committed_at", sa.Text, nullable=False, info=_NOW),
 )
 _CHARGE_FIELDS = [f.name for f in fields(PrivacyCharge)]
+# The charge columns are shared with the nodes' own (SQLite-only) ledger.
 _charge_columns = [
     sa.Column(name, _SQL_TYPES[sql_type], nullable=False)
     for name, sql_type, *_ in (c.split() for c in CHARGE_COLUMNS.split(","))
 ]
 if [c.name for c in _charge_columns] != _CHARGE_FIELDS:  # pragma: no cover - import-time guard
     raise RuntimeError("CHARGE_COLUMNS and PrivacyCharge's fields have drifted apart")
-_ledger = sa.Table(
-    "ledger",
-    _meta,
-    sa.Column("seq", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("partner", sa.Text, nullable=False),
-    *_charge_columns,
-    sa.Column("recorded_at", sa.Text, nullable=False),
-    sa.UniqueConstraint("run_id", "partner", "round", "mechanism"),
+_ledger = append_only(
+    sa.Table(
+        "ledger",
+        _meta,
+        # SQLite: INTEGER PRIMARY KEY AUTOINCREMENT (a seq is never reused).
+        sa.Column("seq", INT64, sa.Identity(), primary_key=True),
+        sa.Column("partner", sa.Text, nullable=False),
+        *_charge_columns,
+        sa.Column("recorded_at", sa.Text, nullable=False, info=_NOW),
+        sa.UniqueConstraint("run_id", "partner", "round", "mechanism"),
+        sqlite_autoincrement=True,
+    )
 )
 _checkpoints = sa.Table(
     "checkpoints",
     _meta,
-    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=True),
-    sa.Column("round", sa.BigInteger, nullable=False),
+    key_column("run_id", sa.Text, sa.ForeignKey("runs.run_id")),
+    sa.Column("round", INT64, nullable=False),
     sa.Column("state", sa.LargeBinary, nullable=False),
     sa.Column("sha256", sa.Text, nullable=False),
 )
 _models = sa.Table(
     "models",
     _meta,
-    sa.Column("model_id", sa.Text, primary_key=True),
+    key_column("model_id", sa.Text),
     sa.Column("name", sa.Text, nullable=False),
-    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("version", INT64, nullable=False),
     sa.Column("run_id", sa.Text, nullable=False),
-    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False, info=_NOW),
     sa.Column("artifact", sa.Text, nullable=False),
     sa.Column("artifact_sha256", sa.Text, nullable=False),
     sa.Column("signing_key_id", sa.Text, nullable=False),
@@ -158,11 +116,15 @@ _models = sa.Table(
     sa.UniqueConstraint("name", "version"),
 )
 _MODEL_COLUMNS = [c for c in _models.c if c.name != "artifact_blob"]
+# Added after the first release: SQLite files created before gain them on open
+# (PostgreSQL support came later, with them).
+_ADDED_SQLITE_COLUMNS = [_models.c.artifact_blob]
 
 
-def _pg_schema(conn: sa.Connection) -> None:
-    _meta.create_all(conn)
-    pg_append_only(conn, "ledger")
+def _schema(conn: sa.Connection) -> None:
+    create_tables(conn, _meta)
+    if conn.dialect.name == "sqlite":
+        add_columns(conn, _ADDED_SQLITE_COLUMNS)
 
 
 def _now() -> str:
@@ -216,9 +178,7 @@ class FederationStore:
             location,
             what="federation",
             password_file=password_file,
-            sqlite_schema=_SCHEMA,
-            sqlite_migrate=_sqlite_migrate,
-            pg_schema=_pg_schema,
+            schema=_schema,
         )
 
     @property

@@ -46,7 +46,14 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 
-from fedvault.database import open_database
+from fedvault.database import (
+    FLOAT64,
+    INT64,
+    create_tables,
+    insert_if_absent,
+    key_column,
+    open_database,
+)
 from fedvault.errors import (
     AuthenticationError,
     ConfigError,
@@ -63,68 +70,43 @@ _TOKEN_RE = re.compile(r"^fvk_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
 # scrypt cost: N=2^14, r=8 (16 MiB, ~40 ms here) — verified once per token per TTL.
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "maxmem": 64 * 1024**2, "dklen": 32}
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    role TEXT NOT NULL,
-    models TEXT NOT NULL,
-    partner TEXT,
-    description TEXT NOT NULL DEFAULT '',
-    salt BLOB NOT NULL,
-    hash BLOB NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL,
-    revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS key_revocations (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    generation INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO key_revocations (id, generation) VALUES (1, 0);
-CREATE TABLE IF NOT EXISTS model_defaults (
-    name TEXT PRIMARY KEY,
-    version TEXT NOT NULL,
-    set_by TEXT NOT NULL,
-    set_at REAL NOT NULL
-);
-"""
+# The schema, for both dialects (on SQLite, the DDL its files have always had).
 _meta = sa.MetaData()
 _api_keys = sa.Table(
     "api_keys",
     _meta,
-    sa.Column("key_id", sa.Text, primary_key=True),
+    key_column("key_id", sa.Text),
     sa.Column("role", sa.Text, nullable=False),
     sa.Column("models", sa.Text, nullable=False),
     sa.Column("partner", sa.Text),
     sa.Column("description", sa.Text, nullable=False, server_default=""),
     sa.Column("salt", sa.LargeBinary, nullable=False),
     sa.Column("hash", sa.LargeBinary, nullable=False),
-    sa.Column("created_at", sa.Double, nullable=False),
-    sa.Column("expires_at", sa.Double),
-    sa.Column("revoked_at", sa.Double),
+    sa.Column("created_at", FLOAT64, nullable=False),
+    sa.Column("expires_at", FLOAT64),
+    sa.Column("revoked_at", FLOAT64),
 )
 _revocations = sa.Table(
     "key_revocations",
     _meta,
-    sa.Column("id", sa.Integer, sa.CheckConstraint("id = 1"), primary_key=True),
-    sa.Column("generation", sa.BigInteger, nullable=False),
+    # One row (id 1): SQLite's INTEGER PRIMARY KEY, PostgreSQL's SERIAL.
+    key_column("id", sa.Integer, sa.CheckConstraint("id = 1")),
+    sa.Column("generation", INT64, nullable=False),
 )
 _defaults = sa.Table(
     "model_defaults",
     _meta,
-    sa.Column("name", sa.Text, primary_key=True),
+    key_column("name", sa.Text),
     sa.Column("version", sa.Text, nullable=False),
     sa.Column("set_by", sa.Text, nullable=False),
-    sa.Column("set_at", sa.Double, nullable=False),
+    sa.Column("set_at", FLOAT64, nullable=False),
 )
 _GENERATION = sa.select(_revocations.c.generation).where(_revocations.c.id == 1)
 
 
-def _pg_schema(conn: sa.Connection) -> None:
-    from sqlalchemy.dialects.postgresql import insert
-
-    _meta.create_all(conn)
-    conn.execute(insert(_revocations).values(id=1, generation=0).on_conflict_do_nothing())
+def _schema(conn: sa.Connection) -> None:
+    create_tables(conn, _meta)
+    insert_if_absent(conn, _revocations, {"id": 1, "generation": 0})
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,8 +184,7 @@ class GatewayStore:
             location,
             what="gateway",
             password_file=password_file,
-            sqlite_schema=_SCHEMA,
-            pg_schema=_pg_schema,
+            schema=_schema,
         )
         if generation_ttl_s is None:
             generation_ttl_s = 1.0 if self._db.postgres else 0.0
