@@ -8,6 +8,7 @@ back, the others must see — revocations within the documented bound
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,8 @@ import pytest
 
 from fedvault.errors import AuthenticationError, ConfigError, NotFoundError, UnavailableError
 from server.gateway.keys import GatewayStore, KeyVerifier
-from tests.audit_support import fetch_value
+from tests.audit_support import fetch_value, fresh_database
+from tests.test_store import reflected_schema
 
 
 @pytest.fixture
@@ -309,3 +311,62 @@ def test_different_tokens_are_not_serialised(
         assert _verify_all(KeyVerifier(store), [token_a, token_b]) == [key_a, key_b]
     finally:
         store.close()
+
+
+def test_sqlite_and_postgres_get_the_same_schema(tmp_path: Path, pg_admin: str) -> None:
+    """One declaration serves both dialects: a column, key or check cannot be on one only."""
+    lite, pg = str(tmp_path / "gateway.db"), fresh_database(pg_admin, "gateway_schema")
+    for location in (lite, pg):
+        GatewayStore(location).close()
+    schema = reflected_schema(lite)
+    assert sorted(schema["tables"]) == ["api_keys", "key_revocations", "model_defaults"]
+    assert schema["tables"]["key_revocations"]["checks"] == ["id = 1"]
+    assert reflected_schema(pg) == schema
+
+
+# What SQLite key stores were created with while the schema was written out
+# twice (raw DDL beside the SQLAlchemy tables), frozen here: such files must
+# keep opening, with the schema a new file gets.
+LEGACY_SQLITE_SCHEMA = """
+CREATE TABLE api_keys (
+    key_id TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    models TEXT NOT NULL,
+    partner TEXT,
+    description TEXT NOT NULL DEFAULT '',
+    salt BLOB NOT NULL,
+    hash BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL
+);
+CREATE TABLE key_revocations (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    generation INTEGER NOT NULL
+);
+INSERT INTO key_revocations (id, generation) VALUES (1, 4);
+CREATE TABLE model_defaults (
+    name TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_at REAL NOT NULL
+);
+"""
+
+
+def test_a_sqlite_file_from_the_raw_ddl_days_keeps_working(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    conn = sqlite3.connect(old)
+    conn.executescript(LEGACY_SQLITE_SCHEMA)
+    conn.close()
+    GatewayStore(new).close()
+    store = GatewayStore(old)
+    try:
+        assert store.revocation_generation() == 4  # the row there is kept, not re-seeded
+        token, key = store.create_key("admin")
+        assert KeyVerifier(store).verify(token) == key
+        store.revoke(key.key_id)
+        assert store.revocation_generation() == 5
+    finally:
+        store.close()
+    assert reflected_schema(str(old)) == reflected_schema(str(new))

@@ -9,9 +9,11 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 
 from fedvault.errors import CheckpointError, ConflictError, NotFoundError, UnavailableError
 from fedvault.privacy import (
@@ -19,7 +21,7 @@ from fedvault.privacy import (
     non_private_charge,
 )
 from server.store import FINISHED, RUNNING, FederationStore, LedgerRow
-from tests.audit_support import run_sql
+from tests.audit_support import fresh_database, run_sql
 from tests.ledger_support import charge as _charge
 
 CONFIG = {"rounds": 3, "dataset": "digits"}
@@ -338,3 +340,137 @@ def test_an_unreachable_postgres_is_unavailable_without_the_password(tmp_path: P
         FederationStore(url, password_file=secret)
     assert "correct-horse-battery" not in str(info.value)
     assert "federation" in str(info.value)
+
+
+def reflected_schema(location: str) -> dict[str, Any]:
+    """What a store's database holds, in terms both dialects share.
+
+    Per table: its columns (name, Python type, whether NULL is allowed outside
+    the primary key — SQLite's ``TEXT PRIMARY KEY`` admits NULL, PostgreSQL's
+    never does), primary key, unique constraints, foreign keys, checks and
+    indexes; and which tables triggers keep append-only. Defaults are left out:
+    SQLite files default their timestamps, PostgreSQL tables never did.
+    """
+    pg = _pg(location)
+    engine = sa.create_engine(location if pg else f"sqlite:///{location}")
+    try:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            tables: dict[str, Any] = {}
+            for name in sorted(inspector.get_table_names()):
+                pk = inspector.get_pk_constraint(name)["constrained_columns"]
+                tables[name] = {
+                    "columns": [
+                        (c["name"], c["type"].python_type, c["nullable"] and c["name"] not in pk)
+                        for c in inspector.get_columns(name)
+                    ],
+                    "primary_key": pk,
+                    "unique": sorted(
+                        u["column_names"] for u in inspector.get_unique_constraints(name)
+                    ),
+                    "foreign_keys": sorted(
+                        (f["constrained_columns"], f["referred_table"], f["referred_columns"])
+                        for f in inspector.get_foreign_keys(name)
+                    ),
+                    "checks": sorted(c["sqltext"] for c in inspector.get_check_constraints(name)),
+                    "indexes": sorted(
+                        (i["column_names"], i["unique"])
+                        for i in inspector.get_indexes(name)
+                        if "duplicates_constraint" not in i  # a UNIQUE constraint's own index
+                    ),
+                }
+            triggered = (
+                "SELECT DISTINCT tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal"
+                if pg
+                else "SELECT DISTINCT tbl_name FROM sqlite_master WHERE type = 'trigger'"
+            )
+            append_only = sorted(conn.exec_driver_sql(triggered).scalars())
+    finally:
+        engine.dispose()
+    return {"tables": tables, "append_only": append_only}
+
+
+def test_sqlite_and_postgres_get_the_same_schema(tmp_path: Path, pg_admin: str) -> None:
+    """One declaration serves both dialects: a column, key or trigger cannot be on one only."""
+    lite, pg = str(tmp_path / "federation.db"), fresh_database(pg_admin, "federation_schema")
+    for location in (lite, pg):
+        FederationStore(location).close()
+    schema = reflected_schema(lite)
+    assert sorted(schema["tables"]) == ["checkpoints", "ledger", "models", "rounds", "runs"]
+    assert schema["append_only"] == ["ledger"]
+    assert reflected_schema(pg) == schema
+
+
+# What SQLite federation stores were created with while the schema was written
+# out twice (raw DDL beside the SQLAlchemy tables), frozen here: such files
+# must keep opening, with the schema a new file gets.
+LEGACY_SQLITE_SCHEMA = """
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    status TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    config TEXT NOT NULL,
+    schema TEXT NOT NULL,
+    current_round INTEGER NOT NULL DEFAULT 0,
+    model_id TEXT,
+    final_metrics TEXT
+);
+CREATE TABLE rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    committed_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    PRIMARY KEY (run_id, round)
+);
+CREATE TABLE ledger (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    partner TEXT NOT NULL,
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, mechanism TEXT NOT NULL,
+    noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL, steps INTEGER NOT NULL,
+    max_grad_norm REAL NOT NULL, delta REAL NOT NULL, accountant TEXT NOT NULL,
+    accountant_version TEXT NOT NULL, epsilon_after REAL NOT NULL,
+    recorded_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    UNIQUE (run_id, partner, round, mechanism)
+);
+CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END;
+CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+BEGIN SELECT RAISE(ABORT, 'ledger is append-only'); END;
+CREATE TABLE checkpoints (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    sha256 TEXT NOT NULL
+);
+CREATE TABLE models (
+    model_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    run_id TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    artifact TEXT NOT NULL,
+    artifact_sha256 TEXT NOT NULL,
+    signing_key_id TEXT NOT NULL,
+    lineage TEXT NOT NULL,
+    UNIQUE (name, version)
+);
+"""
+
+
+def test_a_sqlite_file_from_the_raw_ddl_days_keeps_working(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.db", tmp_path / "new.db"
+    conn = sqlite3.connect(old)
+    conn.executescript(LEGACY_SQLITE_SCHEMA)
+    conn.close()
+    FederationStore(new).close()
+    with FederationStore(old) as store:
+        store.create_run("r", CONFIG, SCHEMA)
+        rows = [LedgerRow("p", _charge("r", 1))]
+        store.commit_round("r", 1, rows, {"acc": 0.5}, b"s")
+        assert (store.ledger("r"), store.checkpoint("r")) == (rows, (1, b"s"))
+    assert reflected_schema(str(old)) == reflected_schema(str(new))
+    for statement in ("UPDATE ledger SET epsilon_after = 0", "DELETE FROM ledger WHERE true"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            _raw_execute(str(old), statement)
