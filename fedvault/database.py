@@ -21,6 +21,7 @@ reuses pooled (TLS) connections instead of dialling the server every time.
 from __future__ import annotations
 
 import hashlib
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -66,16 +67,42 @@ def is_postgres_url(location: str | Path) -> bool:
     return str(location).startswith(_PG_SCHEMES)
 
 
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+"""libpq connection parameters that hold a secret; a URL's query string may set them."""
+
+
 def url_has_password(location: str) -> bool:
-    """Whether a URL's userinfo carries a password (``user:secret@host``)."""
+    """Whether a URL carries a secret, read the way SQLAlchemy and libpq will read it.
+
+    That is a password in its userinfo (``user:secret@host`` — also when the
+    secret holds ``/``, ``?`` or ``+``, as base64 passwords do, which
+    SQLAlchemy still takes as the password) or a ``password`` /
+    ``sslpassword`` query parameter (``…/db?password=secret``), which the
+    driver receives as a connection argument.
+    """
     if "://" not in location:
         return False
-    netloc = location.split("://", 1)[1].split("/", 1)[0]
-    return "@" in netloc and ":" in netloc.rsplit("@", 1)[0]
+    try:
+        url = sa.engine.make_url(location)
+    except (ValueError, SQLAlchemyError):
+        # Unparseable (a bad port, say): the same grammar by hand, erring on refusal.
+        rest = location.split("://", 1)[1]
+        return bool(
+            re.match(r"[^:/]*:[^@]*@", rest) or re.search(r"[?&](ssl)?password=", rest, re.I)
+        )
+    keys = {str(k).strip().lower() for k in url.query}
+    return url.password is not None or not keys.isdisjoint(_SECRET_PARAMETERS)
 
 
-def postgres_url(location: str) -> str:
-    """The SQLAlchemy URL for ``location``: psycopg (3) unless a driver is named."""
+def postgres_url(location: str, what: str = "database") -> str:
+    """The SQLAlchemy URL for ``location``: psycopg (3) unless a driver is named.
+
+    Every PostgreSQL engine fedvault opens is built from this URL, so a
+    password in it is refused here (a :class:`ConfigError` naming ``what``,
+    never the URL): the secret belongs in a password file.
+    """
+    if url_has_password(location):
+        raise ConfigError(f"the {what} URL must not contain a password; give it a password file")
     if location.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + location.split("://", 1)[1]
     return location
@@ -92,15 +119,30 @@ def describe(location: str | Path) -> str:
 
 
 def read_password(password_file: Path | None, what: str) -> str | None:
-    """The database password from its (mounted secret) file; None without one."""
+    """The database password from its (mounted secret) file; None without one.
+
+    An empty file is refused rather than read as "no password": libpq would
+    then fall back to ``PGPASSWORD`` or ``~/.pgpass`` without a word (a
+    compose secret made from an unset variable is an empty file). Nothing of
+    the file's content reaches a message.
+    """
     if password_file is None:
         return None
     try:
-        return password_file.read_text().strip()
+        raw = password_file.read_bytes()
     except OSError as exc:
         raise UnavailableError(
             f"cannot read the {what} password file {password_file}: {exc.strerror}"
         ) from None
+    try:
+        password: str | None = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:  # its args hold the file's bytes: raise outside, no context
+        password = None
+    if password is None:
+        raise UnavailableError(f"the {what} password file {password_file} is not UTF-8 text")
+    if not password:
+        raise UnavailableError(f"the {what} password file {password_file} is empty")
+    return password
 
 
 def db_reason(exc: BaseException) -> str:
