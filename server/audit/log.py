@@ -13,11 +13,23 @@ instead of leaving without an audit record.
 Checkpoints are signed at most once per ``checkpoint_interval`` (1 s), when
 asked (``checkpoint()``, used by ``GET /v2/audit/checkpoint``) or by the
 optional background thread, and immediately with ``force=True``.
+
+One store, one signing key: gateway replicas append to one (PostgreSQL) store
+and each signs checkpoints, so they must hold the same key. A process whose
+key did not sign the store's latest checkpoint is refused at start-up
+(:class:`SigningKeyMismatchError`), and refuses to sign when another key's
+checkpoint shows up later (replicas started together on an empty store):
+otherwise auditors behind a load balancer would get checkpoints from two keys,
+and the one their verifier key does not know reads as tampering. Rotating the
+key is explicit: the new key's first process names the old verifier key as
+``previous_key``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import queue
 import threading
@@ -27,18 +39,73 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
-from fedvault.errors import FedvaultError, IntegrityError, InvalidRequestError, UnavailableError
-from secure.signed_note import NoteSigner, format_checkpoint, open_note, parse_checkpoint
+from fedvault.errors import (
+    FedvaultError,
+    IntegrityError,
+    InvalidRequestError,
+    KeyFileError,
+    UnavailableError,
+)
+from secure.signed_note import (
+    NoteSigner,
+    NoteVerifier,
+    format_checkpoint,
+    open_note,
+    parse_checkpoint,
+)
 from server.audit import merkle
 from server.audit.records import AuditRecord, encode_record
 from server.audit.storage import AuditStorage
 
-__all__ = ["MAX_PAGE", "AuditLog", "AuditSink", "Committer", "GroupCommitter", "SignedCheckpoint"]
+__all__ = [
+    "KEY_SOURCE",
+    "MAX_PAGE",
+    "AuditLog",
+    "AuditSink",
+    "Committer",
+    "GroupCommitter",
+    "SignedCheckpoint",
+    "SigningKeyMismatchError",
+]
 
 _log = logging.getLogger(__name__)
 
 MAX_PAGE: Final = 1000
 """Most entries one ``entries()`` call (one API page) returns."""
+
+KEY_SOURCE: Final = (
+    "the audit signing key file: HOME/keys/gateway-audit.key for `fedvault gateway start` "
+    "(HOME from FEDVAULT_HOME or --home), --key for `fedvault audit`"
+)
+"""Where a process's audit signing key comes from, for error messages."""
+
+
+class SigningKeyMismatchError(KeyFileError):
+    """This process's audit signing key is not the key that signs the store's checkpoints."""
+
+
+def _note_signers(note: str) -> list[tuple[str, int]]:
+    """``(key name, key id)`` of each signature line of a signed note (unverified)."""
+    split = note.rfind("\n\n")
+    found: list[tuple[str, int]] = []
+    if split < 0:
+        return found
+    for line in note[split + 2 :].rstrip("\n").split("\n"):
+        fields = line[2:].split(" ") if line.startswith("\u2014 ") else []
+        if len(fields) != 2:
+            continue
+        try:
+            blob = base64.b64decode(fields[1].encode("ascii"), validate=True)
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            continue
+        if len(blob) >= 4:
+            found.append((fields[0], int.from_bytes(blob[:4], "big")))
+    return found
+
+
+def _key_label(name: str, key_id: int) -> str:
+    """``name+hex id``: the public prefix of a verifier key line, no key material."""
+    return f"{name}+{key_id:08x}"
 
 
 @runtime_checkable
@@ -231,10 +298,19 @@ class AuditLog:
         clock: Callable[[], float] = time.monotonic,
         node_cache: int = 65536,
         committer: Committer | None = None,
+        previous_key: NoteVerifier | None = None,
+        key_source: str = KEY_SOURCE,
     ) -> None:
+        """``previous_key``: the verifier key being rotated away from (see the module doc).
+
+        ``key_source`` says where ``signer`` came from, for the refusal's message.
+        """
         self.storage = storage
         self.signer = signer
         self.origin = origin or signer.name
+        self._previous_key = previous_key
+        self._key_source = key_source
+        self._mismatch_logged = False
         self._interval = checkpoint_interval
         self._clock = clock
         self._cp_lock = threading.Lock()
@@ -330,6 +406,15 @@ class AuditLog:
                 return latest.note
             if latest is not None and not force and self._clock() - latest.made_at < self._interval:
                 return latest.note
+            stored = self.storage.latest_checkpoint()
+            if stored is not None and (latest is None or stored[1] != latest.note):
+                try:  # another writer signed since: with our key, or we must not sign
+                    self._check_signer(stored[1], rotating=latest is None)
+                except SigningKeyMismatchError as exc:
+                    if not self._mismatch_logged:
+                        _log.error("%s", exc)
+                        self._mismatch_logged = True
+                    raise
             try:
                 root = self.root(size)
             except IntegrityError:
@@ -370,10 +455,9 @@ class AuditLog:
         if cp.size != size:
             raise IntegrityError("store's checkpoint row disagrees with its note")
         try:
-            open_note(note, self.signer.verifier)
-            ours = True
-        except IntegrityError:
-            ours = False  # signed by a previous key: its root still binds the store
+            ours = self._check_signer(note, rotating=True)
+        except SigningKeyMismatchError as exc:
+            raise SigningKeyMismatchError(f"refusing to start: {exc}") from None
         have = self.storage.size()
         if have < size:
             raise IntegrityError(
@@ -386,6 +470,31 @@ class AuditLog:
             )
         return (
             SignedCheckpoint(size, cp.root, note, self._clock() - self._interval) if ours else None
+        )
+
+    def _check_signer(self, note: str, *, rotating: bool) -> bool:
+        """True if our key signed ``note``; False if ``previous_key`` did (while rotating).
+
+        Raises :class:`IntegrityError` when a signature line claims our key (or
+        the previous one) but does not verify — that is tampering — and
+        :class:`SigningKeyMismatchError` when another key signed it.
+        """
+        ours = self.signer.verifier
+        signers = _note_signers(note)
+        if (ours.name, ours.key_id) in signers:
+            open_note(note, ours)
+            return True
+        previous = self._previous_key
+        if rotating and previous is not None and (previous.name, previous.key_id) in signers:
+            open_note(note, previous)  # its root still binds the store
+            return False
+        theirs = ", ".join(_key_label(n, k) for n, k in signers) or "no readable key"
+        raise SigningKeyMismatchError(
+            f"this audit store's latest checkpoint is signed by {theirs}, but this process "
+            f"signs with {_key_label(ours.name, ours.key_id)} ({self._key_source}). Every "
+            "gateway replica and audit writer of one store must use the same signing key: "
+            "copy the key file from a running replica (a deliberate rotation names the old "
+            "verifier key as previous_key)"
         )
 
     def verify_store(self) -> int:
