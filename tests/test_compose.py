@@ -757,3 +757,164 @@ def test_prometheus_serves_the_compose_web_config_over_verified_tls(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# ------------------------------ the standalone sample (deploy/prometheus, outside compose)
+
+STANDALONE = ROOT / "deploy/prometheus/prometheus.yml"
+STANDALONE_CA = "/etc/prometheus/fedvault-ca.crt"
+STANDALONE_TOKEN = "/etc/prometheus/fedvault-auditor.token"  # noqa: S105 - a path
+
+
+def test_the_standalone_sample_scrapes_every_job_over_verified_https() -> None:
+    text = STANDALONE.read_text()
+    config = yaml.safe_load(text)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    # The gateway and the federation metrics (`federation up --metrics-port`).
+    assert set(jobs) == {"fedvault-gateway", "fedvault-coordinator"}
+    for name, job in jobs.items():
+        assert job.get("scheme") == "https", name
+        tls = job.get("tls_config")
+        assert isinstance(tls, dict), name
+        assert tls.get("ca_file") == STANDALONE_CA, name
+        assert tls.get("insecure_skip_verify", False) is False, name
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                assert target.rsplit(":", 1)[0] == "127.0.0.1", (name, target)
+    assert jobs["fedvault-gateway"]["authorization"]["credentials_file"] == STANDALONE_TOKEN
+    assert "http://" not in text
+    assert "server_name" in text  # the comment on names the certificate must hold
+    assert config["rule_files"] == ["alerts.yml"]
+
+
+@pytest.fixture(scope="module")
+def loopback_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`federation init --host 127.0.0.1`, as the sample's comment says: its HOME."""
+    home = tmp_path_factory.mktemp("standalone") / "op"
+    argv = ["federation", "init", "acme", "--home", str(home), "--partners", ""]
+    result = CliRunner().invoke(app, [*argv, "--host", "127.0.0.1"])
+    assert result.exit_code == 0, result.output
+    return home
+
+
+def _localised_standalone(home: Path, out: Path, extra_jobs: list[dict[str, Any]]) -> Path:
+    """The sample with its CA and token paths mapped to ``out``, 1 s scrapes, ``extra_jobs``."""
+    token = out / "fedvault-auditor.token"
+    token.write_text("not-a-real-token\n")
+    token.chmod(0o600)
+    text = STANDALONE.read_text()
+    text = text.replace(STANDALONE_CA, str(home / "pki" / "ca.crt"))
+    text = text.replace(STANDALONE_TOKEN, str(token))
+    config = yaml.safe_load(text)
+    config["global"]["scrape_interval"] = "1s"
+    config["scrape_configs"] += extra_jobs
+    shutil.copyfile(ROOT / "deploy/prometheus/alerts.yml", out / "alerts.yml")
+    path = out / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_promtool_accepts_the_standalone_sample(loopback_pki: Path, tmp_path: Path) -> None:
+    _require("promtool")
+    config = _localised_standalone(loopback_pki, tmp_path, [])
+    done = subprocess.run(
+        ["promtool", "check", "config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_prometheus_scrapes_the_federation_metrics_with_the_samples_tls_config(
+    loopback_pki: Path, tmp_path: Path
+) -> None:
+    """A real Prometheus, the sample's coordinator job, `federation up`'s TLS metrics server.
+
+    Also what the comment on server names says: a target whose host the
+    certificate does not name fails verification, and ``server_name`` set to a
+    name it holds fixes that. (The gateway job has the same tls_config; it is
+    checked statically and by promtool, not scraped here.)
+    """
+    _require("prometheus")
+    import httpx
+
+    from server.federation_metrics import serve_federation_metrics
+    from server.store import FederationStore
+
+    db = tmp_path / "federation.db"
+    FederationStore(db).close()
+    metrics_port = free_port()
+    server, thread = serve_federation_metrics(
+        db,
+        "127.0.0.1",
+        metrics_port,
+        certfile=loopback_pki / "pki" / "server.pem",
+        keyfile=loopback_pki / "pki" / "server.key",
+    )
+    sample = yaml.safe_load(STANDALONE.read_text())
+    coordinator = next(
+        j for j in sample["scrape_configs"] if j["job_name"] == "fedvault-coordinator"
+    )
+    assert coordinator["static_configs"] == [{"targets": ["127.0.0.1:9401"]}]
+
+    def job(name: str, target: str, **tls: str) -> dict[str, Any]:
+        return {
+            **coordinator,
+            "job_name": name,
+            "tls_config": {**coordinator["tls_config"], **tls},
+            "static_configs": [{"targets": [target]}],
+        }
+
+    config = _localised_standalone(loopback_pki, tmp_path, [])
+    localised = yaml.safe_load(config.read_text())
+    for scrape in localised["scrape_configs"]:  # the sample's own job, at the served port
+        if scrape["job_name"] == "fedvault-coordinator":
+            scrape["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    ca = str(loopback_pki / "pki" / "ca.crt")
+    localised["scrape_configs"] += [
+        job("wrong-name", f"localhost:{metrics_port}", ca_file=ca),
+        job("server-name", f"localhost:{metrics_port}", ca_file=ca, server_name="127.0.0.1"),
+    ]
+    config.write_text(yaml.safe_dump(localised))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        health: dict[str, tuple[str, str]] = {}
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5)
+                targets = answer.json()["data"]["activeTargets"]
+                health = {
+                    t["labels"]["job"]: (t["health"], t["lastError"])
+                    for t in targets
+                    if t["labels"]["job"] != "fedvault-gateway"
+                }
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            if len(health) == 3 and "unknown" not in {h for h, _ in health.values()}:
+                break
+            assert time.monotonic() < deadline, f"targets not scraped in time: {health}"
+            time.sleep(0.5)
+        assert health["fedvault-coordinator"] == ("up", ""), health
+        assert health["server-name"] == ("up", ""), health
+        state, error = health["wrong-name"]
+        assert state == "down"
+        assert "certificate" in error, error
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        server.shutdown()
+        thread.join(timeout=10)
