@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from secure.signed_note import generate_note_key
+from secure.signed_note import NoteSigner, generate_note_key
 from server.audit.log import AuditLog
 from server.audit.storage import open_storage
 from server.gateway.build import GatewayConfig, build_gateway
@@ -65,8 +65,12 @@ def database(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[s
     return url, keys_dir
 
 
-def _replica(url: str, keys_dir: Path, tmp: Path, stack: ExitStack) -> tuple[GatewayApp, str]:
-    log = AuditLog(open_storage(url), generate_note_key("test/replica-audit"))
+def _replica(
+    url: str, keys_dir: Path, tmp: Path, stack: ExitStack, audit_key: NoteSigner
+) -> tuple[GatewayApp, str]:
+    # One audit signing key for all replicas, as deployed (docs/deployment.md):
+    # a replica whose key did not sign the store's checkpoints refuses to start.
+    log = AuditLog(open_storage(url), audit_key)
     stack.callback(log.close)
     config = GatewayConfig(
         federation_db=url,
@@ -88,10 +92,11 @@ def replicas(
 ) -> Iterator[Pair]:
     url, keys_dir = database
     tmp = tmp_path_factory.mktemp("replicas")
+    audit_key = generate_note_key("test/replica-audit")
     with ExitStack() as stack:
         out = []
         for _ in range(2):
-            gw, base = _replica(url, keys_dir, tmp, stack)
+            gw, base = _replica(url, keys_dir, tmp, stack, audit_key)
             out.append((gw, stack.enter_context(httpx.Client(base_url=base, timeout=30))))
         yield out[0], out[1]
     assert not (tmp / "no-such-registry").exists()

@@ -346,3 +346,37 @@ def test_the_cli_with_a_wrong_password_exits_10_without_secrets(
     good = cli(scram.password)
     assert good.returncode == 0, good.stderr
     assert scram.password not in good.stdout + good.stderr
+
+
+def test_audit_checkpoint_cli_takes_a_password_file(scram: ScramServer, tmp_path: Path) -> None:
+    """`fedvault audit checkpoint --db URL --password-file F`: signs with the right
+    password; a wrong one exits 10 naming the failure, never the password."""
+    key = tmp_path / "audit.key"
+    keygen = ["audit", "keygen", "--name", "test/pw-audit", "--out", str(key)]
+    env = {**os.environ, "PGPASSFILE": str(tmp_path / "no-pgpass")}
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fedvault", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+            check=False,
+        )
+
+    assert cli(*keygen).returncode == 0
+    url = scram.urls["audit"]
+    wrong = "Wr0ng/" + secrets.token_urlsafe(12)
+    checkpoint = ["audit", "checkpoint", "--db", url, "--key", str(key)]
+    bad = cli(*checkpoint, "--password-file", str(_secret_file(tmp_path / "bad", wrong)))
+    assert bad.returncode == 10, bad.stderr
+    assert "password authentication failed" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    for leak in (wrong, scram.password):
+        assert leak not in bad.stdout + bad.stderr
+    right = _secret_file(tmp_path / "good", scram.password)
+    good = cli(*checkpoint, "--password-file", str(right))
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.startswith("test/pw-audit")  # a signed tlog checkpoint note
+    assert scram.password not in good.stdout + good.stderr

@@ -87,17 +87,27 @@ def keygen(
     typer.echo(signer.verifier.line)
 
 
+PasswordFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--password-file",
+        help="File holding the PostgreSQL password (a postgresql:// --db never carries one).",
+    ),
+]
+
+
 @audit_app.command("checkpoint")
 def checkpoint(
     db: Annotated[str, typer.Option("--db", help="SQLite path or postgresql:// URL.")],
     key: Annotated[Path, typer.Option("--key", help="Signing key file (0600).")],
+    password_file: PasswordFileOpt = None,
 ) -> None:
     """Sign a checkpoint now (on demand) and print it."""
     from secure.signed_note import load_note_signer
     from server.audit.log import AuditLog
     from server.audit.storage import open_storage
 
-    log = AuditLog(open_storage(db), load_note_signer(key))
+    log = AuditLog(open_storage(db, password_file=password_file), load_note_signer(key))
     try:
         typer.echo(log.checkpoint(force=True), nl=False)
     finally:
@@ -111,6 +121,7 @@ def serve(
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="0 picks a free port.")] = 0,
     token_file: TokenOpt = None,
+    password_file: PasswordFileOpt = None,
 ) -> None:
     """Serve the audit API alone (development; the gateway mounts the same router)."""
     import uvicorn
@@ -127,7 +138,7 @@ def serve(
     token = _token(token_file)
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError("--token-file is required when serving beyond loopback")
-    log = AuditLog(open_storage(db), load_note_signer(key))
+    log = AuditLog(open_storage(db, password_file=password_file), load_note_signer(key))
     app = FastAPI(title="fedvault audit log")
     install_problem_handlers(app)
     app.include_router(create_audit_router(log))
