@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedvault.database import url_has_password
-from fedvault.errors import ConfigError
+from fedvault.errors import ConfigError, FedvaultError
 
 
 class FedvaultSettings(BaseSettings):
@@ -46,6 +46,15 @@ class FedvaultSettings(BaseSettings):
     )
     audit_store_password_file: Path | None = Field(
         default=None, description="File holding the audit database password (a mounted secret)."
+    )
+    audit_previous_key: str | None = Field(
+        default=None,
+        description=(
+            "Rotating the audit signing key: the *old* verifier key line "
+            "(name+hexid+base64, public; `fedvault audit keygen` printed it and "
+            "/v2/audit/public-key serves it). The gateway then accepts the store's "
+            "checkpoints signed by it until the new key has signed one; unset afterwards."
+        ),
     )
     federation_store: str | None = Field(
         default=None,
@@ -117,6 +126,18 @@ class FedvaultSettings(BaseSettings):
             raise ValueError(
                 f"{info.field_name} must not contain a password; put it in the file named by {env}"
             )
+        return value
+
+    @field_validator("audit_previous_key")
+    @classmethod
+    def _verifier_key_line(cls, value: str | None) -> str | None:
+        if value is not None:
+            from secure.signed_note import NoteVerifier
+
+            try:
+                NoteVerifier.parse(value)
+            except FedvaultError as exc:
+                raise ValueError(f"not a verifier key line: {exc}") from None
         return value
 
     @property

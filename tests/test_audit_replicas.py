@@ -382,7 +382,8 @@ def test_rotation_names_the_previous_key(tmp_path: Path) -> None:
     rotated = AuditLog(SQLiteStorage(path), new, previous_key=old.verifier)
     rotated.append(record(2))
     note = rotated.checkpoint(force=True)
-    assert parse_checkpoint(open_note(note, new.verifier)).size == 2
+    # Entry 1 is the rotation's own record (the new key signed it at start), entry 2 ours.
+    assert parse_checkpoint(open_note(note, new.verifier)).size == 3
     rotated.close()
 
     # From now on the new key alone: the old one, and the rotation option, are refused.
@@ -413,3 +414,66 @@ def test_a_forged_signature_by_our_key_is_tampering_not_a_key_mismatch(tmp_path:
     with pytest.raises(IntegrityError, match="does not verify") as info:
         AuditLog(SQLiteStorage(path), signer)
     assert not isinstance(info.value, SigningKeyMismatchError)
+
+
+def test_rotation_from_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedvault audit checkpoint`: a new key is refused (exit 5, told how to rotate),
+    accepted once with --previous-key, then alone; a malformed key line is exit 2."""
+    old, new = tmp_path / "old.key", tmp_path / "new.key"
+    db = str(tmp_path / "audit.db")
+
+    def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fedvault", "audit", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    old_line = cli("keygen", "--name", ORIGIN, "--out", str(old)).stdout.strip()
+    assert cli("keygen", "--name", ORIGIN, "--out", str(new)).returncode == 0
+    log = AuditLog(SQLiteStorage(Path(db)), load_note_signer(old))
+    log.append(record(1))
+    log.close()
+    assert cli("checkpoint", "--db", db, "--key", str(old)).returncode == 0
+
+    refused = cli("checkpoint", "--db", db, "--key", str(new))
+    assert refused.returncode == 5, refused.stderr
+    assert "--previous-key" in refused.stderr
+    assert "FEDVAULT_AUDIT_PREVIOUS_KEY" in refused.stderr
+    assert f"--key {new}" in refused.stderr  # where this process's key came from
+    for secret in _key_material(load_note_signer(new), public=False):
+        assert secret not in refused.stdout + refused.stderr
+    bad = cli("checkpoint", "--db", db, "--key", str(new), "--previous-key", "not+a+key")
+    assert bad.returncode == 2, bad.stderr
+    assert "Traceback" not in bad.stderr
+
+    rotated = cli("checkpoint", "--db", db, "--key", str(new), "--previous-key", old_line)
+    assert rotated.returncode == 0, rotated.stderr
+    # The rotation is itself an entry, and the new key signed the tree that holds it.
+    assert parse_checkpoint(open_note(rotated.stdout, load_note_signer(new).verifier)).size == 2
+    storage = SQLiteStorage(Path(db))
+    ((_, entry),) = storage.entries(1, 2)
+    storage.close()
+    rotation = decode_entry(entry)
+    assert rotation.action == "audit.signing-key-rotated"
+    old_id = old_line.split("+")[1]
+    new_id = load_note_signer(new).verifier.line.split("+")[1]
+    assert rotation.resource == f"signing-key:{ORIGIN}+{old_id} -> {ORIGIN}+{new_id}"
+    assert cli("checkpoint", "--db", db, "--key", str(new)).returncode == 0  # new key alone now
+    assert cli("checkpoint", "--db", db, "--key", str(old)).returncode == 5
+
+
+def test_the_previous_key_setting_must_be_a_verifier_key_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedvault.errors import ConfigError
+    from fedvault.settings import load_settings
+
+    line = generate_note_key(ORIGIN).verifier.line
+    monkeypatch.setenv("FEDVAULT_AUDIT_PREVIOUS_KEY", line)
+    assert load_settings().audit_previous_key == line
+    monkeypatch.setenv("FEDVAULT_AUDIT_PREVIOUS_KEY", line[:-4] + "AAAA")
+    with pytest.raises(ConfigError, match="audit_previous_key"):
+        load_settings()

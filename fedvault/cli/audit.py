@@ -23,6 +23,7 @@ from fedvault.settings import load_settings
 
 if TYPE_CHECKING:
     from secure.signed_note import NoteVerifier
+    from server.audit.log import AuditLog
     from server.audit.records import AuditRecord
     from server.audit.verifier import LogSource
 
@@ -96,18 +97,41 @@ PasswordFileOpt = Annotated[
 ]
 
 
+PreviousKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--previous-key",
+        help=(
+            "Rotating the signing key: the old verifier key line, whose checkpoints "
+            "the store still ends with (needed until the new key has signed one)."
+        ),
+    ),
+]
+
+
+def _open_log(db: str, key: Path, password_file: Path | None, previous_key: str | None) -> AuditLog:
+    from secure.signed_note import NoteVerifier, load_note_signer
+    from server.audit.log import AuditLog
+    from server.audit.storage import open_storage
+
+    previous = NoteVerifier.parse(previous_key) if previous_key else None
+    return AuditLog(
+        open_storage(db, password_file=password_file),
+        load_note_signer(key),
+        previous_key=previous,
+        key_source=f"--key {key}",
+    )
+
+
 @audit_app.command("checkpoint")
 def checkpoint(
     db: Annotated[str, typer.Option("--db", help="SQLite path or postgresql:// URL.")],
     key: Annotated[Path, typer.Option("--key", help="Signing key file (0600).")],
     password_file: PasswordFileOpt = None,
+    previous_key: PreviousKeyOpt = None,
 ) -> None:
     """Sign a checkpoint now (on demand) and print it."""
-    from secure.signed_note import load_note_signer
-    from server.audit.log import AuditLog
-    from server.audit.storage import open_storage
-
-    log = AuditLog(open_storage(db, password_file=password_file), load_note_signer(key))
+    log = _open_log(db, key, password_file, previous_key)
     try:
         typer.echo(log.checkpoint(force=True), nl=False)
     finally:
@@ -122,15 +146,13 @@ def serve(
     port: Annotated[int, typer.Option("--port", help="0 picks a free port.")] = 0,
     token_file: TokenOpt = None,
     password_file: PasswordFileOpt = None,
+    previous_key: PreviousKeyOpt = None,
 ) -> None:
     """Serve the audit API alone (development; the gateway mounts the same router)."""
     import uvicorn
     from fastapi import FastAPI
 
-    from secure.signed_note import load_note_signer
     from server.audit.api import bearer_token_auth, create_audit_router, require_auditor
-    from server.audit.log import AuditLog
-    from server.audit.storage import open_storage
     from server.problem import install_problem_handlers
 
     from .processes import free_port
@@ -138,7 +160,7 @@ def serve(
     token = _token(token_file)
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError("--token-file is required when serving beyond loopback")
-    log = AuditLog(open_storage(db, password_file=password_file), load_note_signer(key))
+    log = _open_log(db, key, password_file, previous_key)
     app = FastAPI(title="fedvault audit log")
     install_problem_handlers(app)
     app.include_router(create_audit_router(log))

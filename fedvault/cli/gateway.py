@@ -87,7 +87,12 @@ def start(
     ] = "process",
 ) -> None:
     """Serve REST and gRPC until Ctrl-C / SIGTERM, then drain in-flight requests and stop."""
-    from secure.signed_note import generate_note_key, load_note_signer, save_note_signer
+    from secure.signed_note import (
+        NoteVerifier,
+        generate_note_key,
+        load_note_signer,
+        save_note_signer,
+    )
     from server.audit.log import AuditLog
     from server.audit.storage import open_storage
     from server.gateway.build import GatewayConfig, build_gateway
@@ -124,6 +129,9 @@ def start(
     log = AuditLog(
         storage,
         load_note_signer(settings.audit_key_file),
+        previous_key=(
+            NoteVerifier.parse(settings.audit_previous_key) if settings.audit_previous_key else None
+        ),
         committer=audit_committer(
             audit_writer, settings.audit_location, settings.audit_store_password_file
         ),

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Final, Protocol, runtime_checkable
 
 from fedvault.errors import (
@@ -316,6 +317,7 @@ class AuditLog:
         self._cp_lock = threading.Lock()
         self._cache: dict[merkle.NodeKey, bytes] = {}
         self._cache_limit = node_cache
+        self._rotating = False  # set by _check_store: previous_key signed the latest checkpoint
         try:
             self._latest = self._check_store()
         except BaseException:
@@ -329,6 +331,8 @@ class AuditLog:
         )
         self._bg_stop = threading.Event()
         self._bg: threading.Thread | None = None
+        if self._rotating:
+            self._finish_rotation()
 
     # ----------------------------------------------------------------- appends
     def append(self, record: AuditRecord) -> int:
@@ -468,9 +472,38 @@ class AuditLog:
             raise IntegrityError(
                 f"audit store's tree at size {size} does not match its signed checkpoint"
             )
+        self._rotating = not ours
         return (
             SignedCheckpoint(size, cp.root, note, self._clock() - self._interval) if ours else None
         )
+
+    def _finish_rotation(self) -> None:
+        """Record the key change in the log itself, then sign with the new key at once.
+
+        Why both: the rotation is an event a compliance reviewer must see, and
+        until a checkpoint signed by the new key is stored, the store still
+        ends with the old key's — the next start without ``previous_key``
+        would be refused. The record makes the tree grow, so that checkpoint
+        is new (checkpoints are kept once per size); the old key's
+        checkpoints stay in the store, and its root is what this one extends.
+        """
+        ours, previous = self.signer.verifier, self._previous_key
+        assert previous is not None  # noqa: S101 - _rotating implies it
+        self.append(
+            AuditRecord(
+                time=datetime.now(UTC),
+                actor="audit-log",
+                role="system",
+                action="audit.signing-key-rotated",
+                resource=(
+                    f"signing-key:{_key_label(previous.name, previous.key_id)}"
+                    f" -> {_key_label(ours.name, ours.key_id)}"
+                ),
+                outcome="ok",
+            )
+        )
+        self.checkpoint(force=True)
+        self._rotating = False
 
     def _check_signer(self, note: str, *, rotating: bool) -> bool:
         """True if our key signed ``note``; False if ``previous_key`` did (while rotating).
@@ -493,8 +526,9 @@ class AuditLog:
             f"this audit store's latest checkpoint is signed by {theirs}, but this process "
             f"signs with {_key_label(ours.name, ours.key_id)} ({self._key_source}). Every "
             "gateway replica and audit writer of one store must use the same signing key: "
-            "copy the key file from a running replica (a deliberate rotation names the old "
-            "verifier key as previous_key)"
+            "copy the key file from a running replica. A deliberate rotation names the old "
+            "verifier key line once: FEDVAULT_AUDIT_PREVIOUS_KEY for `fedvault gateway "
+            "start`, --previous-key for `fedvault audit`"
         )
 
     def verify_store(self) -> int:
