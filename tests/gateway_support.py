@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class SwitchableSink:
         self.log = log
         self.broken = False
         self.delay_s = 0.0  # a slow commit, to see what overlaps it
+        self.hold_until = 0  # appends wait until this many are waiting (5 s at most) ...
+        self.hold_s = 0.0  # ... then this long, to see whether more arrive
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -69,6 +72,11 @@ class SwitchableSink:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            if self.hold_until:
+                deadline = time.monotonic() + 5.0
+                while self.in_flight < self.hold_until and time.monotonic() < deadline:
+                    await asyncio.sleep(0.001)
+                await asyncio.sleep(self.hold_s)
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             return await self.log.append_async(record)

@@ -200,3 +200,17 @@ def test_rate_limited_call_says_when_to_retry(
     rec = _last_record(harness)
     assert (rec.status, rec.outcome, rec.request_id) == ("RESOURCE_EXHAUSTED", "error", "r1")
     assert trailers["x-request-id"] == "r1"
+
+
+@pytest.mark.parametrize("request_id", ["réq-1", "a\nb"])
+def test_an_oip_id_that_is_no_metadata_value_is_recorded_not_echoed(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub, request_id: str
+) -> None:
+    """grpc refuses a trailer value outside printable ASCII: the call must still succeed."""
+    req = _request(features(1))
+    req.id = request_id
+    answer, call = stub.ModelInfer.with_call(req, metadata=_md(harness))
+    assert answer.id == request_id
+    assert call.code() == grpc.StatusCode.OK
+    assert "x-request-id" not in dict(call.trailing_metadata())
+    assert _last_record(harness).request_id == request_id

@@ -8,10 +8,12 @@ process, and our own stubs for what needs the test to act between messages
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -173,29 +175,69 @@ def test_every_message_has_its_own_audit_record(
     )
 
 
+def _held_stream(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub, n: int, hold_until: int
+) -> list[pb.ModelStreamInferResponse]:
+    """Send n messages at once while appends wait until ``hold_until`` are waiting."""
+    requests = [_request(features(1), f"w{i}") for i in range(n)]
+    sink = harness.sink
+    sink.hold_until, sink.hold_s, sink.max_in_flight = hold_until, 0.1, 0
+    try:
+        return list(stub.ModelStreamInfer(iter(requests), metadata=_md(harness.tokens["analyst"])))
+    finally:
+        sink.hold_until, sink.hold_s = 0, 0.0
+
+
 def test_messages_overlap_their_audit_commits_within_a_window(
     harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
 ) -> None:
-    """A slow commit does not set the stream's pace: up to the window's worth of
+    """A slow commit does not set the stream's pace: exactly the window's worth of
     messages wait on it together, no more, and answers keep their order."""
     n = 3 * STREAM_WINDOW
-    requests = [_request(features(1), f"w{i}") for i in range(n)]
     size = harness.log.size()
-    harness.sink.delay_s, harness.sink.max_in_flight = 0.02, 0
-    try:
-        answers = list(
-            stub.ModelStreamInfer(iter(requests), metadata=_md(harness.tokens["analyst"]))
-        )
-    finally:
-        harness.sink.delay_s = 0.0
+    answers = _held_stream(harness, stub, n, hold_until=STREAM_WINDOW)
     assert [a.infer_response.id for a in answers] == [f"w{i}" for i in range(n)]
     assert all(a.error_message == "" for a in answers)
-    # The answering loop awaits one message, the window holds STREAM_WINDOW
-    # more, and the reader has started one it cannot queue yet.
-    assert STREAM_WINDOW <= harness.sink.max_in_flight <= STREAM_WINDOW + 2
+    # Appends are held until STREAM_WINDOW wait, then 0.1 s more: none beyond it arrive.
+    assert harness.sink.max_in_flight == STREAM_WINDOW
     records = _records_since(harness, size)
     assert sorted(r.request_id or "" for r in records) == sorted(f"w{i}" for i in range(n))
     assert {r.status for r in records} == {"OK"}
+
+
+def test_the_window_is_bounded_in_bytes_too(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """Large messages: no more request bytes in flight than the body limit."""
+    one = _request(features(1), "w0").ByteSize()
+    limits = harness.gw.limits
+    harness.gw.limits = dataclasses.replace(limits, max_body_bytes=3 * one + one // 2)
+    try:
+        answers = _held_stream(harness, stub, 12, hold_until=3)
+    finally:
+        harness.gw.limits = limits
+    assert all(a.error_message == "" for a in answers)
+    assert harness.sink.max_in_flight == 3
+
+
+def test_a_cancelled_stream_still_audits_the_message_it_started(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """The client gives up while its message awaits the commit: the record is written."""
+    size = harness.log.size()
+    harness.sink.delay_s = 0.3
+    try:
+        call = stub.ModelStreamInfer(
+            iter([_request(features(1), "gone")]), metadata=_md(harness.tokens["analyst"])
+        )
+        time.sleep(0.1)  # the message is in its append now
+        call.cancel()
+        deadline = time.monotonic() + 5
+        while harness.log.size() == size and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        harness.sink.delay_s = 0.0
+    assert [(r.request_id, r.status) for r in _records_since(harness, size)] == [("gone", "OK")]
 
 
 def test_bad_keys_refuse_the_stream(

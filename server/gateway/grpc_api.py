@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,9 +64,17 @@ from server.gateway.tensors import (
     from_list,
 )
 
-__all__ = ["STREAM_WINDOW", "AuditedServicer", "GrpcTLS", "InferenceServicer", "start_grpc_server"]
+__all__ = [
+    "STREAM_WINDOW",
+    "AuditedServicer",
+    "GrpcTLS",
+    "InferenceServicer",
+    "drain_streams",
+    "start_grpc_server",
+]
 
 R = TypeVar("R", bound=PbMessage)
+_log = logging.getLogger(__name__)
 
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -227,7 +236,12 @@ class AuditedServicer:
         )
         # The record's id goes back in the trailers, as REST's X-Request-ID
         # header: a caller that sent none can still find its call in the log.
-        trailers: tuple[tuple[str, str], ...] = (("x-request-id", event.request_id or ""),)
+        # Only printable ASCII can be a metadata value (grpc refuses the call
+        # otherwise); an OIP id outside it is the caller's own, in the record.
+        rid = event.request_id or ""
+        trailers: tuple[tuple[str, str], ...] = (
+            (("x-request-id", rid),) if rid.isascii() and rid.isprintable() else ()
+        )
         if error is not None:
             mapping = mapping_for(error)
             retry = getattr(error, "retry_after_s", None)
@@ -444,11 +458,16 @@ class InferenceServicer(AuditedServicer, pb_grpc.GRPCInferenceServiceServicer):
             )
             return _StreamOutcome(request, response, error, audit_failed)
 
-        window: asyncio.Queue[asyncio.Future[_StreamOutcome] | None] = asyncio.Queue(STREAM_WINDOW)
+        window = _Window(STREAM_WINDOW, self.gw.limits.max_body_bytes)
         reader = asyncio.create_task(_read_stream(request_iterator, message, window))
         try:
-            while (pending := await window.get()) is not None:
-                outcome = await pending
+            while (started := await window.next()) is not None:
+                pending, size = started
+                # Shielded: a cancelled stream (client gone, deadline, shutdown)
+                # must not cancel a message already started — it finishes and
+                # is audited; only its answer is not sent.
+                outcome = await asyncio.shield(pending)
+                window.release(size)
                 if outcome.error is None:
                     assert outcome.response is not None  # noqa: S101 - set when no error
                     yield outcome.response
@@ -513,8 +532,8 @@ def _stream_error(
 
 
 STREAM_WINDOW = 32
-"""Messages of one stream in flight at once: read, authorised, inferred and
-awaiting their audit commit while earlier answers go out."""
+"""Messages of one stream in flight at once (read, checked, inferred, awaiting
+their audit commit or their turn to be answered), the one being answered included."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,39 +546,101 @@ class _StreamOutcome:
     audit_failed: bool
 
 
+class _Window:
+    """The messages of one stream in flight, bounded in number and in request bytes.
+
+    Why bytes too: a message may be as large as the gateway's body limit
+    (``max_receive_message_length``), so a count alone would let one stream
+    hold ``STREAM_WINDOW`` times that. A message larger than the byte budget
+    still gets in when nothing else is in flight.
+    """
+
+    def __init__(self, count: int, max_bytes: int) -> None:
+        self._slots = count
+        self._bytes = max_bytes
+        self._used = 0
+        self._room = asyncio.Event()
+        self._started: asyncio.Queue[tuple[asyncio.Future[_StreamOutcome], int] | None] = (
+            asyncio.Queue()
+        )
+
+    async def admit(self, size: int) -> None:
+        """Wait for a slot and ``size`` bytes (the reader stops reading meanwhile)."""
+        while self._slots == 0 or (self._used and self._used + size > self._bytes):
+            self._room.clear()
+            await self._room.wait()
+        self._slots -= 1
+        self._used += size
+
+    def release(self, size: int) -> None:
+        self._slots += 1
+        self._used -= size
+        self._room.set()
+
+    def start(self, task: asyncio.Future[_StreamOutcome], size: int) -> None:
+        self._started.put_nowait((task, size))
+
+    def end(self) -> None:
+        self._started.put_nowait(None)
+
+    async def next(self) -> tuple[asyncio.Future[_StreamOutcome], int] | None:
+        """The next started message in arrival order, or None after the last."""
+        return await self._started.get()
+
+
 async def _read_stream(
     requests: AsyncIterator[pb.ModelInferRequest],
     handle: Callable[[pb.ModelInferRequest], Awaitable[_StreamOutcome]],
-    window: asyncio.Queue[asyncio.Future[_StreamOutcome] | None],
+    window: _Window,
 ) -> None:
-    """Start one task per incoming message, at most ``STREAM_WINDOW`` ahead of the answers.
+    """Start one task per incoming message, within the stream's :class:`_Window`.
 
     Why a window: a message's answer waits for its audit record's durable
     commit (~0.1–4 ms of fsync here), and handling one message at a time made
-    that wait the stream's pace. Tasks start in arrival order, so rate-limit
-    tokens and key checks are taken in order; the answering loop awaits them in
-    that same order, so answers keep Triton's order and each still follows its
-    own durable record. A full window stops reading: a client cannot make the
-    server buffer more than ``STREAM_WINDOW`` messages. Tasks are never
+    that wait the stream's pace. Tasks start in arrival order; with the key's
+    check cached and inputs small (the usual case) a message runs without
+    yielding until its audit append, so rate-limit tokens and records follow
+    arrival order too (a key re-verified in a thread, every 30 s, or a large
+    input inferred in one, may let later messages overtake). The answering
+    loop awaits them in arrival order, so answers keep Triton's order and each
+    still follows its own durable record. A full window stops reading: a
+    client cannot make the server buffer more than the window. Tasks are never
     cancelled — a message already started finishes and is audited even when
-    the stream ends early (its answer is then simply not sent).
+    the stream ends first (its answer is then simply not sent);
+    :func:`drain_streams` waits for them at shutdown.
     """
     try:
         async for request in requests:
+            size = request.ByteSize()
+            await window.admit(size)
             task = asyncio.ensure_future(handle(request))
             _RUNNING.add(task)
-            task.add_done_callback(_RUNNING.discard)
-            await window.put(task)
-    except asyncio.CancelledError:
-        raise  # the answering loop has ended the stream: nobody awaits the end mark
-    except BaseException:
-        await window.put(None)  # the answering loop then re-raises this from the task
-        raise
-    await window.put(None)
+            task.add_done_callback(_settled)
+            window.start(task, size)
+    finally:
+        window.end()  # the answering loop re-raises what ended the reading, if anything
+
+
+def _settled(task: asyncio.Future[_StreamOutcome]) -> None:
+    """Forget a finished message task; log a failure nobody will await (stream gone)."""
+    _RUNNING.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        _log.error("streamed message failed outside its audited step: %s", type(exc).__name__)
 
 
 _RUNNING: set[asyncio.Future[_StreamOutcome]] = set()
 """Strong references to in-flight message tasks (the event loop keeps only weak ones)."""
+
+
+async def drain_streams(timeout_s: float) -> None:
+    """Wait (bounded) for streamed messages still running after their streams ended.
+
+    Called at shutdown after the gRPC server stopped, so that messages of
+    streams cut by the grace period still reach the audit log before the
+    loop goes away.
+    """
+    if _RUNNING:
+        await asyncio.wait(set(_RUNNING), timeout=timeout_s)
 
 
 async def start_grpc_server(
