@@ -66,6 +66,15 @@ class KeyFileError(SecurityError):
     """A key file is missing, unreadable, malformed or too widely readable."""
 
 
+class SigningKeyMismatchError(KeyFileError):
+    """This process's audit signing key is not the key that signs the store's checkpoints.
+
+    A misconfigured replica, not tampering: it refuses to start (CLI exit 5)
+    or, found later, to sign — answered 503 so a balancer or client tries
+    another replica.
+    """
+
+
 class IntegrityError(SecurityError):
     """Signed or authenticated-encrypted data failed verification (tampering)."""
 
@@ -144,6 +153,7 @@ ERROR_TABLE: dict[type[FedvaultError], ErrorMapping] = {
     PrivacyBudgetExceeded: ErrorMapping(4, 403, "RESOURCE_EXHAUSTED"),
     SecurityError: ErrorMapping(5, 403, "PERMISSION_DENIED"),
     KeyFileError: ErrorMapping(5, 500, "FAILED_PRECONDITION"),
+    SigningKeyMismatchError: ErrorMapping(5, 503, "UNAVAILABLE"),
     IntegrityError: ErrorMapping(6, 422, "DATA_LOSS"),
     AuthenticationError: ErrorMapping(5, 401, "UNAUTHENTICATED"),
     PermissionDeniedError: ErrorMapping(5, 403, "PERMISSION_DENIED"),

@@ -44,7 +44,7 @@ from fedvault.errors import (
     FedvaultError,
     IntegrityError,
     InvalidRequestError,
-    KeyFileError,
+    SigningKeyMismatchError,
     UnavailableError,
 )
 from secure.signed_note import (
@@ -79,10 +79,6 @@ KEY_SOURCE: Final = (
     "(HOME from FEDVAULT_HOME or --home), --key for `fedvault audit`"
 )
 """Where a process's audit signing key comes from, for error messages."""
-
-
-class SigningKeyMismatchError(KeyFileError):
-    """This process's audit signing key is not the key that signs the store's checkpoints."""
 
 
 def _note_signers(note: str) -> list[tuple[str, int]]:
@@ -332,7 +328,11 @@ class AuditLog:
         self._bg_stop = threading.Event()
         self._bg: threading.Thread | None = None
         if self._rotating:
-            self._finish_rotation()
+            try:
+                self._finish_rotation()
+            except BaseException:
+                self._committer.close()
+                raise
 
     # ----------------------------------------------------------------- appends
     def append(self, record: AuditRecord) -> int:
@@ -440,9 +440,18 @@ class AuditLog:
             self._bg.start()
 
     def _checkpoint_loop(self) -> None:
+        reported: str | None = None
         while not self._bg_stop.wait(self._interval):
             try:
                 self.checkpoint()
+                reported = None
+            except IntegrityError as exc:
+                # Tampering found by the signer (a forged checkpoint, a tree that
+                # no longer matches): say so once per distinct finding, never
+                # silently stop signing.
+                if str(exc) != reported:
+                    _log.error("audit log not signed: %s", exc)
+                    reported = str(exc)
             except FedvaultError:
                 continue  # the next tick retries; appends do not depend on it
 
