@@ -10,7 +10,9 @@ request in flight each):
 - ``grpc_servicer``: grpc.aio with the OIP ``GRPCInferenceService`` servicer,
   parsing a real ``ModelInferRequest`` and returning a prebuilt
   ``ModelInferResponse`` (what our unary path pays before its own work);
-- ``asgi``: uvicorn (httptools) with a bare ASGI app answering ``{"ok":1}``.
+- ``asgi``: uvicorn (httptools) with a bare ASGI app answering ``{"ok":1}``
+  over HTTP/1.1 keep-alive (what ``bench/gateway.py`` drives REST with;
+  gRPC is HTTP/2 by definition).
 
 All three run on uvloop when installed, as ``fedvault gateway start`` does.
 If an empty gRPC handler is not 1.5× the *full* REST path of
@@ -100,6 +102,25 @@ def serve(kind: str, port: int) -> None:
     asyncio.run(main())
 
 
+def _preflight(kind: str, port: int) -> None:
+    """One call with a real client: gRPC status OK (or HTTP 200 with the body)."""
+    if kind == "asgi":
+        import httpx
+
+        answer = httpx.post(f"http://127.0.0.1:{port}/v2/x", content=b"{}", timeout=10)
+        if answer.status_code != 200 or answer.content != b'{"ok":1}':
+            raise RuntimeError(f"asgi preflight: {answer.status_code}")
+        return
+    import grpc
+
+    method = "/inference.GRPCInferenceService/ModelInfer"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(method)  # raw bytes both ways
+        _, info = call.with_call(b"", timeout=10)
+        if info.code() != grpc.StatusCode.OK:
+            raise RuntimeError(f"{kind} preflight: {info.code()}")
+
+
 def measure(kind: str, h2load: str, seconds: float, work: Path) -> float:
     import gateway as gwb  # bench/gateway.py: h2load runner, free ports
     import numpy as np
@@ -108,6 +129,7 @@ def measure(kind: str, h2load: str, seconds: float, work: Path) -> float:
     proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, str(port)])
     try:
         time.sleep(2.0)  # imports + bind; h2load's warm-up second covers the rest
+        _preflight(kind, port)  # h2load counts any HTTP 200; a real client checks the status
         if kind == "asgi":
             url, body, h1 = f"http://127.0.0.1:{port}/v2/x", b'{"a":1}', True
             headers = ["content-type: application/json"]
