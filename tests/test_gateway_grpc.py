@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -214,3 +215,26 @@ def test_an_oip_id_that_is_no_metadata_value_is_recorded_not_echoed(
     assert call.code() == grpc.StatusCode.OK
     assert "x-request-id" not in dict(call.trailing_metadata())
     assert _last_record(harness).request_id == request_id
+
+
+def test_a_cancelled_call_is_still_audited(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    """The client gives up while the call awaits its audit commit: the record is written."""
+    size = harness.log.size()
+    req = _request(features(1))
+    req.id = "cancelled-unary"
+    harness.sink.delay_s = 0.3
+    try:
+        future = stub.ModelInfer.future(req, metadata=_md(harness))
+        time.sleep(0.1)  # the call is in its append now
+        assert future.cancel()
+        deadline = time.monotonic() + 5
+        while harness.log.size() == size and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        harness.sink.delay_s = 0.0
+    assert (_last_record(harness).request_id, _last_record(harness).status) == (
+        "cancelled-unary",
+        "OK",
+    )

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,7 +69,7 @@ __all__ = [
     "AuditedServicer",
     "GrpcTLS",
     "InferenceServicer",
-    "drain_streams",
+    "drain_running",
     "start_grpc_server",
 ]
 
@@ -231,8 +231,12 @@ class AuditedServicer:
             mtls_subject=self._mtls_subject(context),
             request_id=self._request_id(context, request),
         )
-        response, error, _ = await self._audited(
-            event, request, self._authorization(context), work, metric_endpoint or endpoint, t0
+        # Run to completion even if the call is cancelled (client gone, deadline,
+        # shutdown): a request that reached its work is always audited.
+        response, error, _ = await _to_completion(
+            self._audited(
+                event, request, self._authorization(context), work, metric_endpoint or endpoint, t0
+            )
         )
         # The record's id goes back in the trailers, as REST's X-Request-ID
         # header: a caller that sent none can still find its call in the log.
@@ -590,7 +594,7 @@ class _Window:
 
 async def _read_stream(
     requests: AsyncIterator[pb.ModelInferRequest],
-    handle: Callable[[pb.ModelInferRequest], Awaitable[_StreamOutcome]],
+    handle: Callable[[pb.ModelInferRequest], Coroutine[Any, Any, _StreamOutcome]],
     window: _Window,
 ) -> None:
     """Start one task per incoming message, within the stream's :class:`_Window`.
@@ -607,37 +611,50 @@ async def _read_stream(
     client cannot make the server buffer more than the window. Tasks are never
     cancelled — a message already started finishes and is audited even when
     the stream ends first (its answer is then simply not sent);
-    :func:`drain_streams` waits for them at shutdown.
+    :func:`drain_running` waits for them at shutdown.
     """
     try:
         async for request in requests:
             size = request.ByteSize()
             await window.admit(size)
-            task = asyncio.ensure_future(handle(request))
-            _RUNNING.add(task)
-            task.add_done_callback(_settled)
-            window.start(task, size)
+            window.start(_started(handle(request)), size)
     finally:
         window.end()  # the answering loop re-raises what ended the reading, if anything
 
 
-def _settled(task: asyncio.Future[_StreamOutcome]) -> None:
-    """Forget a finished message task; log a failure nobody will await (stream gone)."""
+T = TypeVar("T")
+
+
+def _started(work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """``work`` as a task the server keeps until it is done, whoever stops waiting for it."""
+    task = asyncio.ensure_future(work)
+    _RUNNING.add(task)
+    task.add_done_callback(_settled)
+    return task
+
+
+async def _to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``; if the caller is cancelled, ``work`` still runs to its end."""
+    return await asyncio.shield(_started(work))
+
+
+def _settled(task: asyncio.Future[Any]) -> None:
+    """Forget a finished task; log a failure nobody will await (its call is gone)."""
     _RUNNING.discard(task)
     if not task.cancelled() and (exc := task.exception()) is not None:
-        _log.error("streamed message failed outside its audited step: %s", type(exc).__name__)
+        _log.error("gRPC work failed outside its audited step: %s", type(exc).__name__)
 
 
-_RUNNING: set[asyncio.Future[_StreamOutcome]] = set()
-"""Strong references to in-flight message tasks (the event loop keeps only weak ones)."""
+_RUNNING: set[asyncio.Future[Any]] = set()
+"""Strong references to in-flight audited work (the event loop keeps only weak ones)."""
 
 
-async def drain_streams(timeout_s: float) -> None:
-    """Wait (bounded) for streamed messages still running after their streams ended.
+async def drain_running(timeout_s: float) -> None:
+    """Wait (bounded) for audited work still running after its call ended.
 
-    Called at shutdown after the gRPC server stopped, so that messages of
-    streams cut by the grace period still reach the audit log before the
-    loop goes away.
+    Called at shutdown after the gRPC server stopped, so that calls and
+    streamed messages cut by the grace period still reach the audit log
+    before the loop goes away.
     """
     if _RUNNING:
         await asyncio.wait(set(_RUNNING), timeout=timeout_s)

@@ -21,7 +21,7 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from server.gateway.grpc_api import GrpcTLS, drain_streams, start_grpc_server
+from server.gateway.grpc_api import GrpcTLS, drain_running, start_grpc_server
 from server.gateway.rest import GatewayApp, create_rest_app
 
 __all__ = ["SWITCH_INTERVAL_S", "Listen", "run", "serve"]
@@ -123,9 +123,9 @@ async def serve(
         await http_task  # returns after should_exit, once in-flight requests finished
     finally:
         await grpc_server.stop(listen.grace_s)  # refuses new RPCs, waits for running ones
-        # Streamed messages already started finish and are audited, even when
-        # the grace period cut their stream (they are not cancelled).
-        await drain_streams(gw.limits.request_timeout_s)
+        # Calls and streamed messages already started finish and are audited,
+        # even when the grace period cut them (their work is never cancelled).
+        await drain_running(gw.limits.request_timeout_s)
         if gw.he_service is not None:  # its process pool and /dev/shm spool (drained by now)
             await asyncio.to_thread(gw.he_service.close)
         for sig in (signal.SIGINT, signal.SIGTERM):
