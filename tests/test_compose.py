@@ -723,6 +723,7 @@ def test_prometheus_serves_the_compose_web_config_over_verified_tls(
     _require("prometheus")
     config, web = _localised_prometheus_configs(compose, compose_pki, tmp_path)
     port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         [
             "prometheus",
@@ -732,7 +733,9 @@ def test_prometheus_serves_the_compose_web_config_over_verified_tls(
             f"--storage.tsdb.path={tmp_path / 'data'}",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        # A file, not a pipe nobody reads: Prometheus logs as it runs, and a
+        # full pipe would stall it mid-test.
+        stderr=log,
     )
     try:
         ctx = ssl.create_default_context(cafile=str(compose_pki / "pki" / "ca.crt"))
@@ -742,7 +745,7 @@ def test_prometheus_serves_the_compose_web_config_over_verified_tls(
                 answer = _get(port, ctx, "prometheus-operator")
                 break
             except OSError:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
                 assert time.monotonic() < deadline, "prometheus did not come up"
                 time.sleep(0.3)
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
@@ -757,6 +760,7 @@ def test_prometheus_serves_the_compose_web_config_over_verified_tls(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        log.close()
 
 
 # ------------------------------ the standalone sample (deploy/prometheus, outside compose)
@@ -879,6 +883,7 @@ def test_prometheus_scrapes_the_federation_metrics_with_the_samples_tls_config(
     ]
     config.write_text(yaml.safe_dump(localised))
     port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         [
             "prometheus",
@@ -887,13 +892,15 @@ def test_prometheus_scrapes_the_federation_metrics_with_the_samples_tls_config(
             f"--storage.tsdb.path={tmp_path / 'data'}",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        # A file, not a pipe nobody reads: Prometheus logs as it runs, and a
+        # full pipe would stall it mid-test.
+        stderr=log,
     )
     try:
         deadline = time.monotonic() + 60
         health: dict[str, tuple[str, str]] = {}
         while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
             try:
                 answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5)
                 targets = answer.json()["data"]["activeTargets"]
@@ -916,5 +923,6 @@ def test_prometheus_scrapes_the_federation_metrics_with_the_samples_tls_config(
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        log.close()
         server.shutdown()
         thread.join(timeout=10)

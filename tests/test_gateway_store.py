@@ -20,7 +20,7 @@ import pytest
 from fedvault.errors import AuthenticationError, ConfigError, NotFoundError, UnavailableError
 from server.gateway.keys import GatewayStore, KeyVerifier
 from tests.audit_support import fetch_value, fresh_database
-from tests.test_store import reflected_schema
+from tests.store_support import reflected_schema, sqlite_file_details
 
 
 @pytest.fixture
@@ -370,3 +370,4 @@ def test_a_sqlite_file_from_the_raw_ddl_days_keeps_working(tmp_path: Path) -> No
     finally:
         store.close()
     assert reflected_schema(str(old)) == reflected_schema(str(new))
+    assert sqlite_file_details(old) == sqlite_file_details(new)

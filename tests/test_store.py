@@ -9,11 +9,9 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
-import sqlalchemy as sa
 
 from fedvault.errors import CheckpointError, ConflictError, NotFoundError, UnavailableError
 from fedvault.privacy import (
@@ -23,6 +21,7 @@ from fedvault.privacy import (
 from server.store import FINISHED, RUNNING, FederationStore, LedgerRow
 from tests.audit_support import fresh_database, run_sql
 from tests.ledger_support import charge as _charge
+from tests.store_support import reflected_schema, sqlite_file_details
 
 CONFIG = {"rounds": 3, "dataset": "digits"}
 SCHEMA = {"name": "digits", "features": []}
@@ -342,54 +341,6 @@ def test_an_unreachable_postgres_is_unavailable_without_the_password(tmp_path: P
     assert "federation" in str(info.value)
 
 
-def reflected_schema(location: str) -> dict[str, Any]:
-    """What a store's database holds, in terms both dialects share.
-
-    Per table: its columns (name, Python type, whether NULL is allowed outside
-    the primary key — SQLite's ``TEXT PRIMARY KEY`` admits NULL, PostgreSQL's
-    never does), primary key, unique constraints, foreign keys, checks and
-    indexes; and which tables triggers keep append-only. Defaults are left out:
-    SQLite files default their timestamps, PostgreSQL tables never did.
-    """
-    pg = _pg(location)
-    engine = sa.create_engine(location if pg else f"sqlite:///{location}")
-    try:
-        with engine.connect() as conn:
-            inspector = sa.inspect(conn)
-            tables: dict[str, Any] = {}
-            for name in sorted(inspector.get_table_names()):
-                pk = inspector.get_pk_constraint(name)["constrained_columns"]
-                tables[name] = {
-                    "columns": [
-                        (c["name"], c["type"].python_type, c["nullable"] and c["name"] not in pk)
-                        for c in inspector.get_columns(name)
-                    ],
-                    "primary_key": pk,
-                    "unique": sorted(
-                        u["column_names"] for u in inspector.get_unique_constraints(name)
-                    ),
-                    "foreign_keys": sorted(
-                        (f["constrained_columns"], f["referred_table"], f["referred_columns"])
-                        for f in inspector.get_foreign_keys(name)
-                    ),
-                    "checks": sorted(c["sqltext"] for c in inspector.get_check_constraints(name)),
-                    "indexes": sorted(
-                        (i["column_names"], i["unique"])
-                        for i in inspector.get_indexes(name)
-                        if "duplicates_constraint" not in i  # a UNIQUE constraint's own index
-                    ),
-                }
-            triggered = (
-                "SELECT DISTINCT tgrelid::regclass::text FROM pg_trigger WHERE NOT tgisinternal"
-                if pg
-                else "SELECT DISTINCT tbl_name FROM sqlite_master WHERE type = 'trigger'"
-            )
-            append_only = sorted(conn.exec_driver_sql(triggered).scalars())
-    finally:
-        engine.dispose()
-    return {"tables": tables, "append_only": append_only}
-
-
 def test_sqlite_and_postgres_get_the_same_schema(tmp_path: Path, pg_admin: str) -> None:
     """One declaration serves both dialects: a column, key or trigger cannot be on one only."""
     lite, pg = str(tmp_path / "federation.db"), fresh_database(pg_admin, "federation_schema")
@@ -471,6 +422,9 @@ def test_a_sqlite_file_from_the_raw_ddl_days_keeps_working(tmp_path: Path) -> No
         store.commit_round("r", 1, rows, {"acc": 0.5}, b"s")
         assert (store.ledger("r"), store.checkpoint("r")) == (rows, (1, b"s"))
     assert reflected_schema(str(old)) == reflected_schema(str(new))
+    assert sqlite_file_details(old) == sqlite_file_details(new)
+    assert sqlite_file_details(new)["autoincrement"] == ["ledger"]
+    assert sqlite_file_details(new)["defaults"]["runs.created_at"].startswith("strftime(")
     for statement in ("UPDATE ledger SET epsilon_after = 0", "DELETE FROM ledger WHERE true"):
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             _raw_execute(str(old), statement)
