@@ -10,7 +10,9 @@ authorised, rate limited, validated and audited before its answer. This
 script measures the three side by side on the very server ``bench/gateway.py``
 starts (its ``--serve`` child: the gateway of ``fedvault gateway start``, audit
 writer process, SQLite WAL FULL sync), with auth + audit on (``audited``) and,
-for reference, off (``unaudited``), in one run.
+for reference, off (``unaudited``), in one run. (The unaudited stream handles
+its messages one after another: with nothing to wait for, the audited path's
+32-message window would only add its bookkeeping.)
 
 Load generator: ``h2load`` (Debian ``nghttp2-client``; ``--h2load``,
 ``$H2LOAD`` or PATH, located by ``bench/gateway.py``'s helper), one request in
