@@ -13,7 +13,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,3 +211,23 @@ def grpc_server(h: Harness) -> Iterator[str]:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
         loop.close()
+
+
+def database_replica(
+    url: str, keys_dir: Path, tmp: Path, log: AuditLog, stack: ExitStack
+) -> tuple[GatewayApp, str]:
+    """One gateway replica configured with nothing but the database URL and the
+    model keys (its registry directory does not exist), served over HTTP."""
+    from server.gateway.rest import create_rest_app
+    from tests.he_support import live_server
+
+    config = GatewayConfig(
+        federation_db=url,
+        registry_dir=tmp / "no-such-registry",
+        model_keys=load_model_keys(keys_dir, signing=False),
+        gateway_db=url,
+        enable_he=False,
+        enable_console=False,
+    )
+    gw = build_gateway(config, log)
+    return gw, stack.enter_context(live_server(create_rest_app(gw)))

@@ -56,13 +56,12 @@ from server.audit.records import decode_entry
 from server.audit.storage import SQLiteStorage, open_storage
 from server.audit.verifier import HttpSource, VerifierState, verify_log
 from server.audit.writer import ProcessCommitter
-from server.gateway.build import GatewayConfig, build_gateway
-from server.gateway.rest import GatewayApp, create_rest_app
+from server.gateway.rest import GatewayApp
 from server.registry import ModelRegistry, ensure_model_keys, load_model_keys
 from server.store import FederationStore
 from tests.audit_support import fresh_database, record
-from tests.gateway_support import LINEAGE, MODEL
-from tests.he_support import live_server, trained
+from tests.gateway_support import LINEAGE, MODEL, database_replica
+from tests.he_support import trained
 
 ORIGIN = "fedvault/gateway-audit"  # the name `fedvault gateway start` gives its key
 INFER = {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [0] * 30}]}
@@ -124,16 +123,7 @@ def _replica(
     stack.callback(log.close)
     if background:
         log.start_checkpointing()
-    config = GatewayConfig(
-        federation_db=url,
-        registry_dir=tmp / "no-such-registry",
-        model_keys=load_model_keys(keys_dir, signing=False),
-        gateway_db=url,
-        enable_he=False,
-        enable_console=False,
-    )
-    gw = build_gateway(config, log)
-    base = stack.enter_context(live_server(create_rest_app(gw)))
+    gw, base = database_replica(url, keys_dir, tmp, log, stack)
     client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
     return Replica(gw, log, client, base)
 

@@ -22,6 +22,8 @@ import socket
 import ssl
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -717,27 +719,37 @@ def _get(port: int, ctx: ssl.SSLContext | None, host: str) -> bytes:
         return data
 
 
+@contextmanager
+def _prometheus(tmp_path: Path, config: Path, port: int, *extra: str) -> Iterator[Any]:
+    """A real Prometheus on 127.0.0.1:port until the block ends; its log in a file
+    (not a pipe nobody reads: Prometheus logs as it runs, and a full pipe stalls it)."""
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                *extra,
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
 def test_prometheus_serves_the_compose_web_config_over_verified_tls(
     compose: dict[str, Any], compose_pki: Path, tmp_path: Path
 ) -> None:
     _require("prometheus")
     config, web = _localised_prometheus_configs(compose, compose_pki, tmp_path)
     port = free_port()
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--web.config.file={web}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-        ],
-        stdout=subprocess.DEVNULL,
-        # A file, not a pipe nobody reads: Prometheus logs as it runs, and a
-        # full pipe would stall it mid-test.
-        stderr=log,
-    )
-    try:
+    with _prometheus(tmp_path, config, port, f"--web.config.file={web}") as proc:
         ctx = ssl.create_default_context(cafile=str(compose_pki / "pki" / "ca.crt"))
         deadline = time.monotonic() + 30
         while True:
@@ -757,10 +769,6 @@ def test_prometheus_serves_the_compose_web_config_over_verified_tls(
         # Nor one that expects another name (the certificate names Prometheus only).
         with pytest.raises(ssl.SSLCertVerificationError):
             _get(port, ctx, "superlink")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 # ------------------------------ the standalone sample (deploy/prometheus, outside compose)
@@ -883,46 +891,31 @@ def test_prometheus_scrapes_the_federation_metrics_with_the_samples_tls_config(
     ]
     config.write_text(yaml.safe_dump(localised))
     port = free_port()
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-        ],
-        stdout=subprocess.DEVNULL,
-        # A file, not a pipe nobody reads: Prometheus logs as it runs, and a
-        # full pipe would stall it mid-test.
-        stderr=log,
-    )
     try:
-        deadline = time.monotonic() + 60
-        health: dict[str, tuple[str, str]] = {}
-        while True:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
-            try:
-                answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5)
-                targets = answer.json()["data"]["activeTargets"]
-                health = {
-                    t["labels"]["job"]: (t["health"], t["lastError"])
-                    for t in targets
-                    if t["labels"]["job"] != "fedvault-gateway"
-                }
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            if len(health) == 3 and "unknown" not in {h for h, _ in health.values()}:
-                break
-            assert time.monotonic() < deadline, f"targets not scraped in time: {health}"
-            time.sleep(0.5)
-        assert health["fedvault-coordinator"] == ("up", ""), health
-        assert health["server-name"] == ("up", ""), health
-        state, error = health["wrong-name"]
-        assert state == "down"
-        assert "certificate" in error, error
+        with _prometheus(tmp_path, config, port) as proc:
+            deadline = time.monotonic() + 60
+            health: dict[str, tuple[str, str]] = {}
+            while True:
+                assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+                try:
+                    answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5)
+                    targets = answer.json()["data"]["activeTargets"]
+                    health = {
+                        t["labels"]["job"]: (t["health"], t["lastError"])
+                        for t in targets
+                        if t["labels"]["job"] != "fedvault-gateway"
+                    }
+                except (httpx.HTTPError, ValueError, KeyError):
+                    pass
+                if len(health) == 3 and "unknown" not in {h for h, _ in health.values()}:
+                    break
+                assert time.monotonic() < deadline, f"targets not scraped in time: {health}"
+                time.sleep(0.5)
+            assert health["fedvault-coordinator"] == ("up", ""), health
+            assert health["server-name"] == ("up", ""), health
+            state, error = health["wrong-name"]
+            assert state == "down"
+            assert "certificate" in error, error
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
         server.shutdown()
         thread.join(timeout=10)

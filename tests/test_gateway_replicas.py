@@ -20,13 +20,12 @@ import pytest
 from secure.signed_note import NoteSigner, generate_note_key
 from server.audit.log import AuditLog
 from server.audit.storage import open_storage
-from server.gateway.build import GatewayConfig, build_gateway
-from server.gateway.rest import GatewayApp, create_rest_app
+from server.gateway.rest import GatewayApp
 from server.registry import ModelRegistry, ensure_model_keys, load_model_keys
 from server.store import FederationStore
 from tests.audit_support import fresh_database, run_sql
-from tests.gateway_support import LINEAGE, MODEL, TAMPERED
-from tests.he_support import live_server, trained
+from tests.gateway_support import LINEAGE, MODEL, TAMPERED, database_replica
+from tests.he_support import trained
 
 INFER = {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [0] * 30}]}
 Pair = tuple[tuple[GatewayApp, httpx.Client], tuple[GatewayApp, httpx.Client]]
@@ -72,17 +71,8 @@ def _replica(
     # a replica whose key did not sign the store's checkpoints refuses to start.
     log = AuditLog(open_storage(url), audit_key)
     stack.callback(log.close)
-    config = GatewayConfig(
-        federation_db=url,
-        registry_dir=tmp / "no-such-registry",
-        model_keys=load_model_keys(keys_dir, signing=False),
-        gateway_db=url,
-        enable_he=False,
-        enable_console=False,
-    )
-    gw = build_gateway(config, log)
+    gw, base = database_replica(url, keys_dir, tmp, log, stack)
     gw.store.generation_ttl_s = BOUND_S
-    base = stack.enter_context(live_server(create_rest_app(gw)))
     return gw, base
 
 
