@@ -127,6 +127,17 @@ def _schema(conn: sa.Connection) -> None:
         add_columns(conn, _ADDED_SQLITE_COLUMNS)
 
 
+def tables() -> list[sa.Table]:
+    """The store's tables, each before the tables whose foreign keys point at it.
+
+    Public for tools that copy the store row for row (``fedvault store
+    migrate``, :mod:`server.migrate`): copying through the store's own
+    declarations, not a second description of its schema, keeps the copy in
+    step with the store.
+    """
+    return list(_meta.sorted_tables)
+
+
 def _now() -> str:
     """The timestamp format SQLite's ``strftime('%Y-%m-%dT%H:%M:%fZ')`` writes."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

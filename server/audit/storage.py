@@ -33,7 +33,7 @@ from fedvault.errors import IntegrityError, UnavailableError
 from fedvault.sqlite import append_only_triggers, connect, transaction
 from server.audit.merkle import Frontier, NodeKey, leaf_hash
 
-__all__ = ["AuditStorage", "PostgresStorage", "SQLiteStorage", "open_storage"]
+__all__ = ["AuditStorage", "PostgresStorage", "SQLiteStorage", "open_storage", "tables"]
 
 
 @runtime_checkable
@@ -254,6 +254,19 @@ CREATE OR REPLACE FUNCTION fedvault_audit_append_only() RETURNS trigger AS $$
 BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$ LANGUAGE plpgsql;
 """
 _PG_LOCK_ID = 0x6665_6476_6175_6C74 & 0x7FFF_FFFF_FFFF_FFFF  # "fedvault"
+
+
+def tables() -> list[sa.Table]:
+    """The log's tables: entries, tree nodes, signed checkpoints.
+
+    Declared for PostgreSQL; the SQLite DDL above has the same tables and
+    columns, so these declarations read either. Public for copying a log
+    between databases row for row (``fedvault store migrate``,
+    :mod:`server.migrate`): re-appending the entries would re-derive the
+    tree, whereas copying carries the stored tree and checkpoints as they
+    are, to be compared with the source's afterwards.
+    """
+    return [_entries, _nodes_t, _checkpoints]
 
 
 class PostgresStorage:

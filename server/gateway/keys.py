@@ -62,7 +62,7 @@ from fedvault.errors import (
 )
 from fedvault.sqlite import connect
 
-__all__ = ["ROLES", "ApiKey", "GatewayStore", "KeyVerifier", "parse_expiry"]
+__all__ = ["ROLES", "ApiKey", "GatewayStore", "KeyVerifier", "parse_expiry", "tables"]
 
 ROLES: Final = ("admin", "analyst", "partner", "auditor")
 TOKEN_PREFIX: Final = "fvk_"  # noqa: S105 - a format prefix, not a secret
@@ -107,6 +107,15 @@ _GENERATION = sa.select(_revocations.c.generation).where(_revocations.c.id == 1)
 def _schema(conn: sa.Connection) -> None:
     create_tables(conn, _meta)
     insert_if_absent(conn, _revocations, {"id": 1, "generation": 0})
+
+
+def tables() -> list[sa.Table]:
+    """The store's tables (API keys, the revocation counter, default versions).
+
+    Public for tools that copy the store row for row (``fedvault store
+    migrate``, :mod:`server.migrate`) through the store's own declarations.
+    """
+    return list(_meta.sorted_tables)
 
 
 @dataclass(frozen=True, slots=True)
