@@ -27,6 +27,7 @@ from .gateway import gateway_app, keys_app
 from .he import he_app
 from .partners import partner_app
 from .processes import ProcessGroup, free_port
+from .stores import store_app
 
 if TYPE_CHECKING:
     from server.store import FederationStore
@@ -61,6 +62,7 @@ app.add_typer(he_app, name="he")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(keys_app, name="keys")
 app.add_typer(partner_app, name="partner")
+app.add_typer(store_app, name="store")
 
 # soft_wrap: messages name files and paths; never break them mid-word.
 console = Console(stderr=True, soft_wrap=True)

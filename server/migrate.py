@@ -1,0 +1,752 @@
+"""Moving a HOME's SQLite stores to PostgreSQL (``fedvault store migrate``).
+
+Why a tool rather than a fresh start: the federation's privacy ledger is
+append-only and is how the coordinator knows each partner's ε spent — an
+empty PostgreSQL would forget it; the audit log is evidence whose signed
+checkpoints auditors already hold, so it must arrive with the same entries
+and the same tree; models must keep loading (on PostgreSQL the sealed
+artifact lives in its ``models`` row, not in ``HOME/registry``); and API keys
+can only be copied, never re-issued, since only their slow hashes exist.
+
+How, per store, with the store's own table declarations:
+
+1. *Plan* (all that ``--dry-run`` does), for every store before anything is
+   written to any: the source file exists (else the store is skipped), its
+   rows are counted, the source audit log verifies
+   (:meth:`~server.audit.log.AuditLog.verify_store`), every model's artifact
+   is there and matches its recorded SHA-256, and the destination holds no
+   data — its tables are missing, or empty but for the rows the schema itself
+   writes (the gateway's revocation counter at 0).
+2. *Copy*, store by store: the normal store class opens the destination (so
+   the schema is the store's own), then one transaction locks its tables
+   against writers, checks again that they are empty, inserts every row with
+   its primary key (the ledger's ``seq`` included), puts each artifact file
+   into its row, moves the identity sequences past the copied keys, and
+   reads everything back: row counts and a digest of each table's content
+   must equal the source's, and for the audit log the tree's root at the
+   latest checkpoint must equal the source's and its note must open with
+   the log's key. Anything else rolls the store back.
+3. After the commit, the copied audit log is opened as a gateway opens it
+   (its latest checkpoint checked against the tree and the key) and rehashed
+   entry by entry.
+
+Not idempotent on purpose: a copied store's destination holds data, so a
+second run refuses it. Writers must be stopped meanwhile: each store is read
+in one snapshot, and rows written to the source later are not copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import sqlalchemy as sa
+
+from fedvault.database import Database, describe, is_postgres_url, open_database
+from fedvault.errors import (
+    ConfigError,
+    ConflictError,
+    FedvaultError,
+    IntegrityError,
+    SigningKeyMismatchError,
+    UnavailableError,
+)
+
+if TYPE_CHECKING:
+    from fedvault.settings import FedvaultSettings
+    from secure.signed_note import NoteSigner
+
+__all__ = ["StoreReport", "StoreSpec", "migrate_home", "store_specs"]
+
+BATCH: Final = 1000
+"""Rows per insert (and per fetch from the source)."""
+MODEL_BATCH: Final = 16
+"""Model rows per insert: each carries its sealed artifact."""
+_MOD: Final = 2**256
+
+
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSpec:
+    """One store to move: its SQLite source, its destination and its own tables."""
+
+    name: str  # federation, gateway, audit
+    setting: str  # the environment variable naming the destination
+    source: Path
+    destination: str | None
+    password_file: Path | None
+    tables: tuple[sa.Table, ...]
+    open_store: Callable[[str, Path | None], _Closeable]  # the normal store class
+
+
+@dataclass
+class StoreReport:
+    """What happened to one store (or would, with ``--dry-run``)."""
+
+    store: str
+    setting: str
+    source: str
+    destination: str | None = None  # host and database only, never credentials
+    status: str = "skipped"  # skipped | would migrate | migrated
+    reason: str = ""  # why skipped
+    rows: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "setting": self.setting,
+            "source": self.source,
+            "destination": self.destination,
+            "status": self.status,
+            "reason": self.reason,
+            "rows": dict(self.rows),
+            "notes": list(self.notes),
+        }
+
+
+def _open_federation(location: str, password_file: Path | None) -> _Closeable:
+    from server.store import FederationStore
+
+    return FederationStore(location, password_file=password_file)
+
+
+def _open_gateway(location: str, password_file: Path | None) -> _Closeable:
+    from server.gateway.keys import GatewayStore
+
+    return GatewayStore(location, password_file=password_file)
+
+
+def _open_audit(location: str, password_file: Path | None) -> _Closeable:
+    from server.audit.storage import open_storage
+
+    return open_storage(location, password_file=password_file)
+
+
+def store_specs(settings: FedvaultSettings) -> list[StoreSpec]:
+    """HOME's three SQLite stores and the destinations the settings name."""
+    from server import store
+    from server.audit import storage
+    from server.gateway import keys
+
+    return [
+        StoreSpec(
+            "federation",
+            "FEDVAULT_FEDERATION_STORE",
+            settings.federation_db,
+            settings.federation_store,
+            settings.federation_store_password_file,
+            tuple(store.tables()),
+            _open_federation,
+        ),
+        StoreSpec(
+            "gateway",
+            "FEDVAULT_GATEWAY_STORE",
+            settings.gateway_db,
+            settings.gateway_store,
+            settings.gateway_store_password_file,
+            tuple(keys.tables()),
+            _open_gateway,
+        ),
+        StoreSpec(
+            "audit",
+            "FEDVAULT_AUDIT_STORE",
+            settings.audit_db,
+            settings.audit_store,
+            settings.audit_store_password_file,
+            tuple(storage.tables()),
+            _open_audit,
+        ),
+    ]
+
+
+# ---------------------------------------------------------------- the whole HOME
+def migrate_home(
+    settings: FedvaultSettings,
+    *,
+    dry_run: bool = False,
+    audit_key: Path | None = None,
+    on_store: Callable[[StoreReport], None] | None = None,
+) -> list[StoreReport]:
+    """Plan every store, then (unless ``dry_run``) copy them one by one.
+
+    ``audit_key``: the audit log's signing key file (default
+    ``HOME/keys/gateway-audit.key``), needed when the log holds signed
+    checkpoints, to check them before and after the copy. ``on_store`` hears
+    about each store as soon as it is committed.
+    """
+    specs = store_specs(settings)
+    if all(spec.destination is None for spec in specs):
+        raise ConfigError(
+            "nothing to migrate: none of "
+            + ", ".join(spec.setting for spec in specs)
+            + " is set (each names the postgresql:// destination of one store)"
+        )
+    key_file = audit_key or settings.audit_key_file
+    key_given = audit_key is not None
+    plans = [_plan(spec, settings.registry_dir, key_file, key_given) for spec in specs]
+    if dry_run:
+        return [plan.report for plan in plans]
+    for plan in plans:
+        if plan.report.status == "would migrate":
+            _copy(plan, settings.registry_dir)
+            plan.report.status = "migrated"
+            if on_store is not None:
+                on_store(plan.report)
+    return [plan.report for plan in plans]
+
+
+@dataclass
+class _Plan:
+    spec: StoreSpec
+    report: StoreReport
+    seeds: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
+    audit: _AuditKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _AuditKey:
+    signer: NoteSigner
+    source: str  # where it came from, for messages
+    # (size, note) of the source's latest checkpoint; None: the log has none
+    latest: tuple[int, str] | None
+
+
+def _reworded(exc: FedvaultError, text: str) -> FedvaultError:
+    """``exc``'s class (so its exit code) with another message."""
+    try:
+        return type(exc)(text)
+    except TypeError:  # a class with more to its constructor than a message
+        return exc
+
+
+@contextmanager
+def _named(spec: StoreSpec) -> Iterator[None]:
+    """Prefix a fedvault error with the store it concerns (same class, same exit code)."""
+    try:
+        yield
+    except FedvaultError as exc:
+        text = str(exc)
+        if text.startswith(f"{spec.name} store"):
+            raise
+        raise _reworded(exc, f"{spec.name} store: {text}") from None
+
+
+@contextmanager
+def _rolled_back() -> Iterator[None]:
+    """Say so when a copy's transaction failed: the store holds nothing of it."""
+    try:
+        yield
+    except FedvaultError as exc:
+        text = str(exc)
+        if "nothing was written" in text or "rolled back" in text:
+            raise
+        raise _reworded(exc, f"{text}; rolled back, nothing was written") from None
+
+
+def _no_schema(conn: sa.Connection) -> None:
+    """The schema is the store class's to create (destination) or already there (source)."""
+
+
+def _source(spec: StoreSpec) -> Database:
+    # An existing SQLite file (checked by the caller), read in one snapshot per store.
+    return open_database(spec.source, what=f"source {spec.name}", schema=_no_schema)
+
+
+def _destination(spec: StoreSpec) -> Database:
+    # A "what" of its own: the store class's open (which creates the schema) must
+    # not find its database already marked as set up by this connection's open.
+    assert spec.destination is not None  # noqa: S101 - planned stores have one
+    return open_database(
+        spec.destination,
+        what=f"destination {spec.name}",
+        password_file=spec.password_file,
+        schema=_no_schema,
+    )
+
+
+def _plan(spec: StoreSpec, registry_dir: Path, key_file: Path, key_given: bool) -> _Plan:
+    report = StoreReport(spec.name, spec.setting, str(spec.source))
+    plan = _Plan(spec, report)
+    if spec.destination is None:
+        report.reason = f"{spec.setting} is not set"
+        return plan
+    if not is_postgres_url(spec.destination):
+        raise ConfigError(
+            f"{spec.name} store: {spec.setting} is not a postgresql:// URL; `fedvault store "
+            "migrate` copies HOME's SQLite stores into PostgreSQL"
+        )
+    report.destination = describe(spec.destination)
+    if not spec.source.is_file():
+        report.reason = f"no source: {spec.source} does not exist"
+        return plan
+    with _named(spec):
+        source = _source(spec)
+        try:
+            with source.read() as conn:
+                for table in spec.tables:
+                    columns = _source_columns(conn, table)
+                    report.rows[table.name] = 0 if columns is None else _count(conn, table)
+                    if columns is not None and table.name == "models":
+                        for _batch in _source_rows(conn, table, columns, registry_dir):
+                            pass  # every artifact read and checked against its digest
+        finally:
+            source.close()
+        if spec.name == "audit":
+            plan.audit = _check_source_audit(spec.source, key_file, key_given, report)
+        if spec.name == "federation" and report.rows.get("models"):
+            report.notes.append(
+                f"{report.rows['models']} model artifact(s) checked against their SHA-256; "
+                "they move into the models rows"
+            )
+        plan.seeds = _schema_seeds(spec)
+        destination = _destination(spec)
+        try:
+            with destination.read() as conn:
+                _refuse_occupied(spec, conn, plan.seeds)
+        finally:
+            destination.close()
+    report.status = "would migrate"
+    return plan
+
+
+def _copy(plan: _Plan, registry_dir: Path) -> None:
+    spec, report = plan.spec, plan.report
+    assert spec.destination is not None  # noqa: S101 - planned stores have one
+    with _named(spec):
+        spec.open_store(spec.destination, spec.password_file).close()  # the store's own schema
+        source, destination = _source(spec), _destination(spec)
+        try:
+            with _rolled_back(), source.read() as src, destination.write() as dst:
+                _lock(dst, spec.tables)
+                _refuse_occupied(spec, dst, plan.seeds)
+                for table in spec.tables:
+                    if table.name in plan.seeds:  # the schema's own rows: the source's replace them
+                        dst.execute(table.delete())
+                    _copy_table(src, dst, table, registry_dir, report)
+                _reset_sequences(dst, spec.tables)
+                if plan.audit is not None and plan.audit.latest is not None:
+                    report.notes.append(_check_copied_tree(src, dst, spec, plan.audit))
+        finally:
+            source.close()
+            destination.close()
+        if plan.audit is not None:
+            report.notes.append(_check_copied_log(spec, plan.audit))
+        report.notes.append("row counts and content read back equal to the source's")
+
+
+# ------------------------------------------------------------------ table copying
+def _source_columns(conn: sa.Connection, table: sa.Table) -> list[sa.Column[Any]] | None:
+    """The declared columns the source file has (None: no such table in it).
+
+    Files from older releases may lack a column added since (``models.artifact_blob``);
+    it is then NULL in the copy. A column the declaration does not know means the
+    file is newer than this fedvault: refused rather than silently dropped.
+    """
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(table.name):
+        return None
+    present = {str(c["name"]) for c in inspector.get_columns(table.name)}
+    unknown = sorted(present - set(table.c.keys()))
+    if unknown:
+        raise ConfigError(
+            f"source table {table.name} has columns this fedvault does not know "
+            f"({', '.join(unknown)}); migrate with the fedvault release that wrote it"
+        )
+    return [c for c in table.c if c.name in present]
+
+
+def _count(conn: sa.Connection, table: sa.Table) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+
+
+def _source_rows(
+    conn: sa.Connection,
+    table: sa.Table,
+    columns: Sequence[sa.Column[Any]],
+    registry_dir: Path,
+) -> Iterator[list[dict[str, Any]]]:
+    """The source's rows in primary-key order, in batches; models carry their artifact."""
+    models = table.name == "models"
+    check = _type_checker(table)
+    query = sa.select(*columns).order_by(*table.primary_key.columns)
+    result = conn.execute(query)
+    while rows := result.fetchmany(MODEL_BATCH if models else BATCH):
+        batch = [check(dict(row._mapping)) for row in rows]
+        yield [_with_artifact(row, registry_dir) for row in batch] if models else batch
+
+
+def _kind(column: sa.Column[Any]) -> str:
+    if isinstance(column.type, sa.LargeBinary):
+        return "bytes"
+    if isinstance(column.type, sa.Float):
+        return "float"
+    if isinstance(column.type, sa.Integer):
+        return "int"
+    return "text"
+
+
+_ACCEPTED: Final[dict[str, tuple[type, ...]]] = {
+    "bytes": (bytes, memoryview),
+    "float": (float, int),
+    "int": (int,),
+    "text": (str,),
+}
+
+
+def _type_checker(table: sa.Table) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Refuse a source value of another type than its column's.
+
+    SQLite stores whatever a hand edit put in a column (text in a BLOB, a
+    fraction in an INTEGER); PostgreSQL would convert some of it silently.
+    The copy carries values, not conversions, so such a row stops the store.
+    """
+    kinds = {c.name: _kind(c) for c in table.c}
+
+    def check(row: dict[str, Any]) -> dict[str, Any]:
+        for name, value in row.items():
+            accepted = _ACCEPTED[kinds[name]]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, accepted)):
+                key = ", ".join(f"{c.name}={row.get(c.name)!r}" for c in table.primary_key)
+                raise IntegrityError(
+                    f"source row {table.name} ({key}) holds a {type(value).__name__} in "
+                    f"{table.name}.{name}, a {kinds[name]} column (edited by hand?); "
+                    "nothing was written"
+                )
+        return row
+
+    return check
+
+
+def _with_artifact(row: dict[str, Any], registry_dir: Path) -> dict[str, Any]:
+    """``row`` with its sealed artifact in ``artifact_blob``, checked against ``artifact_sha256``.
+
+    The file is read from the registry directory where the row has no blob
+    (the SQLite default). A missing or altered artifact is an
+    :class:`IntegrityError` naming the model: a copy must not launder it.
+    """
+    model_id = row["model_id"]
+    blob = row.get("artifact_blob")
+    if blob is None:
+        name = str(row["artifact"])
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise IntegrityError(
+                f"model {model_id}: its artifact {name!r} is not a file name in the registry"
+            )
+        path = registry_dir / name
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"model {model_id}: its artifact {path} is missing; nothing was written"
+            ) from None
+        except OSError as exc:
+            raise UnavailableError(
+                f"model {model_id}: cannot read its artifact {path}: {exc.strerror}"
+            ) from None
+        where = str(path)
+    else:
+        blob = bytes(blob)
+        where = "stored in its row"
+    if hashlib.sha256(blob).hexdigest() != row["artifact_sha256"]:
+        raise IntegrityError(
+            f"model {model_id}: artifact {where} does not match the SHA-256 recorded at "
+            "registration (altered or replaced); nothing was written"
+        )
+    return {**row, "artifact_blob": blob}
+
+
+def _normaliser(table: sa.Table) -> Callable[[Mapping[Any, Any]], tuple[Any, ...]]:
+    """A row as comparable values, whichever database it came from (for digests)."""
+    kinds = [(column.name, _kind(column)) for column in table.c]
+
+    def normalise(row: Mapping[Any, Any]) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for name, kind in kinds:
+            value = row.get(name)
+            if value is None:
+                out.append(None)
+            elif kind == "bytes":
+                out.append(bytes(value))
+            elif kind == "float":
+                out.append(float(value).hex())
+            elif kind == "int":
+                out.append(int(value))
+            else:
+                out.append(value)
+        return tuple(out)
+
+    return normalise
+
+
+class _Digest:
+    """An order-independent digest of a table's rows (SHA-256 per row, summed).
+
+    Order-independent because SQLite and PostgreSQL sort text keys differently
+    (bytes vs the database's collation); rows are unique by primary key.
+    """
+
+    def __init__(self, table: sa.Table) -> None:
+        self._normalise = _normaliser(table)
+        self.rows = 0
+        self._sum = 0
+
+    def add(self, row: Mapping[Any, Any]) -> None:
+        value = hashlib.sha256(repr(self._normalise(row)).encode()).digest()
+        self._sum = (self._sum + int.from_bytes(value, "big")) % _MOD
+        self.rows += 1
+
+    @property
+    def value(self) -> int:
+        return self._sum
+
+
+def _copy_table(
+    src: sa.Connection,
+    dst: sa.Connection,
+    table: sa.Table,
+    registry_dir: Path,
+    report: StoreReport,
+) -> None:
+    """Insert every source row of ``table``; then compare counts and content read back."""
+    columns = _source_columns(src, table)
+    sent = _Digest(table)
+    expected = 0
+    if columns is not None:
+        expected = _count(src, table)
+        for batch in _source_rows(src, table, columns, registry_dir):
+            dst.execute(table.insert(), batch)
+            for row in batch:
+                sent.add(row)
+    back = _Digest(table)
+    query = sa.select(*table.c).execution_options(yield_per=BATCH)
+    for stored in dst.execute(query):
+        back.add(stored._mapping)
+    if not expected == sent.rows == back.rows or sent.value != back.value:
+        raise IntegrityError(
+            f"table {table.name}: the copy does not read back as the source "
+            f"({expected} source rows, {sent.rows} sent, {back.rows} read back); rolled back"
+        )
+    report.rows[table.name] = sent.rows
+
+
+def _lock(conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
+    """Keep writers out until the copy commits (readers are not blocked)."""
+    quote = conn.dialect.identifier_preparer.format_table
+    names = ", ".join(quote(t) for t in tables)
+    conn.execute(sa.text(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE"))
+
+
+def _reset_sequences(conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
+    """Move each identity/serial sequence past the copied keys.
+
+    Rows were inserted with their own keys (the ledger's ``seq``), which does
+    not advance the sequence: the next insert would collide without this.
+    """
+    for table in tables:
+        for column in table.primary_key.columns:
+            if not isinstance(column.type, sa.Integer):
+                continue
+            sequence = conn.execute(
+                sa.text("SELECT pg_get_serial_sequence(:t, :c)"),
+                {"t": table.name, "c": column.name},
+            ).scalar()
+            if sequence is None:
+                continue
+            top = conn.execute(sa.select(sa.func.max(column))).scalar()
+            conn.execute(
+                sa.text("SELECT setval(CAST(:s AS regclass), :v, :called)"),
+                {"s": sequence, "v": 1 if top is None else int(top), "called": top is not None},
+            )
+
+
+def _schema_seeds(spec: StoreSpec) -> dict[str, set[tuple[Any, ...]]]:
+    """The rows the store's schema writes into an empty database, per table.
+
+    Such rows (the gateway's revocation counter at 0) are not data: a
+    destination holding only them is empty. Found by opening an empty SQLite
+    store with the store's own class rather than by listing them here.
+    """
+    seeds: dict[str, set[tuple[Any, ...]]] = {}
+    with tempfile.TemporaryDirectory(prefix="fedvault-migrate-") as tmp:
+        path = Path(tmp) / "empty.db"
+        spec.open_store(str(path), None).close()
+        empty = open_database(path, what=f"empty {spec.name}", schema=_no_schema)
+        try:
+            with empty.read() as conn:
+                for table in spec.tables:
+                    normalise = _normaliser(table)
+                    rows = {normalise(r._mapping) for r in conn.execute(sa.select(*table.c))}
+                    if rows:
+                        seeds[table.name] = rows
+        finally:
+            empty.close()
+    return seeds
+
+
+def _refuse_occupied(
+    spec: StoreSpec, conn: sa.Connection, seeds: Mapping[str, set[tuple[Any, ...]]]
+) -> None:
+    """Raise :class:`ConflictError` if the destination holds any data."""
+    inspector = sa.inspect(conn)
+    held: list[str] = []
+    for table in spec.tables:
+        if not inspector.has_table(table.name):
+            continue
+        count = _count(conn, table)
+        if count == 0:
+            continue
+        if table.name in seeds:
+            normalise = _normaliser(table)
+            rows = {normalise(r._mapping) for r in conn.execute(sa.select(*table.c))}
+            if rows <= seeds[table.name]:
+                continue
+        held.append(f"{table.name}: {count} row(s)")
+    if held:
+        raise ConflictError(
+            f"the destination ({spec.setting}, {describe(spec.destination or '')}) already "
+            f"holds data ({'; '.join(held)}); refusing to migrate into it, nothing was written"
+        )
+
+
+# ---------------------------------------------------------------------- audit log
+def _audit_key(key_file: Path, key_given: bool, latest: tuple[int, str] | None) -> _AuditKey:
+    """The log's signing key, needed only where the log holds signed checkpoints."""
+    from secure.signed_note import generate_note_key, load_note_signer
+
+    label = f"--audit-key {key_file}" + ("" if key_given else " (the default)")
+    if key_file.is_file() or key_given:
+        return _AuditKey(load_note_signer(key_file), label, latest)
+    if latest is not None:
+        raise ConfigError(
+            f"the audit log holds signed checkpoints; checking them before and after the copy "
+            f"needs the key that signed them: give --audit-key FILE ({key_file} does not exist)"
+        )
+    # No checkpoint: nothing to check a signature against, and AuditLog signs
+    # nothing unless asked; a throwaway key lets it rehash the log.
+    return _AuditKey(generate_note_key("fedvault/store-migrate"), "a throwaway key", None)
+
+
+def _check_source_audit(
+    path: Path, key_file: Path, key_given: bool, report: StoreReport
+) -> _AuditKey:
+    """Refuse a damaged source log: its latest checkpoint and every entry are checked."""
+    from server.audit.log import AuditLog
+    from server.audit.storage import open_storage
+
+    storage = open_storage(path)
+    try:
+        latest = storage.latest_checkpoint()
+        key = _audit_key(key_file, key_given, latest)
+    except BaseException:
+        storage.close()
+        raise
+    try:
+        # Opening checks the latest checkpoint (signer, root at its size, no lost
+        # entries), as a gateway's start does; verify_store rehashes every entry.
+        try:
+            log = AuditLog(storage, key.signer, key_source=key.source)
+        except BaseException:
+            storage.close()
+            raise
+        try:
+            size = log.verify_store()
+        finally:
+            log.close()
+    except SigningKeyMismatchError:
+        ours = key.signer.verifier
+        raise SigningKeyMismatchError(
+            f"the latest checkpoint of {path} is not signed by {ours.name}+{ours.key_id:08x} "
+            f"({key.source}); give the key that signs this log with --audit-key"
+        ) from None
+    except IntegrityError as exc:
+        raise IntegrityError(
+            f"the source audit log {path} is damaged ({exc}); refusing to migrate it, "
+            "nothing was written"
+        ) from None
+    if latest is None:
+        report.notes.append(f"{size} audit entries verified; no signed checkpoint yet")
+    else:
+        verifier = key.signer.verifier
+        report.notes.append(
+            f"{size} audit entries verified; latest checkpoint (size {latest[0]}) signed by "
+            f"{verifier.name}+{verifier.key_id:08x}"
+        )
+    return key
+
+
+def _tree_root(conn: sa.Connection, nodes: sa.Table, size: int) -> bytes:
+    from server.audit import merkle
+
+    keys = merkle.Frontier.keys_for(size)
+    found: dict[merkle.NodeKey, bytes] = {}
+    if keys:
+        rows = conn.execute(
+            sa.select(nodes.c.level, nodes.c.idx, nodes.c.hash).where(
+                sa.tuple_(nodes.c.level, nodes.c.idx).in_(keys)
+            )
+        )
+        found = {(int(lv), int(i)): bytes(h) for lv, i, h in rows}
+    if len(found) != len(set(keys)):
+        raise IntegrityError(f"audit tree nodes for size {size} are missing")
+    return merkle.root_from_nodes(size, found)
+
+
+def _check_copied_tree(
+    src: sa.Connection, dst: sa.Connection, spec: StoreSpec, key: _AuditKey
+) -> str:
+    """Inside the copy's transaction: same latest checkpoint, same root, note still opens."""
+    from secure.signed_note import open_note, parse_checkpoint
+
+    assert key.latest is not None  # noqa: S101 - called only for a log with checkpoints
+    by_name = {t.name: t for t in spec.tables}
+    nodes, checkpoints = by_name["audit_nodes"], by_name["audit_checkpoints"]
+    size, note = key.latest
+    copied = dst.execute(
+        sa.select(checkpoints.c.size, checkpoints.c.note)
+        .order_by(checkpoints.c.size.desc())
+        .limit(1)
+    ).first()
+    if copied is None or (int(copied[0]), str(copied[1])) != (size, note):
+        raise IntegrityError("the copied log's latest checkpoint is not the source's; rolled back")
+    signed = parse_checkpoint(open_note(note, key.signer.verifier))
+    root = _tree_root(dst, nodes, size)
+    if root != _tree_root(src, nodes, size) or root != signed.root or signed.size != size:
+        raise IntegrityError(
+            f"the copied tree's root at size {size} differs from the source's or the signed "
+            "one; rolled back"
+        )
+    return f"tree root at checkpoint size {size} equals the source's; the note opens"
+
+
+def _check_copied_log(spec: StoreSpec, key: _AuditKey) -> str:
+    """After the commit: open the copy as a gateway would, and rehash every entry."""
+    from server.audit.log import AuditLog
+    from server.audit.storage import open_storage
+
+    assert spec.destination is not None  # noqa: S101 - planned stores have one
+    try:
+        storage = open_storage(spec.destination, password_file=spec.password_file)
+        try:
+            log = AuditLog(storage, key.signer, key_source=key.source)
+        except BaseException:
+            storage.close()
+            raise
+        try:
+            size = log.verify_store()
+        finally:
+            log.close()
+    except IntegrityError as exc:
+        raise IntegrityError(
+            f"the copy was committed to {describe(spec.destination)} but does not verify "
+            f"({exc}); remove its audit tables before migrating again"
+        ) from None
+    return f"copied log opens with its checkpoint and rehashes ({size} entries)"
