@@ -1,0 +1,544 @@
+"""``fedvault store migrate``: a demo HOME's SQLite stores moved into a real PostgreSQL.
+
+The source HOME is made by the real code: a federation store with two runs,
+their rounds, ledger rows and checkpoints, a model registered through
+``ModelRegistry`` (a sealed artifact file in ``HOME/registry``), node ledgers
+agreeing with the federation's, API keys (one revoked) and a default version
+in the gateway store, and an audit log with a signed checkpoint plus entries
+beyond it. The migration runs through the CLI (``python -m fedvault store
+migrate``) with the settings a PostgreSQL deployment uses (URLs without
+password plus password files). Afterwards: the ledgers are equal and still
+agree with the nodes', the model loads from the database with no registry
+directory, a key made before the migration authorises inference on a gateway
+configured with only the URL, the audit log verifies end to end with the
+original verifier key and against the checkpoint an auditor verified before,
+and it, the ledger and the key store all take new writes. Refusals — a
+non-empty destination, a tampered or missing artifact, a damaged audit log,
+the wrong audit key — write nothing, and ``--dry-run`` writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from clients.ledger import NodeLedger
+from fedvault.privacy import PrivacyCharge
+from secure.signed_note import NoteSigner, generate_note_key, save_note_signer
+from server.audit.log import AuditLog
+from server.audit.storage import open_storage
+from server.gateway.keys import GatewayStore
+from server.registry import ModelRegistry, ensure_model_keys, load_model_keys
+from server.store import FederationStore, LedgerRow
+from tests.audit_support import fetch_value, fresh_database, record, run_sql, serve_log
+from tests.gateway_support import LINEAGE, database_replica
+from tests.he_support import trained
+
+MODEL = "bc-migrated"
+DATASET = "breast-cancer"
+SECRET = "pw-never-printed-7f3a"  # noqa: S105 - the password file (the test server trusts all)
+INFER = {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [0] * 30}]}
+FEDERATION_TABLES = ("runs", "rounds", "ledger", "checkpoints", "models")
+AUDIT_TABLES = ("audit_entries", "audit_nodes", "audit_checkpoints")
+GATEWAY_TABLES = ("api_keys", "key_revocations", "model_defaults")
+
+
+def _charge(run_id: str, round_: int, eps: float) -> PrivacyCharge:
+    return PrivacyCharge(run_id, round_, "dp-sgd", 1.1, 0.1, 10, 1.0, 1e-5, "rdp", "1.6", eps)
+
+
+@dataclass
+class Source:
+    """What the pristine HOME holds, beside the files themselves."""
+
+    home: Path
+    model_id: str
+    token: str  # an analyst key for MODEL
+    revoked_token: str
+    signer: NoteSigner
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Source:
+    """A HOME as the demo and a local gateway leave it, every store in SQLite."""
+    home = tmp_path_factory.mktemp("pristine") / "home"
+    keys = home / "keys"
+    ensure_model_keys(keys)
+    with FederationStore(home / "federation.db") as store:
+        for run_id, rounds in (("run-a", 3), ("run-b", 1)):
+            store.create_run(run_id, {"rounds": rounds}, {"name": DATASET})
+            for round_ in range(1, rounds + 1):
+                charges = [
+                    LedgerRow(partner, _charge(run_id, round_, eps * round_))
+                    for partner, eps in (("alpha", 0.5), ("beta", 0.75))
+                ]
+                store.commit_round(run_id, round_, charges, {"round": round_}, b"state-%d" % round_)
+                for row in charges:  # each node's own ledger, as its ClientApp records it
+                    with NodeLedger(home / "nodes" / row.partner / "ledger.db") as node:
+                        node.record(
+                            DATASET,
+                            [row.charge],
+                            run_id=run_id,
+                            round_=round_,
+                            digest=f"{run_id}-{round_}",
+                            reply=b"reply",
+                        )
+        store.set_status("run-a", "finished")
+        registry = ModelRegistry(store, home / "registry", load_model_keys(keys))
+        spec, params, scaler = trained(DATASET, "logreg")
+        model_id = registry.register(
+            name=MODEL, run_id="run-a", spec=spec, params=params, scaler=scaler, lineage=LINEAGE
+        )
+    assert (home / "registry" / f"{model_id}.fvar").is_file()
+    gateway = GatewayStore(home / "gateway.db")
+    try:
+        token, _ = gateway.create_key("analyst", models=frozenset({MODEL}))
+        revoked_token, revoked = gateway.create_key("analyst", models=frozenset({MODEL}))
+        gateway.revoke(revoked.key_id)
+        gateway.set_default_version(MODEL, "1", actor="admin")
+    finally:
+        gateway.close()
+    signer = generate_note_key("fedvault/gateway-audit")
+    save_note_signer(keys / "gateway-audit.key", signer)
+    log = AuditLog(open_storage(home / "audit.db"), signer)
+    try:
+        for i in range(40):
+            log.append(record(i))
+        log.checkpoint(force=True)
+        for i in range(40, 43):  # beyond the signed checkpoint: copied all the same
+            log.append(record(i))
+    finally:
+        log.close()
+    return Source(home, model_id, token, revoked_token, signer)
+
+
+def _copy_home(source: Source, tmp: Path) -> Path:
+    home = tmp / "home"
+    shutil.copytree(source.home, home)
+    return home
+
+
+def _plain(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def _env(tmp: Path, urls: dict[str, str | None]) -> dict[str, str]:
+    """The settings of a PostgreSQL deployment: a URL without password plus a password file."""
+    password = tmp / "db-password"
+    password.write_text(SECRET + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
+    for store, url in urls.items():
+        if url is not None:
+            env[f"FEDVAULT_{store.upper()}_STORE"] = _plain(url)
+            env[f"FEDVAULT_{store.upper()}_STORE_PASSWORD_FILE"] = str(password)
+    return env
+
+
+def _cli(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedvault", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert SECRET not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    return done
+
+
+def _migrate(env: dict[str, str], home: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return _cli(env, "store", "migrate", "--home", home, *extra)
+
+
+def _tables(url: str) -> int:
+    value = fetch_value(
+        url, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+    )
+    assert isinstance(value, int)
+    return value
+
+
+def _count(location: str | Path, table: str) -> int:
+    value = fetch_value(location, f"SELECT count(*) FROM {table}")  # noqa: S608 - our names
+    assert isinstance(value, int)
+    return value
+
+
+def _by_store(done: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
+    assert done.returncode == 0, done.stderr
+    return {s["store"]: s for s in json.loads(done.stdout)["stores"]}
+
+
+def _source_counts(home: Path) -> dict[str, dict[str, int]]:
+    return {
+        "federation": {t: _count(home / "federation.db", t) for t in FEDERATION_TABLES},
+        "gateway": {t: _count(home / "gateway.db", t) for t in GATEWAY_TABLES},
+        "audit": {t: _count(home / "audit.db", t) for t in AUDIT_TABLES},
+    }
+
+
+# ----------------------------------------------------------------- the happy path
+@dataclass
+class Migrated:
+    source: Source
+    home: Path  # the migrated copy of the pristine HOME
+    url: str  # one PostgreSQL database holding all three stores, as in compose
+    env: dict[str, str]
+    counts: dict[str, dict[str, int]]  # the source's rows per store and table
+    copied: dict[str, int]  # the destination's rows per table, right after the migration
+    reports: dict[str, dict[str, Any]]
+    state: Path  # the auditor's verifier state, last written before the migration
+    tmp: Path
+    outputs: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def migrated(pristine: Source, pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Migrated:
+    tmp = tmp_path_factory.mktemp("migrated")
+    home = _copy_home(pristine, tmp)
+    url = fresh_database(pg_admin, "migrate_main")
+    env = _env(tmp, {"federation": url, "gateway": url, "audit": url})
+    # An auditor verifies the SQLite log before the move (and keeps its checkpoint).
+    state = tmp / "auditor-state"
+    log = AuditLog(open_storage(home / "audit.db"), pristine.signer)
+    try:
+        with serve_log(log) as base:
+            done = _cli(
+                env,
+                "audit",
+                "verify",
+                "--url",
+                base,
+                "--key",
+                _key_line(pristine),
+                "--state",
+                state,
+            )
+        assert done.returncode == 0, done.stderr
+        log.append(record(99))  # and one more entry lands after that checkpoint
+    finally:
+        log.close()
+    counts = _source_counts(home)
+    done = _migrate(env, home, "--json")
+    reports = _by_store(done)
+    copied = {t: _count(url, t) for t in FEDERATION_TABLES + GATEWAY_TABLES + AUDIT_TABLES}
+    return Migrated(pristine, home, url, env, counts, copied, reports, state, tmp, [done.stdout])
+
+
+def _key_line(source: Source) -> str:
+    return source.signer.verifier.line
+
+
+def test_every_store_is_migrated_with_every_row(migrated: Migrated) -> None:
+    for store, counts in migrated.counts.items():
+        report = migrated.reports[store]
+        assert report["status"] == "migrated", report
+        assert report["destination"].startswith("postgresql://127.0.0.1:")
+        assert report["rows"] == counts
+        for table, rows in counts.items():
+            assert migrated.copied[table] == rows, table
+    assert migrated.counts["federation"]["ledger"] == 8
+    assert migrated.counts["audit"]["audit_entries"] == 44
+    assert migrated.counts["audit"]["audit_checkpoints"] == 2
+
+
+def test_the_ledger_is_equal_and_still_agrees_with_the_nodes(migrated: Migrated) -> None:
+    with (
+        FederationStore(migrated.home / "federation.db") as before,
+        FederationStore(_plain(migrated.url)) as after,
+    ):
+        assert after.ledger() == before.ledger()
+        assert [r.run_id for r in after.runs()] == [r.run_id for r in before.runs()]
+        assert after.run("run-a") == before.run("run-a")
+        assert after.rounds("run-a") == before.rounds("run-a")
+        assert after.checkpoint("run-a") == before.checkpoint("run-a")
+    for run_id in ("run-a", "run-b"):
+        done = _cli(migrated.env, "ledger", "show", run_id, "--home", migrated.home, "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+        assert report["agree"] is True
+        assert len(report["rows"]) == (6 if run_id == "run-a" else 2)
+    seqs = fetch_value(
+        migrated.url,
+        "SELECT string_agg(seq::text, ',' ORDER BY seq) FROM ledger "
+        "WHERE run_id IN ('run-a', 'run-b')",
+    )
+    assert seqs == ",".join(str(i) for i in range(1, 9))  # the SQLite seq values, kept
+
+
+def test_the_ledger_takes_new_rows_after_the_migration(migrated: Migrated) -> None:
+    """The identity sequence was moved past the copied ``seq`` values."""
+    with FederationStore(_plain(migrated.url)) as store:
+        store.create_run("run-after", {"rounds": 1}, {"name": DATASET})
+        store.commit_round(
+            "run-after", 1, [LedgerRow("alpha", _charge("run-after", 1, 0.3))], None, b"s"
+        )
+        assert [r.charge.run_id for r in store.ledger()][-1] == "run-after"
+    top = fetch_value(migrated.url, "SELECT max(seq) FROM ledger WHERE run_id = 'run-after'")
+    assert top == 9
+
+
+def test_the_model_loads_from_the_database_alone(migrated: Migrated) -> None:
+    keys = load_model_keys(migrated.home / "keys", signing=False)
+    model_id = migrated.source.model_id
+    with FederationStore(_plain(migrated.url)) as store:
+        blob = store.model_artifact(model_id)
+        assert blob == (migrated.home / "registry" / f"{model_id}.fvar").read_bytes()
+        loaded = ModelRegistry(store, None, keys).load(model_id)
+    with FederationStore(migrated.home / "federation.db") as store:
+        original = ModelRegistry(store, migrated.home / "registry", keys).load(model_id)
+    assert loaded.lineage == original.lineage
+    for a, b in zip(loaded.params, original.params, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_gateway_on_the_migrated_stores_serves_with_old_keys(migrated: Migrated) -> None:
+    """Only the URL and the model keys (no registry directory); keys made before the move."""
+    infer = f"/v2/models/{MODEL}/infer"
+    with ExitStack() as stack:
+        log = AuditLog(open_storage(_plain(migrated.url)), migrated.source.signer)
+        stack.callback(log.close)
+        gw, base = database_replica(
+            _plain(migrated.url), migrated.home / "keys", migrated.tmp, log, stack
+        )
+        assert gw.store.default_version(MODEL) == "1"
+        client = stack.enter_context(httpx.Client(base_url=base, timeout=30))
+        token, revoked = migrated.source.token, migrated.source.revoked_token
+        answer = client.post(infer, json=INFER, headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200, answer.text
+        refused = client.post(infer, json=INFER, headers={"Authorization": f"Bearer {revoked}"})
+        assert refused.status_code == 401
+        # the key store takes new keys: its revocation counter came along (generation 1)
+        new_token, _ = gw.store.create_key("analyst", models=frozenset({MODEL}))
+        assert gw.store.revocation_generation() == 1
+        answer = client.post(infer, json=INFER, headers={"Authorization": f"Bearer {new_token}"})
+        assert answer.status_code == 200
+    assert not (migrated.tmp / "no-such-registry").exists()
+
+
+def test_the_audit_log_verifies_with_the_original_key_and_grows(migrated: Migrated) -> None:
+    """The auditor's state from before the move: the PostgreSQL log extends that history."""
+    key = _key_line(migrated.source)
+    log = AuditLog(open_storage(_plain(migrated.url)), migrated.source.signer)
+    try:
+        assert log.verify_store() == log.size()
+        with serve_log(log) as base:
+            args = ("audit", "verify", "--url", base, "--key", key, "--state", migrated.state)
+            done = _cli(migrated.env, *args)
+            assert done.returncode == 0, done.stderr
+            assert "consistent with the checkpoint of size 43 seen before" in done.stdout
+            log.append(record(100))
+            log.checkpoint(force=True)
+            done = _cli(migrated.env, *args)
+            assert done.returncode == 0, done.stderr
+            size = log.size()
+            assert f"verified {size} entries" in done.stdout
+    finally:
+        log.close()
+    # a stranger's key does not open it
+    other = generate_note_key("fedvault/gateway-audit").verifier.line
+    log = AuditLog(open_storage(_plain(migrated.url)), migrated.source.signer)
+    try:
+        with serve_log(log) as base:
+            stranger = ("--state", migrated.tmp / "stranger")
+            done = _cli(migrated.env, "audit", "verify", "--url", base, "--key", other, *stranger)
+    finally:
+        log.close()
+    assert done.returncode == 6
+
+
+def test_a_second_run_is_refused_and_writes_nothing(migrated: Migrated) -> None:
+    before = {t: _count(migrated.url, t) for t in FEDERATION_TABLES + GATEWAY_TABLES}
+    done = _migrate(migrated.env, migrated.home)
+    assert done.returncode == 8, done.stderr
+    assert "federation store" in done.stderr
+    assert "already holds data" in done.stderr
+    assert {t: _count(migrated.url, t) for t in before} == before
+
+
+def test_the_human_summary_and_no_secret(migrated: Migrated, pg_admin: str) -> None:
+    """The rich table, on a store of its own; nothing of the password or the keys printed."""
+    url = fresh_database(pg_admin, "migrate_table")
+    env = _env(migrated.tmp, {"gateway": url})
+    done = _migrate(env, _copy_home(migrated.source, migrated.tmp / "table"))
+    assert done.returncode == 0, done.stderr
+    assert "api_keys" in done.stdout
+    assert "migrated" in done.stdout
+    assert "federation: skipped (FEDVAULT_FEDERATION_STORE is not set)" in done.stdout
+    printed = done.stdout + done.stderr + "".join(migrated.outputs)
+    assert migrated.source.signer.private_text() not in printed
+    assert migrated.source.token not in printed
+
+
+# ---------------------------------------------------------------------- refusals
+def _expect_nothing_written(urls: list[str]) -> None:
+    for url in urls:
+        assert _tables(url) == 0
+
+
+def test_dry_run_reports_counts_and_writes_nothing(
+    pristine: Source, pg_admin: str, tmp_path: Path
+) -> None:
+    fed, audit = fresh_database(pg_admin, "dry_fed"), fresh_database(pg_admin, "dry_audit")
+    env = _env(tmp_path, {"federation": fed, "audit": audit})  # gateway: unset
+    home = _copy_home(pristine, tmp_path)
+    reports = _by_store(_migrate(env, home, "--dry-run", "--json"))
+    counts = _source_counts(home)
+    assert reports["federation"]["status"] == "would migrate"
+    assert reports["federation"]["rows"] == counts["federation"]
+    assert reports["audit"]["rows"] == counts["audit"]
+    assert reports["gateway"]["status"] == "skipped"
+    assert reports["gateway"]["reason"] == "FEDVAULT_GATEWAY_STORE is not set"
+    _expect_nothing_written([fed, audit])
+    done = _migrate(env, home, "--dry-run")
+    assert done.returncode == 0
+    assert "dry run: nothing was written" in done.stdout
+    _expect_nothing_written([fed, audit])
+
+
+def test_a_destination_holding_data_is_refused_and_nothing_written(
+    pristine: Source, pg_admin: str, tmp_path: Path
+) -> None:
+    fed, gw, audit = (fresh_database(pg_admin, f"busy_{s}") for s in ("fed", "gw", "audit"))
+    keys = GatewayStore(_plain(gw))
+    try:
+        keys.create_key("admin")
+    finally:
+        keys.close()
+    env = _env(tmp_path, {"federation": fed, "gateway": gw, "audit": audit})
+    done = _migrate(env, _copy_home(pristine, tmp_path))
+    assert done.returncode == 8
+    assert "gateway store" in done.stderr
+    assert "api_keys: 1 row(s)" in done.stderr
+    assert "nothing was written" in done.stderr
+    _expect_nothing_written([fed, audit])  # checked before any store was written
+    assert _count(gw, "api_keys") == 1
+
+
+@pytest.mark.parametrize("damage", ["flipped", "missing"])
+def test_a_tampered_or_missing_artifact_is_refused(
+    pristine: Source, pg_admin: str, tmp_path: Path, damage: str
+) -> None:
+    fed, audit = fresh_database(pg_admin, "art_fed"), fresh_database(pg_admin, "art_audit")
+    home = _copy_home(pristine, tmp_path)
+    artifact = home / "registry" / f"{pristine.model_id}.fvar"
+    if damage == "missing":
+        artifact.unlink()
+    else:
+        blob = bytearray(artifact.read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        artifact.write_bytes(bytes(blob))
+    env = _env(tmp_path, {"federation": fed, "audit": audit})
+    for extra in ((), ("--dry-run",)):
+        done = _migrate(env, home, *extra)
+        assert done.returncode == 6, done.stderr
+        assert f"model {pristine.model_id}" in done.stderr
+        assert ("missing" if damage == "missing" else "does not match the SHA-256") in done.stderr
+    _expect_nothing_written([fed, audit])
+
+
+@pytest.mark.parametrize(
+    ("table", "edit", "says"),
+    [
+        # an entry past the signed checkpoint, rewritten: its leaf no longer matches
+        ("audit_entries", "SET entry = CAST('{}' AS BLOB) WHERE idx = 41", "entry 41"),
+        # the stored subtree over entries 0-31: the tree no longer matches the signed root
+        ("audit_nodes", "SET hash = zeroblob(32) WHERE level = 5 AND idx = 0", "signed checkpoint"),
+    ],
+)
+def test_a_damaged_audit_log_is_refused(
+    pristine: Source, pg_admin: str, tmp_path: Path, table: str, edit: str, says: str
+) -> None:
+    audit = fresh_database(pg_admin, "damaged_audit")
+    home = _copy_home(pristine, tmp_path)
+    db = home / "audit.db"
+    run_sql(db, f"DROP TRIGGER {table}_no_update")  # what an operator could do
+    run_sql(db, f"UPDATE {table} {edit}")
+    env = _env(tmp_path, {"audit": audit})
+    done = _migrate(env, home)
+    assert done.returncode == 6, done.stderr
+    assert "audit store" in done.stderr
+    assert "is damaged" in done.stderr
+    assert says in done.stderr
+    _expect_nothing_written([audit])
+
+
+def test_the_audit_log_needs_the_key_that_signed_it(
+    pristine: Source, pg_admin: str, tmp_path: Path
+) -> None:
+    audit = fresh_database(pg_admin, "wrong_key_audit")
+    home = _copy_home(pristine, tmp_path)
+    env = _env(tmp_path, {"audit": audit})
+    other = tmp_path / "other.key"
+    save_note_signer(other, generate_note_key("fedvault/gateway-audit"))
+    done = _migrate(env, home, "--audit-key", other)
+    assert done.returncode == 5, done.stderr
+    assert "audit store" in done.stderr
+    assert f"--audit-key {other}" in done.stderr
+    (home / "keys" / "gateway-audit.key").unlink()
+    done = _migrate(env, home)
+    assert done.returncode == 2, done.stderr
+    assert "--audit-key" in done.stderr
+    _expect_nothing_written([audit])
+
+
+def test_a_sqlite_destination_or_no_destination_is_a_config_error(
+    pristine: Source, tmp_path: Path
+) -> None:
+    home = _copy_home(pristine, tmp_path)
+    env = _env(tmp_path, {})
+    done = _migrate(env, home)
+    assert done.returncode == 2
+    assert "nothing to migrate" in done.stderr
+    env["FEDVAULT_GATEWAY_STORE"] = str(tmp_path / "elsewhere.db")
+    done = _migrate(env, home)
+    assert done.returncode == 2
+    assert "FEDVAULT_GATEWAY_STORE is not a postgresql:// URL" in done.stderr
+    assert not (tmp_path / "elsewhere.db").exists()
+
+
+def test_the_command_is_listed() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
+    done = _cli(env, "store", "--help")
+    assert done.returncode == 0
+    assert "migrate" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("edit", "code", "says"),
+    [
+        # PostgreSQL text cannot hold NUL: the insert of runs fails after ledger and models.
+        ("UPDATE runs SET message = 'a' || char(0) || 'b' WHERE run_id = 'run-b'", 10, "NUL"),
+        # SQLite keeps text in a BLOB column; the copy refuses to convert it.
+        ("UPDATE checkpoints SET state = 'text' WHERE run_id = 'run-a'", 6, "checkpoints.state"),
+    ],
+)
+def test_a_row_failing_mid_copy_rolls_the_store_back(
+    pristine: Source, pg_admin: str, tmp_path: Path, edit: str, code: int, says: str
+) -> None:
+    fed, audit = fresh_database(pg_admin, "atomic_fed"), fresh_database(pg_admin, "atomic_audit")
+    home = _copy_home(pristine, tmp_path)
+    run_sql(home / "federation.db", edit)
+    env = _env(tmp_path, {"federation": fed, "audit": audit})
+    done = _migrate(env, home)
+    assert done.returncode == code, done.stderr
+    assert "federation store" in done.stderr
+    assert says in done.stderr
+    assert "nothing was written" in done.stderr
+    # the store class made the schema; the one transaction that copied into it rolled back
+    for table in FEDERATION_TABLES:
+        assert _count(fed, table) == 0, table
+    _expect_nothing_written([audit])  # the stores after it were not started
