@@ -749,4 +749,5 @@ def _check_copied_log(spec: StoreSpec, key: _AuditKey) -> str:
             f"the copy was committed to {describe(spec.destination)} but does not verify "
             f"({exc}); remove its audit tables before migrating again"
         ) from None
-    return f"copied log opens with its checkpoint and rehashes ({size} entries)"
+    opened = "opens with its checkpoint" if key.latest is not None else "opens"
+    return f"copied log {opened} and rehashes ({size} entries)"
