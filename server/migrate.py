@@ -31,23 +31,27 @@ How, per store, with the store's own table declarations:
    entry by entry.
 
 Not idempotent on purpose: a copied store's destination holds data, so a
-second run refuses it. Writers must be stopped meanwhile: each store is read
-in one snapshot, and rows written to the source later are not copied.
+second run refuses it. Each source is read with its write lock held from the
+plan to the end (``BEGIN IMMEDIATE``, then ``query_only``; no schema script is
+run on it): a writer still running waits, and fails after its busy timeout,
+instead of adding rows the copy would miss.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 
-from fedvault.database import Database, describe, is_postgres_url, open_database
+from fedvault.database import Database, db_reason, describe, is_postgres_url, open_database
 from fedvault.errors import (
     ConfigError,
     ConflictError,
@@ -60,6 +64,7 @@ from fedvault.errors import (
 if TYPE_CHECKING:
     from fedvault.settings import FedvaultSettings
     from secure.signed_note import NoteSigner
+    from server.audit.merkle import NodeKey
 
 __all__ = ["StoreReport", "StoreSpec", "migrate_home", "store_specs"]
 
@@ -67,6 +72,8 @@ BATCH: Final = 1000
 """Rows per insert (and per fetch from the source)."""
 MODEL_BATCH: Final = 16
 """Model rows per insert: each carries its sealed artifact."""
+LOCK_TIMEOUT_S: Final = 30.0
+"""How long to wait for a source's write lock while a writer holds it."""
 _MOD: Final = 2**256
 
 
@@ -191,16 +198,19 @@ def migrate_home(
             + " is set (each names the postgresql:// destination of one store)"
         )
     key_file = audit_key or settings.audit_key_file
-    key_given = audit_key is not None
-    plans = [_plan(spec, settings.registry_dir, key_file, key_given) for spec in specs]
-    if dry_run:
-        return [plan.report for plan in plans]
-    for plan in plans:
-        if plan.report.status == "would migrate":
-            _copy(plan, settings.registry_dir)
-            plan.report.status = "migrated"
-            if on_store is not None:
-                on_store(plan.report)
+    plans: list[_Plan] = []
+    with ExitStack() as held:  # every source's write lock, until the very end
+        for spec in specs:
+            plan = _Plan(spec, StoreReport(spec.name, spec.setting, str(spec.source)))
+            plans.append(plan)
+            _plan(plan, settings.registry_dir, key_file, audit_key is not None, held)
+        if not dry_run:
+            for plan in plans:
+                if plan.report.status == "would migrate":
+                    _copy(plan, settings.registry_dir)
+                    plan.report.status = "migrated"
+                    if on_store is not None:
+                        on_store(plan.report)
     return [plan.report for plan in plans]
 
 
@@ -208,6 +218,7 @@ def migrate_home(
 class _Plan:
     spec: StoreSpec
     report: StoreReport
+    source: _Source | None = None
     seeds: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
     audit: _AuditKey | None = None
 
@@ -253,12 +264,7 @@ def _rolled_back() -> Iterator[None]:
 
 
 def _no_schema(conn: sa.Connection) -> None:
-    """The schema is the store class's to create (destination) or already there (source)."""
-
-
-def _source(spec: StoreSpec) -> Database:
-    # An existing SQLite file (checked by the caller), read in one snapshot per store.
-    return open_database(spec.source, what=f"source {spec.name}", schema=_no_schema)
+    """The schema is the store class's to create (destination); a source is never changed."""
 
 
 def _destination(spec: StoreSpec) -> Database:
@@ -273,12 +279,89 @@ def _destination(spec: StoreSpec) -> Database:
     )
 
 
-def _plan(spec: StoreSpec, registry_dir: Path, key_file: Path, key_given: bool) -> _Plan:
-    report = StoreReport(spec.name, spec.setting, str(spec.source))
-    plan = _Plan(spec, report)
+# ------------------------------------------------------------------- the sources
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """A source SQLite file held still: its write lock taken, only ever read."""
+
+    path: Path
+    conn: sa.Connection
+    raw: sqlite3.Connection
+
+    def still_held(self) -> None:
+        if not self.raw.in_transaction:  # pragma: no cover - nothing here ends it
+            raise UnavailableError(f"lost the write lock of the source {self.path}")
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (SQLAlchemyError, sqlite3.Error) as exc:
+        reason = db_reason(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+        raise UnavailableError(f"cannot read the source {path}: {reason}") from None
+
+
+@contextmanager
+def _held(path: Path) -> Iterator[_Source]:
+    """Open an existing SQLite file without changing it and hold its write lock.
+
+    ``BEGIN IMMEDIATE`` on a connection of its own (``mode=rw``: never
+    created; none of the pragmas the stores set), then ``query_only``: other
+    writers wait for it (and fail after their busy timeout), readers do not,
+    every read here sees one snapshot, and no statement can write to the
+    file. Leaving rolls back, which releases the lock.
+    """
+    raws: list[sqlite3.Connection] = []
+
+    def connect() -> sqlite3.Connection:
+        raw = sqlite3.connect(
+            path.resolve().as_uri() + "?mode=rw",
+            uri=True,
+            timeout=LOCK_TIMEOUT_S,
+            isolation_level=None,
+        )
+        raws.append(raw)
+        return raw
+
+    engine = sa.create_engine("sqlite://", creator=connect, poolclass=sa.pool.StaticPool)
+
+    @sa.event.listens_for(engine, "begin")
+    def _lock(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+
+    try:
+        try:
+            conn = engine.connect()
+            conn.begin()
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            reason = db_reason(exc) if isinstance(exc, SQLAlchemyError) else str(exc)
+            hint = (
+                "; stop the coordinator, `federation up` and the gateways that write to it"
+                if "locked" in reason
+                else ""
+            )
+            raise UnavailableError(
+                f"cannot take the write lock of the source {path}: {reason}{hint}"
+            ) from None
+        try:
+            yield _Source(path, conn, raws[0])
+        finally:
+            conn.close()  # rolls back: the lock is released
+    finally:
+        engine.dispose()
+        for raw in raws:
+            raw.close()
+
+
+def _plan(
+    plan: _Plan, registry_dir: Path, key_file: Path, key_given: bool, held: ExitStack
+) -> None:
+    spec, report = plan.spec, plan.report
     if spec.destination is None:
         report.reason = f"{spec.setting} is not set"
-        return plan
+        return
     if not is_postgres_url(spec.destination):
         raise ConfigError(
             f"{spec.name} store: {spec.setting} is not a postgresql:// URL; `fedvault store "
@@ -287,21 +370,19 @@ def _plan(spec: StoreSpec, registry_dir: Path, key_file: Path, key_given: bool) 
     report.destination = describe(spec.destination)
     if not spec.source.is_file():
         report.reason = f"no source: {spec.source} does not exist"
-        return plan
+        return
     with _named(spec):
-        source = _source(spec)
-        try:
-            with source.read() as conn:
-                for table in spec.tables:
-                    columns = _source_columns(conn, table)
-                    report.rows[table.name] = 0 if columns is None else _count(conn, table)
-                    if columns is not None and table.name == "models":
-                        for _batch in _source_rows(conn, table, columns, registry_dir):
-                            pass  # every artifact read and checked against its digest
-        finally:
-            source.close()
+        source = held.enter_context(_held(spec.source))
+        plan.source = source
+        with _reading(spec.source):
+            for table in spec.tables:
+                columns = _source_columns(source.conn, table)
+                report.rows[table.name] = 0 if columns is None else _count(source.conn, table)
+                if columns is not None and table.name == "models":
+                    for _batch in _source_rows(source, table, columns, registry_dir):
+                        pass  # every artifact read and checked against its digest
         if spec.name == "audit":
-            plan.audit = _check_source_audit(spec.source, key_file, key_given, report)
+            plan.audit = _check_source_audit(source, spec, key_file, key_given, report)
         if spec.name == "federation" and report.rows.get("models"):
             report.notes.append(
                 f"{report.rows['models']} model artifact(s) checked against their SHA-256; "
@@ -315,28 +396,28 @@ def _plan(spec: StoreSpec, registry_dir: Path, key_file: Path, key_given: bool) 
         finally:
             destination.close()
     report.status = "would migrate"
-    return plan
 
 
 def _copy(plan: _Plan, registry_dir: Path) -> None:
-    spec, report = plan.spec, plan.report
+    spec, report, source = plan.spec, plan.report, plan.source
     assert spec.destination is not None  # noqa: S101 - planned stores have one
+    assert source is not None  # noqa: S101 - and hold their source
     with _named(spec):
         spec.open_store(spec.destination, spec.password_file).close()  # the store's own schema
-        source, destination = _source(spec), _destination(spec)
+        destination = _destination(spec)
         try:
-            with _rolled_back(), source.read() as src, destination.write() as dst:
+            with _rolled_back(), destination.write() as dst:
                 _lock(dst, spec.tables)
                 _refuse_occupied(spec, dst, plan.seeds)
                 for table in spec.tables:
                     if table.name in plan.seeds:  # the schema's own rows: the source's replace them
                         dst.execute(table.delete())
-                    _copy_table(src, dst, table, registry_dir, report)
+                    _copy_table(source, dst, table, registry_dir, report)
                 _reset_sequences(dst, spec.tables)
                 if plan.audit is not None and plan.audit.latest is not None:
-                    report.notes.append(_check_copied_tree(src, dst, spec, plan.audit))
+                    report.notes.append(_check_copied_tree(source, dst, spec, plan.audit))
+                source.still_held()
         finally:
-            source.close()
             destination.close()
         if plan.audit is not None:
             report.notes.append(_check_copied_log(spec, plan.audit))
@@ -364,32 +445,33 @@ def _source_columns(conn: sa.Connection, table: sa.Table) -> list[sa.Column[Any]
     return [c for c in table.c if c.name in present]
 
 
-def _count(conn: sa.Connection, table: sa.Table) -> int:
-    return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
-
-
 def _source_rows(
-    conn: sa.Connection,
+    source: _Source,
     table: sa.Table,
     columns: Sequence[sa.Column[Any]],
     registry_dir: Path,
 ) -> Iterator[list[dict[str, Any]]]:
-    """The source's rows in primary-key order, in batches; models carry their artifact."""
+    """The source's rows in primary-key order, checked, in batches.
+
+    Models carry their artifact (read from the registry and checked).
+    """
     models = table.name == "models"
     check = _type_checker(table)
     query = sa.select(*columns).order_by(*table.primary_key.columns)
-    result = conn.execute(query)
-    while rows := result.fetchmany(MODEL_BATCH if models else BATCH):
-        batch = [check(dict(row._mapping)) for row in rows]
-        yield [_with_artifact(row, registry_dir) for row in batch] if models else batch
+    with _reading(source.path):
+        result = source.conn.execute(query)
+        while rows := result.fetchmany(MODEL_BATCH if models else BATCH):
+            batch = [check(dict(row._mapping)) for row in rows]
+            yield [_with_artifact(row, registry_dir) for row in batch] if models else batch
 
 
 def _kind(column: sa.Column[Any]) -> str:
-    if isinstance(column.type, sa.LargeBinary):
+    kind = column.type
+    if isinstance(kind, sa.LargeBinary):
         return "bytes"
-    if isinstance(column.type, sa.Float):
+    if isinstance(kind, sa.Float):
         return "float"
-    if isinstance(column.type, sa.Integer):
+    if isinstance(kind, sa.Integer):
         return "int"
     return "text"
 
@@ -510,19 +592,19 @@ class _Digest:
 
 
 def _copy_table(
-    src: sa.Connection,
+    source: _Source,
     dst: sa.Connection,
     table: sa.Table,
     registry_dir: Path,
     report: StoreReport,
 ) -> None:
     """Insert every source row of ``table``; then compare counts and content read back."""
-    columns = _source_columns(src, table)
+    with _reading(source.path):
+        columns = _source_columns(source.conn, table)
+        expected = 0 if columns is None else _count(source.conn, table)
     sent = _Digest(table)
-    expected = 0
     if columns is not None:
-        expected = _count(src, table)
-        for batch in _source_rows(src, table, columns, registry_dir):
+        for batch in _source_rows(source, table, columns, registry_dir):
             dst.execute(table.insert(), batch)
             for row in batch:
                 sent.add(row)
@@ -617,6 +699,10 @@ def _refuse_occupied(
         )
 
 
+def _count(conn: sa.Connection, table: sa.Table) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
+
+
 # ---------------------------------------------------------------------- audit log
 def _audit_key(key_file: Path, key_given: bool, latest: tuple[int, str] | None) -> _AuditKey:
     """The log's signing key, needed only where the log holds signed checkpoints."""
@@ -635,28 +721,81 @@ def _audit_key(key_file: Path, key_given: bool, latest: tuple[int, str] | None) 
     return _AuditKey(generate_note_key("fedvault/store-migrate"), "a throwaway key", None)
 
 
+class _SourceLog:
+    """The source audit log read through its held connection: one snapshot, nothing written.
+
+    The :class:`~server.audit.storage.AuditStorage` an :class:`AuditLog` needs
+    to check the log; unlike ``SQLiteStorage`` it runs no schema script on
+    the file (which would re-create a dropped trigger).
+    """
+
+    def __init__(self, source: _Source, tables: Sequence[sa.Table]) -> None:
+        by_name = {t.name: t for t in tables}
+        self._source = source
+        self._entries = by_name["audit_entries"]
+        self._nodes = by_name["audit_nodes"]
+        self._checkpoints = by_name["audit_checkpoints"]
+
+    def _run(self, query: sa.Executable) -> list[tuple[Any, ...]]:
+        with _reading(self._source.path):
+            return [tuple(row) for row in self._source.conn.execute(query)]
+
+    def append(self, entries: Sequence[bytes]) -> int:
+        raise UnavailableError("the source audit log is only read")
+
+    def save_checkpoint(self, size: int, note: str) -> None:
+        raise UnavailableError("the source audit log is only read")
+
+    def size(self) -> int:
+        idx = self._entries.c.idx
+        return int(self._run(sa.select(sa.func.coalesce(sa.func.max(idx) + 1, 0)))[0][0])
+
+    def entries(self, start: int, end: int) -> list[tuple[int, bytes]]:
+        t = self._entries
+        rows = self._run(
+            sa.select(t.c.idx, t.c.entry).where(t.c.idx >= start, t.c.idx < end).order_by(t.c.idx)
+        )
+        return [(int(i), bytes(e)) for i, e in rows]
+
+    def nodes(self, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
+        t = self._nodes
+        found: dict[NodeKey, bytes] = {}
+        wanted = sorted(set(keys))
+        for start in range(0, len(wanted), 400):
+            chunk = wanted[start : start + 400]
+            rows = self._run(
+                sa.select(t.c.level, t.c.idx, t.c.hash).where(
+                    sa.tuple_(t.c.level, t.c.idx).in_(chunk)
+                )
+            )
+            found.update({(int(lv), int(i)): bytes(h) for lv, i, h in rows})
+        if len(found) != len(wanted):
+            gone = sorted(set(wanted) - found.keys())[:3]
+            raise IntegrityError(f"audit tree nodes missing from the store (e.g. {gone}): damaged")
+        return found
+
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        t = self._checkpoints
+        rows = self._run(sa.select(t.c.size, t.c.note).order_by(t.c.size.desc()).limit(1))
+        return None if not rows else (int(rows[0][0]), str(rows[0][1]))
+
+    def close(self) -> None:
+        """Nothing: the migration releases the source when it ends."""
+
+
 def _check_source_audit(
-    path: Path, key_file: Path, key_given: bool, report: StoreReport
+    source: _Source, spec: StoreSpec, key_file: Path, key_given: bool, report: StoreReport
 ) -> _AuditKey:
     """Refuse a damaged source log: its latest checkpoint and every entry are checked."""
     from server.audit.log import AuditLog
-    from server.audit.storage import open_storage
 
-    storage = open_storage(path)
-    try:
-        latest = storage.latest_checkpoint()
-        key = _audit_key(key_file, key_given, latest)
-    except BaseException:
-        storage.close()
-        raise
+    storage = _SourceLog(source, spec.tables)
+    latest = storage.latest_checkpoint()
+    key = _audit_key(key_file, key_given, latest)
     try:
         # Opening checks the latest checkpoint (signer, root at its size, no lost
         # entries), as a gateway's start does; verify_store rehashes every entry.
-        try:
-            log = AuditLog(storage, key.signer, key_source=key.source)
-        except BaseException:
-            storage.close()
-            raise
+        log = AuditLog(storage, key.signer, key_source=key.source)
         try:
             size = log.verify_store()
         finally:
@@ -664,12 +803,13 @@ def _check_source_audit(
     except SigningKeyMismatchError:
         ours = key.signer.verifier
         raise SigningKeyMismatchError(
-            f"the latest checkpoint of {path} is not signed by {ours.name}+{ours.key_id:08x} "
-            f"({key.source}); give the key that signs this log with --audit-key"
+            f"the latest checkpoint of {source.path} is not signed by "
+            f"{ours.name}+{ours.key_id:08x} ({key.source}); give the key that signs this log "
+            "with --audit-key (a signing-key rotation must be finished first)"
         ) from None
     except IntegrityError as exc:
         raise IntegrityError(
-            f"the source audit log {path} is damaged ({exc}); refusing to migrate it, "
+            f"the source audit log {source.path} is damaged ({exc}); refusing to migrate it, "
             "nothing was written"
         ) from None
     if latest is None:
@@ -700,9 +840,7 @@ def _tree_root(conn: sa.Connection, nodes: sa.Table, size: int) -> bytes:
     return merkle.root_from_nodes(size, found)
 
 
-def _check_copied_tree(
-    src: sa.Connection, dst: sa.Connection, spec: StoreSpec, key: _AuditKey
-) -> str:
+def _check_copied_tree(source: _Source, dst: sa.Connection, spec: StoreSpec, key: _AuditKey) -> str:
     """Inside the copy's transaction: same latest checkpoint, same root, note still opens."""
     from secure.signed_note import open_note, parse_checkpoint
 
@@ -719,7 +857,9 @@ def _check_copied_tree(
         raise IntegrityError("the copied log's latest checkpoint is not the source's; rolled back")
     signed = parse_checkpoint(open_note(note, key.signer.verifier))
     root = _tree_root(dst, nodes, size)
-    if root != _tree_root(src, nodes, size) or root != signed.root or signed.size != size:
+    with _reading(source.path):
+        theirs = _tree_root(source.conn, nodes, size)
+    if root != theirs or root != signed.root or signed.size != size:
         raise IntegrityError(
             f"the copied tree's root at size {size} differs from the source's or the signed "
             "one; rolled back"

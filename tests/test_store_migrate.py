@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,6 +475,9 @@ def test_a_damaged_audit_log_is_refused(
     assert "is damaged" in done.stderr
     assert says in done.stderr
     _expect_nothing_written([audit])
+    # The source is only read: no schema script ran on it, so the trigger stays dropped.
+    trigger = "SELECT count(*) FROM sqlite_master WHERE name = %s"
+    assert fetch_value(db, trigger, (f"{table}_no_update",)) == 0
 
 
 def test_the_audit_log_needs_the_key_that_signed_it(
@@ -542,3 +546,67 @@ def test_a_row_failing_mid_copy_rolls_the_store_back(
     for table in FEDERATION_TABLES:
         assert _count(fed, table) == 0, table
     _expect_nothing_written([audit])  # the stores after it were not started
+
+
+# A coordinator still running: it writes a new run while the migration is under way.
+_LATE_WRITER = """
+import sys
+from server.store import FederationStore
+with FederationStore(sys.argv[1]) as store:
+    store.create_run("run-late", {"rounds": 1}, {"name": "breast-cancer"})
+"""
+
+
+def test_a_writer_still_running_waits_for_the_migration_and_loses_nothing(
+    pristine: Source, pg_admin: str, tmp_path: Path
+) -> None:
+    """The source is write-locked from the plan to the end: a late write waits, then lands
+    in the SQLite file only, never half in the copy.
+
+    Deterministic: the test holds a PostgreSQL lock on the destination's ``runs`` table,
+    so the migration stops in its plan (counting the destination's rows) — after it took
+    the source's lock — for as long as the test wants; the writer starts only then.
+    """
+    import psycopg
+
+    fed = fresh_database(pg_admin, "held_fed")
+    FederationStore(_plain(fed)).close()  # empty tables are an empty destination
+    home = _copy_home(pristine, tmp_path)
+    source = home / "federation.db"
+    runs = _count(source, "runs")
+    env = _env(tmp_path, {"federation": fed})
+    blocker = psycopg.connect(_plain(fed))
+    blocker.execute("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
+    command = [sys.executable, "-m", "fedvault", "store", "migrate", "--home", str(home), "--json"]
+    migration = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    writer: subprocess.Popen[str] | None = None
+    try:
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        deadline = time.monotonic() + 120
+        while fetch_value(fed, waiting) == 0:  # the migration reached the destination
+            assert migration.poll() is None, migration.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _LATE_WRITER, str(source)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        with pytest.raises(subprocess.TimeoutExpired):  # the source is locked: it waits
+            writer.wait(timeout=3)
+    finally:
+        blocker.rollback()
+        blocker.close()
+        out, err = migration.communicate(timeout=120)
+        problem = "" if writer is None else writer.communicate(timeout=60)[1]
+    assert migration.returncode == 0, err
+    assert writer.returncode == 0, problem  # it waited (well within its busy timeout)
+    report = {s["store"]: s for s in json.loads(out)["stores"]}["federation"]
+    assert report["status"] == "migrated"
+    assert report["rows"]["runs"] == runs  # what the plan counted is what was copied
+    assert _count(fed, "runs") == runs
+    assert fetch_value(fed, "SELECT count(*) FROM runs WHERE run_id = 'run-late'") == 0
+    assert _count(source, "runs") == runs + 1  # the late run: in the old file, after the copy
