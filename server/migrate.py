@@ -215,10 +215,20 @@ def migrate_home(
 
 
 @dataclass
+class _Scan:
+    """What the plan read of one source table."""
+
+    columns: list[sa.Column[Any]] | None  # None: the source file has no such table
+    rows: int = 0
+    digest: int = 0
+
+
+@dataclass
 class _Plan:
     spec: StoreSpec
     report: StoreReport
     source: _Source | None = None
+    scans: dict[str, _Scan] = field(default_factory=dict)
     seeds: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
     audit: _AuditKey | None = None
 
@@ -280,6 +290,26 @@ def _destination(spec: StoreSpec) -> Database:
 
 
 # ------------------------------------------------------------------- the sources
+class _NotUtf8:
+    """Stands for a source TEXT value that is not UTF-8 (so no message can show it)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<text that is not UTF-8>"
+
+
+_NOT_UTF8: Final = _NotUtf8()
+
+
+def _text(raw: bytes) -> str | _NotUtf8:
+    # sqlite3's own decoding fails with the value in its message.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NOT_UTF8
+
+
 @dataclass(frozen=True, slots=True)
 class _Source:
     """A source SQLite file held still: its write lock taken, only ever read."""
@@ -321,6 +351,7 @@ def _held(path: Path) -> Iterator[_Source]:
             timeout=LOCK_TIMEOUT_S,
             isolation_level=None,
         )
+        raw.text_factory = _text
         raws.append(raw)
         return raw
 
@@ -376,11 +407,10 @@ def _plan(
         plan.source = source
         with _reading(spec.source):
             for table in spec.tables:
-                columns = _source_columns(source.conn, table)
-                report.rows[table.name] = 0 if columns is None else _count(source.conn, table)
-                if columns is not None and table.name == "models":
-                    for _batch in _source_rows(source, table, columns, registry_dir):
-                        pass  # every artifact read and checked against its digest
+                scan = _scan(source, table, registry_dir)
+                plan.scans[table.name] = scan
+                report.rows[table.name] = scan.rows
+            _refuse_dangling(source.conn, spec)
         if spec.name == "audit":
             plan.audit = _check_source_audit(source, spec, key_file, key_given, report)
         if spec.name == "federation" and report.rows.get("models"):
@@ -412,7 +442,7 @@ def _copy(plan: _Plan, registry_dir: Path) -> None:
                 for table in spec.tables:
                     if table.name in plan.seeds:  # the schema's own rows: the source's replace them
                         dst.execute(table.delete())
-                    _copy_table(source, dst, table, registry_dir, report)
+                    _copy_table(source, dst, table, registry_dir, plan)
                 _reset_sequences(dst, spec.tables)
                 if plan.audit is not None and plan.audit.latest is not None:
                     report.notes.append(_check_copied_tree(source, dst, spec, plan.audit))
@@ -445,6 +475,19 @@ def _source_columns(conn: sa.Connection, table: sa.Table) -> list[sa.Column[Any]
     return [c for c in table.c if c.name in present]
 
 
+def _scan(source: _Source, table: sa.Table, registry_dir: Path) -> _Scan:
+    """Read every row of a source table through the copy's checks (the plan's part)."""
+    scan = _Scan(_source_columns(source.conn, table))
+    if scan.columns is None:
+        return scan
+    digest = _Digest(table)
+    for batch in _source_rows(source, table, scan.columns, registry_dir):
+        for row in batch:
+            digest.add(row)
+    scan.rows, scan.digest = digest.rows, digest.value
+    return scan
+
+
 def _source_rows(
     source: _Source,
     table: sa.Table,
@@ -456,13 +499,12 @@ def _source_rows(
     Models carry their artifact (read from the registry and checked).
     """
     models = table.name == "models"
-    check = _type_checker(table)
+    check = _row_checker(table, registry_dir)
     query = sa.select(*columns).order_by(*table.primary_key.columns)
     with _reading(source.path):
         result = source.conn.execute(query)
         while rows := result.fetchmany(MODEL_BATCH if models else BATCH):
-            batch = [check(dict(row._mapping)) for row in rows]
-            yield [_with_artifact(row, registry_dir) for row in batch] if models else batch
+            yield [check(dict(row._mapping)) for row in rows]
 
 
 def _kind(column: sa.Column[Any]) -> str:
@@ -476,6 +518,17 @@ def _kind(column: sa.Column[Any]) -> str:
     return "text"
 
 
+def _int_range(column: sa.Column[Any]) -> tuple[int, int]:
+    """What the column's PostgreSQL type holds (SQLite's integers are all 64-bit)."""
+    if isinstance(column.type, sa.SmallInteger):
+        bits = 16
+    elif isinstance(column.type, sa.BigInteger):
+        bits = 64
+    else:
+        bits = 32
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 _ACCEPTED: Final[dict[str, tuple[type, ...]]] = {
     "bytes": (bytes, memoryview),
     "float": (float, int),
@@ -484,27 +537,61 @@ _ACCEPTED: Final[dict[str, tuple[type, ...]]] = {
 }
 
 
-def _type_checker(table: sa.Table) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """Refuse a source value of another type than its column's.
+def _key(table: sa.Table, row: Mapping[Any, Any]) -> str:
+    """A row's primary key, to name it in a message (its other values never are)."""
+    return ", ".join(f"{c.name}={row.get(c.name)!r}" for c in table.primary_key)
 
-    SQLite stores whatever a hand edit put in a column (text in a BLOB, a
-    fraction in an INTEGER); PostgreSQL would convert some of it silently.
-    The copy carries values, not conversions, so such a row stops the store.
+
+def _type_checker(table: sa.Table) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Refuse a source value PostgreSQL would refuse or convert, before anything is written.
+
+    SQLite stores whatever a hand edit (or an older release) put in a column:
+    text in a BLOB, a fraction in an INTEGER, a NUL character inside text, a
+    NULL in a ``TEXT PRIMARY KEY``. PostgreSQL would convert some of it
+    silently and refuse the rest at insert time, in the middle of a copy. The
+    copy carries values, not conversions, so such a row stops the store; the
+    message names the row by its key, never the value.
     """
     kinds = {c.name: _kind(c) for c in table.c}
+    required = {c.name for c in table.c if c.primary_key or not c.nullable}
+    ranges = {c.name: _int_range(c) for c in table.c if kinds[c.name] == "int"}
+
+    def refuse(row: Mapping[str, Any], name: str, what: str) -> IntegrityError:
+        return IntegrityError(
+            f"source row {table.name} ({_key(table, row)}): {table.name}.{name} {what}; "
+            "nothing was written"
+        )
 
     def check(row: dict[str, Any]) -> dict[str, Any]:
         for name, value in row.items():
-            accepted = _ACCEPTED[kinds[name]]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, accepted)):
-                key = ", ".join(f"{c.name}={row.get(c.name)!r}" for c in table.primary_key)
-                raise IntegrityError(
-                    f"source row {table.name} ({key}) holds a {type(value).__name__} in "
-                    f"{table.name}.{name}, a {kinds[name]} column (edited by hand?); "
-                    "nothing was written"
-                )
+            kind = kinds[name]
+            if value is None:
+                if name in required:
+                    raise refuse(
+                        row, name, "is NULL, which PostgreSQL refuses in a key or NOT NULL column"
+                    )
+                continue
+            if isinstance(value, bool) or not isinstance(value, _ACCEPTED[kind]):
+                held = repr(value) if value is _NOT_UTF8 else f"a {type(value).__name__}"
+                raise refuse(row, name, f"holds {held}, not {kind} (edited by hand?)")
+            if isinstance(value, str) and "\x00" in value:
+                raise refuse(row, name, "holds a NUL character, which PostgreSQL text cannot store")
+            if name in ranges and isinstance(value, int):
+                low, high = ranges[name]
+                if not low <= value <= high:
+                    raise refuse(
+                        row, name, "holds an integer beyond the range of its PostgreSQL type"
+                    )
         return row
 
+    return check
+
+
+def _row_checker(table: sa.Table, registry_dir: Path) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """:func:`_type_checker`, then a model's artifact against its digest."""
+    check = _type_checker(table)
+    if table.name == "models":
+        return lambda row: _with_artifact(check(row), registry_dir)
     return check
 
 
@@ -596,28 +683,31 @@ def _copy_table(
     dst: sa.Connection,
     table: sa.Table,
     registry_dir: Path,
-    report: StoreReport,
+    plan: _Plan,
 ) -> None:
-    """Insert every source row of ``table``; then compare counts and content read back."""
-    with _reading(source.path):
-        columns = _source_columns(source.conn, table)
-        expected = 0 if columns is None else _count(source.conn, table)
+    """Insert every source row of ``table``; compare with the plan's reading and read back."""
+    scan = plan.scans[table.name]
     sent = _Digest(table)
-    if columns is not None:
-        for batch in _source_rows(source, table, columns, registry_dir):
+    if scan.columns is not None:
+        for batch in _source_rows(source, table, scan.columns, registry_dir):
             dst.execute(table.insert(), batch)
             for row in batch:
                 sent.add(row)
+    if sent.rows != scan.rows or sent.value != scan.digest:  # pragma: no cover - lock held
+        raise IntegrityError(
+            f"table {table.name}: the source changed since it was checked ({scan.rows} rows "
+            f"then, {sent.rows} now); rolled back"
+        )
     back = _Digest(table)
     query = sa.select(*table.c).execution_options(yield_per=BATCH)
     for stored in dst.execute(query):
         back.add(stored._mapping)
-    if not expected == sent.rows == back.rows or sent.value != back.value:
+    if back.rows != sent.rows or back.value != sent.value:
         raise IntegrityError(
             f"table {table.name}: the copy does not read back as the source "
-            f"({expected} source rows, {sent.rows} sent, {back.rows} read back); rolled back"
+            f"({sent.rows} rows sent, {back.rows} read back); rolled back"
         )
-    report.rows[table.name] = sent.rows
+    plan.report.rows[table.name] = sent.rows
 
 
 def _lock(conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
@@ -648,6 +738,27 @@ def _reset_sequences(conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
                 sa.text("SELECT setval(CAST(:s AS regclass), :v, :called)"),
                 {"s": sequence, "v": 1 if top is None else int(top), "called": top is not None},
             )
+
+
+def _refuse_dangling(conn: sa.Connection, spec: StoreSpec) -> None:
+    """A row whose foreign key points nowhere (possible in SQLite): PostgreSQL would refuse it."""
+    present = set(sa.inspect(conn).get_table_names())
+    for table in spec.tables:
+        for fk in table.foreign_keys:
+            child, parent = fk.parent, fk.column
+            if table.name not in present or parent.table.name not in present:
+                continue
+            orphan = conn.execute(
+                sa.select(*table.primary_key.columns)
+                .where(child.is_not(None), ~sa.exists().where(parent == child))
+                .limit(1)
+            ).first()
+            if orphan is not None:
+                raise IntegrityError(
+                    f"source row {table.name} ({_key(table, orphan._mapping)}): "
+                    f"{table.name}.{child.name} refers to a {parent.table.name} row that does "
+                    "not exist, which PostgreSQL refuses; nothing was written"
+                )
 
 
 def _schema_seeds(spec: StoreSpec) -> dict[str, set[tuple[Any, ...]]]:

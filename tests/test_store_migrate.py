@@ -521,31 +521,73 @@ def test_the_command_is_listed() -> None:
     assert "migrate" in done.stdout
 
 
+# Values PostgreSQL would refuse at insert time: found by the plan (so by
+# --dry-run too) before any store is written.
+# With all three destinations set, the federation store (copied first) must not be
+# committed when the gateway store holds the bad row.
 @pytest.mark.parametrize(
-    ("edit", "code", "says"),
+    ("db", "edit", "code", "says"),
     [
-        # PostgreSQL text cannot hold NUL: the insert of runs fails after ledger and models.
-        ("UPDATE runs SET message = 'a' || char(0) || 'b' WHERE run_id = 'run-b'", 10, "NUL"),
-        # SQLite keeps text in a BLOB column; the copy refuses to convert it.
-        ("UPDATE checkpoints SET state = 'text' WHERE run_id = 'run-a'", 6, "checkpoints.state"),
+        # PostgreSQL text cannot hold NUL
+        (
+            "federation",
+            "UPDATE runs SET message = 'a' || char(0) || 'b' WHERE run_id = 'run-b'",
+            6,
+            "source row runs (run_id='run-b'): runs.message holds a NUL character",
+        ),
+        (
+            "gateway",
+            "UPDATE api_keys SET description = 'a' || char(0) || 'b'",
+            6,
+            "api_keys.description holds a NUL character",
+        ),
+        # an old SQLite TEXT PRIMARY KEY takes NULL
+        (
+            "gateway",
+            "UPDATE model_defaults SET name = NULL",
+            6,
+            "source row model_defaults (name=None): model_defaults.name is NULL",
+        ),
+        # SQLite keeps text in a BLOB column; the copy refuses to convert it
+        (
+            "federation",
+            "UPDATE checkpoints SET state = 'text' WHERE run_id = 'run-a'",
+            6,
+            "checkpoints.state holds a str",
+        ),
+        # a foreign key pointing nowhere (SQLite enforces them only when asked)
+        (
+            "federation",
+            "INSERT INTO rounds VALUES ('ghost', 1, '{}', 'now')",
+            6,
+            "rounds.run_id refers to a runs row that does not exist",
+        ),
+        # text that is not UTF-8: named without showing it
+        (
+            "gateway",
+            "UPDATE api_keys SET partner = CAST(x'ff00ff' AS TEXT)",
+            6,
+            "api_keys.partner holds <text that is not UTF-8>",
+        ),
     ],
 )
-def test_a_row_failing_mid_copy_rolls_the_store_back(
-    pristine: Source, pg_admin: str, tmp_path: Path, edit: str, code: int, says: str
+def test_a_row_postgresql_would_refuse_is_found_before_anything_is_written(
+    pristine: Source, pg_admin: str, tmp_path: Path, db: str, edit: str, code: int, says: str
 ) -> None:
-    fed, audit = fresh_database(pg_admin, "atomic_fed"), fresh_database(pg_admin, "atomic_audit")
+    fed, gw, audit = (fresh_database(pg_admin, f"refuse_{s}") for s in ("fed", "gw", "audit"))
     home = _copy_home(pristine, tmp_path)
-    run_sql(home / "federation.db", edit)
-    env = _env(tmp_path, {"federation": fed, "audit": audit})
-    done = _migrate(env, home)
-    assert done.returncode == code, done.stderr
-    assert "federation store" in done.stderr
-    assert says in done.stderr
-    assert "nothing was written" in done.stderr
-    # the store class made the schema; the one transaction that copied into it rolled back
-    for table in FEDERATION_TABLES:
-        assert _count(fed, table) == 0, table
-    _expect_nothing_written([audit])  # the stores after it were not started
+    run_sql(home / f"{db}.db", edit)
+    env = _env(tmp_path, {"federation": fed, "gateway": gw, "audit": audit})
+    for extra in (("--dry-run",), ()):
+        done = _migrate(env, home, *extra)
+        assert done.returncode == code, done.stderr
+        assert f"{db} store" in done.stderr
+        assert says in done.stderr
+        assert "\\x00" not in done.stderr  # never the value
+        assert "\\xff" not in done.stderr
+        if code == 6:
+            assert "nothing was written" in done.stderr
+    _expect_nothing_written([fed, gw, audit])
 
 
 # A coordinator still running: it writes a new run while the migration is under way.
