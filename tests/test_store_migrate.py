@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from clients.ledger import NodeLedger
 from fedvault.privacy import PrivacyCharge
@@ -521,8 +522,8 @@ def test_the_command_is_listed() -> None:
     assert "migrate" in done.stdout
 
 
-# Values PostgreSQL would refuse at insert time: found by the plan (so by
-# --dry-run too) before any store is written.
+# Values PostgreSQL would refuse at insert time, and sources this release cannot
+# copy whole: found by the plan (so by --dry-run too) before any store is written.
 # With all three destinations set, the federation store (copied first) must not be
 # committed when the gateway store holds the bad row.
 @pytest.mark.parametrize(
@@ -555,6 +556,13 @@ def test_the_command_is_listed() -> None:
             6,
             "checkpoints.state holds a str",
         ),
+        # a training checkpoint altered: it could not resume from PostgreSQL either
+        (
+            "federation",
+            "UPDATE checkpoints SET state = x'00' WHERE run_id = 'run-a'",
+            6,
+            "training checkpoint of run 'run-a'",
+        ),
         # a foreign key pointing nowhere (SQLite enforces them only when asked)
         (
             "federation",
@@ -568,6 +576,13 @@ def test_the_command_is_listed() -> None:
             "UPDATE api_keys SET partner = CAST(x'ff00ff' AS TEXT)",
             6,
             "api_keys.partner holds <text that is not UTF-8>",
+        ),
+        # a table this release does not declare would not be copied
+        (
+            "gateway",
+            "CREATE TABLE notes (body TEXT)",
+            2,
+            "tables this fedvault does not know (notes)",
         ),
     ],
 )
@@ -652,3 +667,35 @@ def test_a_writer_still_running_waits_for_the_migration_and_loses_nothing(
     assert _count(fed, "runs") == runs
     assert fetch_value(fed, "SELECT count(*) FROM runs WHERE run_id = 'run-late'") == 0
     assert _count(source, "runs") == runs + 1  # the late run: in the old file, after the copy
+
+
+# ------------------------------------------------------------------ in process
+def test_an_unknown_column_type_is_refused_not_copied_as_text() -> None:
+    from fedvault.errors import FedvaultError
+    from server import migrate
+
+    table = sa.Table(
+        "flags",
+        sa.MetaData(),
+        sa.Column("k", sa.Text, primary_key=True),
+        sa.Column("on", sa.Boolean),
+    )
+    with pytest.raises(FedvaultError, match=r"flags\.on is a Boolean"):
+        migrate._Digest(table)
+
+
+# ---------------------------------------------------------- HOME, skips, sequences
+def test_a_destination_not_in_utf8_is_refused(
+    pristine: Source, pg_admin: str, tmp_path: Path
+) -> None:
+    run_sql(pg_admin, 'DROP DATABASE IF EXISTS "latin1_gw"')
+    run_sql(
+        pg_admin,
+        "CREATE DATABASE latin1_gw ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' "
+        "TEMPLATE template0",
+    )
+    url = pg_admin.rsplit("/", 1)[0] + "/latin1_gw"
+    done = _migrate(_env(tmp_path, {"gateway": url}), _copy_home(pristine, tmp_path), "--dry-run")
+    assert done.returncode == 2, done.stderr
+    assert "is a LATIN1 database; fedvault's stores need UTF8" in done.stderr
+    _expect_nothing_written([url])
