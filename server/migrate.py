@@ -69,9 +69,10 @@ if TYPE_CHECKING:
 __all__ = ["StoreReport", "StoreSpec", "migrate_home", "store_specs"]
 
 BATCH: Final = 1000
-"""Rows per insert (and per fetch from the source)."""
-MODEL_BATCH: Final = 16
-"""Model rows per insert: each carries its sealed artifact."""
+"""Rows at most per insert and per fetch."""
+BATCH_BYTES: Final = 8 * 2**20
+"""Bytes of values at most per insert and per fetch (a batch holds at least one
+row): tables of sealed artifacts or checkpoint states move a few rows at a time."""
 LOCK_TIMEOUT_S: Final = 30.0
 """How long to wait for a source's write lock while a writer holds it."""
 _MOD: Final = 2**256
@@ -221,6 +222,7 @@ class _Scan:
     columns: list[sa.Column[Any]] | None  # None: the source file has no such table
     rows: int = 0
     digest: int = 0
+    widest: int = 0  # bytes of values in its largest row (a model's artifact included)
 
 
 @dataclass
@@ -507,8 +509,13 @@ def _scan(source: _Source, table: sa.Table, registry_dir: Path) -> _Scan:
     for batch in _source_rows(source, table, scan.columns, registry_dir):
         for row in batch:
             digest.add(row)
+            scan.widest = max(scan.widest, _row_bytes(row))
     scan.rows, scan.digest = digest.rows, digest.value
     return scan
+
+
+def _row_bytes(row: Mapping[str, Any]) -> int:
+    return sum(len(v) if isinstance(v, str | bytes) else 8 for v in row.values())
 
 
 def _source_rows(
@@ -517,17 +524,24 @@ def _source_rows(
     columns: Sequence[sa.Column[Any]],
     registry_dir: Path,
 ) -> Iterator[list[dict[str, Any]]]:
-    """The source's rows in primary-key order, checked, in batches.
+    """The source's rows in primary-key order, checked, in batches bounded by rows and bytes.
 
     Models carry their artifact (read from the registry and checked).
     """
-    models = table.name == "models"
     check = _row_checker(table, registry_dir)
     query = sa.select(*columns).order_by(*table.primary_key.columns)
     with _reading(source.path):
-        result = source.conn.execute(query)
-        while rows := result.fetchmany(MODEL_BATCH if models else BATCH):
-            yield [check(dict(row._mapping)) for row in rows]
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for stored in source.conn.execute(query):
+            row = check(dict(stored._mapping))
+            batch.append(row)
+            size += _row_bytes(row)
+            if len(batch) >= BATCH or size >= BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
 
 
 def _kind(column: sa.Column[Any]) -> str:
@@ -674,7 +688,7 @@ def _checked_state(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _normaliser(table: sa.Table) -> Callable[[Mapping[Any, Any]], tuple[Any, ...]]:
-    """A row as comparable values, whichever database it came from (for digests)."""
+    """A row as comparable values, whichever database it came from (for small sets)."""
     kinds = [(column.name, _kind(column)) for column in table.c]
 
     def normalise(row: Mapping[Any, Any]) -> tuple[Any, ...]:
@@ -700,22 +714,46 @@ class _Digest:
     """An order-independent digest of a table's rows (SHA-256 per row, summed).
 
     Order-independent because SQLite and PostgreSQL sort text keys differently
-    (bytes vs the database's collation); rows are unique by primary key.
+    (bytes vs the database's collation); rows are unique by primary key. Each
+    row is hashed column by column, every value behind its kind and length,
+    so a large blob is hashed where it lies rather than copied into a text.
     """
 
     def __init__(self, table: sa.Table) -> None:
-        self._normalise = _normaliser(table)
+        self._kinds = [(column.name, _kind(column)) for column in table.c]
         self.rows = 0
         self._sum = 0
 
     def add(self, row: Mapping[Any, Any]) -> None:
-        value = hashlib.sha256(repr(self._normalise(row)).encode()).digest()
-        self._sum = (self._sum + int.from_bytes(value, "big")) % _MOD
+        digest = hashlib.sha256()
+        for name, kind in self._kinds:
+            value = row.get(name)
+            data: bytes | memoryview
+            if value is None:
+                digest.update(b"N")
+                continue
+            if kind == "bytes":
+                data = value if isinstance(value, bytes | memoryview) else bytes(value)
+            elif kind == "float":
+                data = float(value).hex().encode()
+            elif kind == "int":
+                data = str(int(value)).encode()
+            else:
+                data = str(value).encode()
+            size = data.nbytes if isinstance(data, memoryview) else len(data)
+            digest.update(kind[:1].encode() + size.to_bytes(8, "big"))
+            digest.update(data)
+        self._sum = (self._sum + int.from_bytes(digest.digest(), "big")) % _MOD
         self.rows += 1
 
     @property
     def value(self) -> int:
         return self._sum
+
+
+def _fetch_size(widest: int) -> int:
+    """Rows per fetch for rows of at most ``widest`` bytes of values."""
+    return max(1, min(BATCH, BATCH_BYTES // max(1, widest)))
 
 
 def _copy_table(
@@ -739,7 +777,7 @@ def _copy_table(
             f"then, {sent.rows} now); rolled back"
         )
     back = _Digest(table)
-    query = sa.select(*table.c).execution_options(yield_per=BATCH)
+    query = sa.select(*table.c).execution_options(yield_per=_fetch_size(scan.widest))
     for stored in dst.execute(query):
         back.add(stored._mapping)
     if back.rows != sent.rows or back.value != sent.value:

@@ -670,6 +670,52 @@ def test_a_writer_still_running_waits_for_the_migration_and_loses_nothing(
 
 
 # ------------------------------------------------------------------ in process
+def _federation_tables() -> dict[str, sa.Table]:
+    from server import store
+
+    return {t.name: t for t in store.tables()}
+
+
+def test_large_rows_move_a_few_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches are bounded in bytes as well as rows: training checkpoints of 1 MiB each
+    go one per batch under a 1 MiB budget, and are fetched back one at a time."""
+    from server import migrate
+
+    path = tmp_path / "federation.db"
+    state = os.urandom(2**20)
+    with FederationStore(path) as store:
+        for i in range(3):
+            store.create_run(f"run-{i}", {"rounds": 1}, {"name": DATASET})
+            store.commit_round(f"run-{i}", 1, [], None, state)
+    monkeypatch.setattr(migrate, "BATCH_BYTES", 2**20, raising=False)
+    checkpoints = _federation_tables()["checkpoints"]
+    with migrate._held(path) as source:
+        batches = list(migrate._source_rows(source, checkpoints, list(checkpoints.c), tmp_path))
+    assert [len(batch) for batch in batches] == [1, 1, 1]
+    assert migrate._fetch_size(len(state) + 100) == 1
+    assert migrate._fetch_size(100) == migrate.BATCH
+
+
+def test_the_digest_hashes_a_blob_where_it_lies() -> None:
+    """No text copy of a row (a repr is about 4x a blob's size): memory stays flat."""
+    import tracemalloc
+
+    from server import migrate
+
+    blob = bytes(8 * 2**20)
+    digest = migrate._Digest(_federation_tables()["checkpoints"])
+    tracemalloc.start()
+    try:
+        digest.add({"run_id": "run-a", "round": 1, "state": blob, "sha256": "0" * 64})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(blob) // 8
+    other = migrate._Digest(_federation_tables()["checkpoints"])
+    other.add({"run_id": "run-a", "round": 1, "state": blob + b"\0", "sha256": "0" * 64})
+    assert other.value != digest.value
+
+
 def test_an_unknown_column_type_is_refused_not_copied_as_text() -> None:
     from fedvault.errors import FedvaultError
     from server import migrate
