@@ -57,6 +57,7 @@ from fedvault.errors import (
     ConflictError,
     FedvaultError,
     IntegrityError,
+    NotFoundError,
     SigningKeyMismatchError,
     UnavailableError,
 )
@@ -192,11 +193,24 @@ def migrate_home(
     about each store as soon as it is committed.
     """
     specs = store_specs(settings)
-    if all(spec.destination is None for spec in specs):
+    wanted = [spec for spec in specs if spec.destination is not None]
+    if not wanted:
         raise ConfigError(
             "nothing to migrate: none of "
             + ", ".join(spec.setting for spec in specs)
             + " is set (each names the postgresql:// destination of one store)"
+        )
+    for spec in wanted:
+        if not is_postgres_url(spec.destination or ""):
+            raise ConfigError(
+                f"{spec.name} store: {spec.setting} is not a postgresql:// URL; `fedvault store "
+                "migrate` copies HOME's SQLite stores into PostgreSQL"
+            )
+    if not any(spec.source.is_file() for spec in wanted):
+        raise NotFoundError(
+            f"nothing to migrate in HOME {settings.home}: none of "
+            + ", ".join(str(spec.source) for spec in wanted)
+            + " exists (is --home, or FEDVAULT_HOME, the HOME these stores were used with?)"
         )
     key_file = audit_key or settings.audit_key_file
     plans: list[_Plan] = []
@@ -395,11 +409,6 @@ def _plan(
     if spec.destination is None:
         report.reason = f"{spec.setting} is not set"
         return
-    if not is_postgres_url(spec.destination):
-        raise ConfigError(
-            f"{spec.name} store: {spec.setting} is not a postgresql:// URL; `fedvault store "
-            "migrate` copies HOME's SQLite stores into PostgreSQL"
-        )
     report.destination = describe(spec.destination)
     if not spec.source.is_file():
         report.reason = f"no source: {spec.source} does not exist"

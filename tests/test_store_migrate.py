@@ -731,6 +731,19 @@ def test_an_unknown_column_type_is_refused_not_copied_as_text() -> None:
 
 
 # ---------------------------------------------------------- HOME, skips, sequences
+def test_a_home_without_any_store_is_not_found(pg_admin: str, tmp_path: Path) -> None:
+    """A wrong --home migrates nothing: an error, not every store 'skipped'."""
+    url = fresh_database(pg_admin, "no_home")
+    env = _env(tmp_path, {"federation": url, "gateway": url, "audit": url})
+    wrong = tmp_path / "not-the-home"
+    done = _migrate(env, wrong)
+    assert done.returncode == 7, done.stderr
+    assert f"nothing to migrate in HOME {wrong}" in done.stderr
+    for name in ("federation.db", "gateway.db", "audit.db"):
+        assert str(wrong / name) in done.stderr
+    _expect_nothing_written([url])
+
+
 def test_a_destination_not_in_utf8_is_refused(
     pristine: Source, pg_admin: str, tmp_path: Path
 ) -> None:
