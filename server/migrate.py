@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from secure.signed_note import NoteSigner
     from server.audit.merkle import NodeKey
 
-__all__ = ["StoreReport", "StoreSpec", "migrate_home", "store_specs"]
+__all__ = ["StoreReport", "StoreSpec", "drop_statement", "migrate_home", "store_specs"]
 
 BATCH: Final = 1000
 """Rows at most per insert and per fetch."""
@@ -104,10 +104,12 @@ class StoreReport:
     setting: str
     source: str
     destination: str | None = None  # host and database only, never credentials
-    status: str = "skipped"  # skipped | would migrate | migrated
+    # skipped | would migrate | migrated | failed | failed after commit | not migrated
+    status: str = "skipped"
     reason: str = ""  # why skipped
     rows: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    error: str = ""  # why it failed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +121,7 @@ class StoreReport:
             "reason": self.reason,
             "rows": dict(self.rows),
             "notes": list(self.notes),
+            "error": self.error,
         }
 
 
@@ -177,6 +180,15 @@ def store_specs(settings: FedvaultSettings) -> list[StoreSpec]:
     ]
 
 
+def drop_statement(spec: StoreSpec) -> str:
+    """The statement that removes a store's tables from its destination (children first).
+
+    ``DROP`` rather than ``DELETE``/``TRUNCATE``, which the append-only
+    triggers refuse.
+    """
+    return "DROP TABLE " + ", ".join(t.name for t in reversed(spec.tables)) + ";"
+
+
 # ---------------------------------------------------------------- the whole HOME
 def migrate_home(
     settings: FedvaultSettings,
@@ -184,13 +196,18 @@ def migrate_home(
     dry_run: bool = False,
     audit_key: Path | None = None,
     on_store: Callable[[StoreReport], None] | None = None,
+    progress: list[StoreReport] | None = None,
 ) -> list[StoreReport]:
     """Plan every store, then (unless ``dry_run``) copy them one by one.
 
     ``audit_key``: the audit log's signing key file (default
     ``HOME/keys/gateway-audit.key``), needed when the log holds signed
     checkpoints, to check them before and after the copy. ``on_store`` hears
-    about each store as soon as it is committed.
+    about each store as soon as it is committed. ``progress``, if given,
+    receives each store's report as soon as the store is looked at, so a
+    caller still has them when this raises: the failing store's says
+    ``failed`` (or ``failed after commit``) with its error, stores copied
+    before it ``migrated``, planned ones not reached ``not migrated``.
     """
     specs = store_specs(settings)
     wanted = [spec for spec in specs if spec.destination is not None]
@@ -213,20 +230,34 @@ def migrate_home(
             + " exists (is --home, or FEDVAULT_HOME, the HOME these stores were used with?)"
         )
     key_file = audit_key or settings.audit_key_file
+    reports = progress if progress is not None else []
     plans: list[_Plan] = []
+    current: _Plan | None = None
     with ExitStack() as held:  # every source's write lock, until the very end
-        for spec in specs:
-            plan = _Plan(spec, StoreReport(spec.name, spec.setting, str(spec.source)))
-            plans.append(plan)
-            _plan(plan, settings.registry_dir, key_file, audit_key is not None, held)
-        if not dry_run:
-            for plan in plans:
-                if plan.report.status == "would migrate":
-                    _copy(plan, settings.registry_dir)
-                    plan.report.status = "migrated"
-                    if on_store is not None:
-                        on_store(plan.report)
-    return [plan.report for plan in plans]
+        try:
+            for spec in specs:
+                current = _Plan(spec, StoreReport(spec.name, spec.setting, str(spec.source)))
+                plans.append(current)
+                reports.append(current.report)
+                _plan(current, settings.registry_dir, key_file, audit_key is not None, held)
+            if not dry_run:
+                for plan in plans:
+                    if plan.report.status == "would migrate":
+                        current = plan
+                        _copy(plan, settings.registry_dir)
+                        plan.report.status = "migrated"
+                        if on_store is not None:
+                            on_store(plan.report)
+        except FedvaultError as exc:
+            if current is not None:
+                current.report.status = "failed after commit" if current.committed else "failed"
+                current.report.error = str(exc)
+            if not dry_run:
+                for plan in plans:
+                    if plan.report.status == "would migrate":
+                        plan.report.status = "not migrated"
+            raise
+    return reports
 
 
 @dataclass
@@ -247,6 +278,7 @@ class _Plan:
     scans: dict[str, _Scan] = field(default_factory=dict)
     seeds: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
     audit: _AuditKey | None = None
+    committed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +503,7 @@ def _copy(plan: _Plan, registry_dir: Path) -> None:
                 source.still_held()
         finally:
             destination.close()
+        plan.committed = True
         if plan.audit is not None:
             report.notes.append(_check_copied_log(spec, plan.audit))
         report.notes.append("row counts and content read back equal to the source's")
@@ -904,7 +937,9 @@ def _refuse_occupied(
     if held:
         raise ConflictError(
             f"the destination ({spec.setting}, {describe(spec.destination or '')}) already "
-            f"holds data ({'; '.join(held)}); refusing to migrate into it, nothing was written"
+            f"holds data ({'; '.join(held)}); refusing to migrate into it, nothing was written. "
+            f"If an earlier `fedvault store migrate` copied this store, unset {spec.setting} "
+            "for this run to skip it"
         )
 
 
@@ -1093,10 +1128,11 @@ def _check_copied_log(spec: StoreSpec, key: _AuditKey) -> str:
             size = log.verify_store()
         finally:
             log.close()
-    except IntegrityError as exc:
-        raise IntegrityError(
+    except (IntegrityError, SigningKeyMismatchError) as exc:
+        raise _reworded(
+            exc,
             f"the copy was committed to {describe(spec.destination)} but does not verify "
-            f"({exc}); remove its audit tables before migrating again"
+            f"({exc}); remove it before migrating again: {drop_statement(spec)}",
         ) from None
     opened = "opens with its checkpoint" if key.latest is not None else "opens"
     return f"copied log {opened} and rehashes ({size} entries)"

@@ -736,11 +736,12 @@ def test_a_home_without_any_store_is_not_found(pg_admin: str, tmp_path: Path) ->
     url = fresh_database(pg_admin, "no_home")
     env = _env(tmp_path, {"federation": url, "gateway": url, "audit": url})
     wrong = tmp_path / "not-the-home"
-    done = _migrate(env, wrong)
+    done = _migrate(env, wrong, "--json")
     assert done.returncode == 7, done.stderr
     assert f"nothing to migrate in HOME {wrong}" in done.stderr
     for name in ("federation.db", "gateway.db", "audit.db"):
         assert str(wrong / name) in done.stderr
+    assert json.loads(done.stdout)["error"]["exit_code"] == 7
     _expect_nothing_written([url])
 
 
@@ -758,3 +759,101 @@ def test_a_destination_not_in_utf8_is_refused(
     assert done.returncode == 2, done.stderr
     assert "is a LATIN1 database; fedvault's stores need UTF8" in done.stderr
     _expect_nothing_written([url])
+
+
+# ------------------------------------------------------------ failing part-way
+def _specs(home: Path) -> dict[str, Any]:
+    from fedvault.settings import load_settings
+    from server.migrate import store_specs
+
+    return {spec.name: spec for spec in store_specs(load_settings(home=home))}
+
+
+def test_a_failure_part_way_reports_what_was_committed_and_how_to_go_on(
+    pristine: Source, pg_admin: str, tmp_path: Path
+) -> None:
+    """The audit destination's role may not create tables: the federation store is
+    committed, then the audit store fails (exit 10). --json still reports both; a
+    re-run refuses the copied store and says to unset its setting; the DROP statement
+    the docs give removes a copied store despite its append-only triggers."""
+    fed, audit = fresh_database(pg_admin, "part_fed"), fresh_database(pg_admin, "part_audit")
+    run_sql(
+        pg_admin,
+        "DO $$ BEGIN CREATE ROLE migrate_limited LOGIN; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+    )
+    run_sql(audit, "REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    limited = audit.replace("://postgres@", "://migrate_limited@")
+    home = _copy_home(pristine, tmp_path)
+    env = _env(tmp_path, {"federation": fed, "audit": limited})
+    done = _migrate(env, home, "--json")
+    assert done.returncode == 10, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] is False
+    assert report["error"]["exit_code"] == 10
+    assert "audit store" in report["error"]["message"]
+    stores = {s["store"]: s for s in report["stores"]}
+    assert stores["federation"]["status"] == "migrated"
+    assert stores["federation"]["rows"]["ledger"] == 8
+    assert stores["gateway"]["status"] == "skipped"
+    assert stores["audit"]["status"] == "failed"
+    assert stores["audit"]["error"] == report["error"]["message"]
+    assert _count(fed, "ledger") == 8
+    _expect_nothing_written([audit])
+
+    # The human form says the same on stderr (after the copied store is removed).
+    from server.migrate import drop_statement
+
+    run_sql(fed, drop_statement(_specs(home)["federation"]))
+    _expect_nothing_written([fed])
+    done = _migrate(env, home)
+    assert done.returncode == 10, done.stderr
+    assert "committed before this failure: federation (FEDVAULT_FEDERATION_STORE)" in done.stderr
+
+    # Fixed, run again: the copied store is refused with the way to skip it ...
+    run_sql(audit, "GRANT CREATE ON SCHEMA public TO migrate_limited")
+    done = _migrate(env, home)
+    assert done.returncode == 8, done.stderr
+    assert "unset FEDVAULT_FEDERATION_STORE for this run to skip it" in done.stderr
+    # ... and without it the rest goes through.
+    reports = _by_store(_migrate(_env(tmp_path, {"audit": limited}), home, "--json"))
+    assert reports["audit"]["status"] == "migrated"
+    assert _count(audit, "audit_entries") == _count(home / "audit.db", "audit_entries")
+
+
+def test_a_copied_log_that_does_not_verify_names_the_drop_statement(
+    pristine: Source, pg_admin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the commit the copy is rehashed; damaged in between (a stand-in for a
+    misbehaving database), it is reported committed-but-failed with the exact statement
+    that removes it — DELETE and TRUNCATE are refused by the append-only triggers."""
+    from fedvault.errors import IntegrityError
+    from fedvault.settings import load_settings
+    from server import migrate
+
+    for name in [k for k in os.environ if k.startswith("FEDVAULT_")]:
+        monkeypatch.delenv(name)
+    audit = fresh_database(pg_admin, "post_audit")
+    home = _copy_home(pristine, tmp_path)
+    password = tmp_path / "db-password"
+    password.write_text(SECRET)
+    settings = load_settings(
+        home=home, audit_store=_plain(audit), audit_store_password_file=password
+    )
+    checked = migrate._check_copied_log
+
+    def damaged_after_commit(spec: Any, key: Any) -> str:
+        run_sql(audit, "ALTER TABLE audit_entries DISABLE TRIGGER USER")
+        run_sql(audit, "UPDATE audit_entries SET entry = '\\x7b7d'::bytea WHERE idx = 41")
+        return checked(spec, key)
+
+    monkeypatch.setattr(migrate, "_check_copied_log", damaged_after_commit)
+    reports: list[migrate.StoreReport] = []
+    with pytest.raises(IntegrityError) as failed:
+        migrate.migrate_home(settings, progress=reports)
+    statement = "DROP TABLE audit_checkpoints, audit_nodes, audit_entries;"
+    assert statement in str(failed.value)
+    assert "was committed" in str(failed.value)
+    assert [r.status for r in reports] == ["skipped", "skipped", "failed after commit"]
+    run_sql(audit, statement)
+    _expect_nothing_written([audit])

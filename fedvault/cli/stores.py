@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedvault.errors import FedvaultError, mapping_for
 from fedvault.settings import load_settings
 
 if TYPE_CHECKING:
@@ -73,9 +74,26 @@ def migrate(
         total = sum(report.rows.values())
         _err.print(f"{report.store}: {total} rows copied to {report.destination}", highlight=False)
 
-    reports = migrate_home(settings, dry_run=dry_run, audit_key=audit_key, on_store=done)
+    reports: list[StoreReport] = []
+    try:
+        migrate_home(
+            settings, dry_run=dry_run, audit_key=audit_key, on_store=done, progress=reports
+        )
+    except FedvaultError as exc:
+        # Which stores were committed before the failure, for whoever runs it again.
+        committed = [r for r in reports if r.status in ("migrated", "failed after commit")]
+        if as_json:
+            typer.echo(json.dumps(_json(dry_run, reports, exc)))
+        elif committed:
+            _err.print(
+                "committed before this failure: "
+                + ", ".join(f"{r.store} ({r.setting})" for r in committed)
+                + "; unset those settings to skip them when running it again",
+                highlight=False,
+            )
+        raise
     if as_json:
-        typer.echo(json.dumps({"dry_run": dry_run, "stores": [r.to_json() for r in reports]}))
+        typer.echo(json.dumps(_json(dry_run, reports, None)))
         return
     _out.print(_table(reports, dry_run))
     for report in reports:
@@ -87,6 +105,20 @@ def migrate(
             _out.print(f"  {note}", highlight=False)
     if dry_run:
         _out.print("dry run: nothing was written")
+
+
+def _json(
+    dry_run: bool, reports: list[StoreReport], error: FedvaultError | None
+) -> dict[str, object]:
+    """The report on stdout, also when the migration failed part-way (``error`` then)."""
+    return {
+        "dry_run": dry_run,
+        "ok": error is None,
+        "stores": [r.to_json() for r in reports],
+        "error": None
+        if error is None
+        else {"message": str(error), "exit_code": mapping_for(error).exit_code},
+    }
 
 
 def _table(reports: list[StoreReport], dry_run: bool) -> Table:
