@@ -276,6 +276,7 @@ class _Plan:
     report: StoreReport
     source: _Source | None = None
     scans: dict[str, _Scan] = field(default_factory=dict)
+    sequences: dict[str, int] = field(default_factory=dict)  # SQLite's AUTOINCREMENT counters
     seeds: dict[str, set[tuple[Any, ...]]] = field(default_factory=dict)
     audit: _AuditKey | None = None
     committed: bool = False
@@ -455,6 +456,7 @@ def _plan(
                 plan.scans[table.name] = scan
                 report.rows[table.name] = scan.rows
             _refuse_dangling(source.conn, spec)
+            plan.sequences = _sqlite_sequences(source.conn)
         if spec.name == "audit":
             plan.audit = _check_source_audit(source, spec, key_file, key_given, report)
         if spec.name == "federation":
@@ -497,7 +499,7 @@ def _copy(plan: _Plan, registry_dir: Path) -> None:
                     if table.name in plan.seeds:  # the schema's own rows: the source's replace them
                         dst.execute(table.delete())
                     _copy_table(source, dst, table, registry_dir, plan)
-                _reset_sequences(dst, spec.tables)
+                _reset_sequences(dst, spec.tables, plan.sequences)
                 if plan.audit is not None and plan.audit.latest is not None:
                     report.notes.append(_check_copied_tree(source, dst, spec, plan.audit))
                 source.still_held()
@@ -837,11 +839,27 @@ def _lock(conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
     conn.execute(sa.text(f"LOCK TABLE {names} IN SHARE ROW EXCLUSIVE MODE"))
 
 
-def _reset_sequences(conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
+def _sqlite_sequences(conn: sa.Connection) -> dict[str, int]:
+    """SQLite's AUTOINCREMENT counters (``sqlite_sequence``): the largest key ever handed out."""
+    exists = conn.exec_driver_sql(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_sequence'"
+    ).first()
+    if exists is None:
+        return {}
+    rows = conn.exec_driver_sql("SELECT name, seq FROM sqlite_sequence").all()
+    return {str(name): seq for name, seq in rows if isinstance(seq, int)}
+
+
+def _reset_sequences(
+    conn: sa.Connection, tables: Sequence[sa.Table], sequences: Mapping[str, int]
+) -> None:
     """Move each identity/serial sequence past the copied keys.
 
     Rows were inserted with their own keys (the ledger's ``seq``), which does
-    not advance the sequence: the next insert would collide without this.
+    not advance the sequence: the next insert would collide without this. An
+    AUTOINCREMENT table's counter may be past its largest key (rows deleted
+    at the end, by hand): the sequence goes past that too, so no key is ever
+    handed out twice.
     """
     for table in tables:
         for column in table.primary_key.columns:
@@ -854,9 +872,10 @@ def _reset_sequences(conn: sa.Connection, tables: Sequence[sa.Table]) -> None:
             if sequence is None:
                 continue
             top = conn.execute(sa.select(sa.func.max(column))).scalar()
+            used = [int(v) for v in (top, sequences.get(table.name)) if v is not None]
             conn.execute(
                 sa.text("SELECT setval(CAST(:s AS regclass), :v, :called)"),
-                {"s": sequence, "v": 1 if top is None else int(top), "called": top is not None},
+                {"s": sequence, "v": max(used, default=1), "called": bool(used)},
             )
 
 

@@ -745,6 +745,23 @@ def test_a_home_without_any_store_is_not_found(pg_admin: str, tmp_path: Path) ->
     _expect_nothing_written([url])
 
 
+def test_the_ledger_never_reuses_a_seq_sqlite_handed_out(
+    pristine: Source, pg_admin: str, tmp_path: Path
+) -> None:
+    """AUTOINCREMENT: SQLite's counter may be past the largest seq (rows gone from the end)."""
+    fed = fresh_database(pg_admin, "seq_fed")
+    home = _copy_home(pristine, tmp_path)
+    run_sql(home / "federation.db", "UPDATE sqlite_sequence SET seq = 20 WHERE name = 'ledger'")
+    done = _migrate(_env(tmp_path, {"federation": fed}), home)
+    assert done.returncode == 0, done.stderr
+    with FederationStore(_plain(fed)) as store:
+        store.create_run("run-after", {"rounds": 1}, {"name": DATASET})
+        store.commit_round(
+            "run-after", 1, [LedgerRow("alpha", _charge("run-after", 1, 0.3))], None, b"s"
+        )
+    assert fetch_value(fed, "SELECT max(seq) FROM ledger") == 21
+
+
 def test_a_destination_not_in_utf8_is_refused(
     pristine: Source, pg_admin: str, tmp_path: Path
 ) -> None:
