@@ -745,6 +745,39 @@ def test_a_home_without_any_store_is_not_found(pg_admin: str, tmp_path: Path) ->
     _expect_nothing_written([url])
 
 
+def test_a_missing_store_is_skipped_and_a_log_without_checkpoint_needs_no_key(
+    pristine: Source, pg_admin: str, tmp_path: Path
+) -> None:
+    """A demo HOME: no gateway.db (skipped, the others migrate), and a coordinator-only
+    audit log that was never checkpointed (copied and rehashed without any key)."""
+    fed, gw, audit = (fresh_database(pg_admin, f"partial_{s}") for s in ("fed", "gw", "audit"))
+    home = _copy_home(pristine, tmp_path)
+    for path in [*home.glob("gateway.db*"), *home.glob("audit.db*")]:
+        path.unlink()
+    (home / "keys" / "gateway-audit.key").unlink()
+    log = AuditLog(open_storage(home / "audit.db"), generate_note_key("fedvault/coordinator"))
+    try:
+        for i in range(5):
+            log.append(record(i))
+    finally:
+        log.close()
+    env = _env(tmp_path, {"federation": fed, "gateway": gw, "audit": audit})
+    reports = _by_store(_migrate(env, home, "--json"))
+    assert reports["gateway"]["status"] == "skipped"
+    assert reports["gateway"]["reason"] == f"no source: {home / 'gateway.db'} does not exist"
+    assert reports["federation"]["status"] == "migrated"
+    assert reports["audit"]["status"] == "migrated"
+    assert reports["audit"]["rows"] == {
+        "audit_entries": 5,
+        "audit_nodes": _count(home / "audit.db", "audit_nodes"),
+        "audit_checkpoints": 0,
+    }
+    assert "5 audit entries verified; no signed checkpoint yet" in reports["audit"]["notes"]
+    assert _count(audit, "audit_entries") == 5
+    assert _count(fed, "ledger") == 8
+    _expect_nothing_written([gw])
+
+
 def test_the_ledger_never_reuses_a_seq_sqlite_handed_out(
     pristine: Source, pg_admin: str, tmp_path: Path
 ) -> None:
