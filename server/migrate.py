@@ -11,19 +11,30 @@ can only be copied, never re-issued, since only their slow hashes exist.
 How, per store, with the store's own table declarations:
 
 1. *Plan* (all that ``--dry-run`` does), for every store before anything is
-   written to any: the source file exists (else the store is skipped), its
-   rows are counted, the source audit log verifies
-   (:meth:`~server.audit.log.AuditLog.verify_store`), every model's artifact
-   is there and matches its recorded SHA-256, and the destination holds no
-   data — its tables are missing, or empty but for the rows the schema itself
-   writes (the gateway's revocation counter at 0).
+   written to any. The source is ``HOME``'s file (a store without one is
+   skipped; no source at all is an error). It is opened without being
+   created or changed and its write lock is taken (``BEGIN IMMEDIATE``,
+   then ``query_only``) and held until the whole migration ends, so a
+   coordinator or gateway still running waits (and fails after its busy
+   timeout) instead of writing rows the copy would miss, and plan and copy
+   read one snapshot. Every row of every table is read through the checks
+   the copy applies — each value of its column's type, no NUL character in
+   text, no NULL in a key or NOT NULL column, integers within the
+   PostgreSQL type, no dangling foreign key, every model's artifact and
+   every training checkpoint equal to its recorded SHA-256 — and the source
+   may hold no table or column this release does not declare. The source
+   audit log verifies (:meth:`~server.audit.log.AuditLog.verify_store`,
+   its latest checkpoint against the key). The destination is a UTF8
+   database holding no data — its tables are missing, or empty but for the
+   rows the schema itself writes (the gateway's revocation counter at 0).
 2. *Copy*, store by store: the normal store class opens the destination (so
    the schema is the store's own), then one transaction locks its tables
    against writers, checks again that they are empty, inserts every row with
    its primary key (the ledger's ``seq`` included), puts each artifact file
-   into its row, moves the identity sequences past the copied keys, and
-   reads everything back: row counts and a digest of each table's content
-   must equal the source's, and for the audit log the tree's root at the
+   into its row, moves the identity sequences past the copied keys (and past
+   SQLite's AUTOINCREMENT counter, so no ``seq`` is ever reused), and reads
+   everything back: row counts and a digest of each table's content must
+   equal what the plan read, and for the audit log the tree's root at the
    latest checkpoint must equal the source's and its note must open with
    the log's key. Anything else rolls the store back.
 3. After the commit, the copied audit log is opened as a gateway opens it
@@ -31,10 +42,7 @@ How, per store, with the store's own table declarations:
    entry by entry.
 
 Not idempotent on purpose: a copied store's destination holds data, so a
-second run refuses it. Each source is read with its write lock held from the
-plan to the end (``BEGIN IMMEDIATE``, then ``query_only``; no schema script is
-run on it): a writer still running waits, and fails after its busy timeout,
-instead of adding rows the copy would miss.
+second run refuses it (unset that store's setting to skip it).
 """
 
 from __future__ import annotations

@@ -61,10 +61,12 @@ def migrate(
     PostgreSQL databases named by FEDVAULT_FEDERATION_STORE, FEDVAULT_GATEWAY_STORE and
     FEDVAULT_AUDIT_STORE (with their _PASSWORD_FILE).
 
-    Every store is checked before any is written: a damaged source audit log, a missing
-    or altered model artifact, or a destination that already holds data is refused.
-    Each store is then copied in one transaction and read back. Stop the coordinator
-    and the gateways first.
+    Every store is checked before any is written: every row of every table (types,
+    NUL characters, NULL keys, dangling references), model artifacts and training
+    checkpoints against their SHA-256, the source audit log, and destinations that
+    already hold data are refused. Each store is then copied in one transaction and
+    read back. The SQLite files stay write-locked until the end, so stop the
+    coordinator and the gateways first (their writes would wait, then fail).
     """
     from server.migrate import migrate_home
 
