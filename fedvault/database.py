@@ -123,15 +123,17 @@ def read_password(password_file: Path | None, what: str) -> str | None:
 
     An empty file is refused rather than read as "no password": libpq would
     then fall back to ``PGPASSWORD`` or ``~/.pgpass`` without a word (a
-    compose secret made from an unset variable is an empty file). Nothing of
-    the file's content reaches a message.
+    compose secret made from an unset variable is an empty file). Every
+    fault here is the deployment's (a wrong path, a bad mount), so it is a
+    configuration error, not an unreachable service. Nothing of the file's
+    content reaches a message.
     """
     if password_file is None:
         return None
     try:
         raw = password_file.read_bytes()
     except OSError as exc:
-        raise UnavailableError(
+        raise ConfigError(
             f"cannot read the {what} password file {password_file}: {exc.strerror}"
         ) from None
     try:
@@ -139,9 +141,9 @@ def read_password(password_file: Path | None, what: str) -> str | None:
     except UnicodeDecodeError:  # its args hold the file's bytes: raise outside, no context
         password = None
     if password is None:
-        raise UnavailableError(f"the {what} password file {password_file} is not UTF-8 text")
+        raise ConfigError(f"the {what} password file {password_file} is not UTF-8 text")
     if not password:
-        raise UnavailableError(f"the {what} password file {password_file} is empty")
+        raise ConfigError(f"the {what} password file {password_file} is empty")
     return password
 
 
@@ -219,15 +221,42 @@ _pg_engines: dict[tuple[str, str | None], sa.Engine] = {}
 _pg_ready: set[tuple[int, str]] = set()
 
 
+def pg_connect_args(password: str | None) -> dict[str, str]:
+    """What every PostgreSQL connection is opened with, beside its URL.
+
+    The password travels here rather than in the URL, so URLs can be logged
+    and configured in plain sight while the secret stays in its file. The
+    client encoding is pinned because a ``SQL_ASCII`` database would
+    otherwise hand text back as bytes, and SQLAlchemy's dialect dies on them
+    with a ``TypeError`` while still reading the server version — before
+    :func:`require_utf8` could say what is wrong.
+    """
+    args = {"client_encoding": "utf8"}
+    if password:
+        args["password"] = password
+    return args
+
+
+def require_utf8(conn: sa.Connection, what: str, location: str) -> None:
+    """Refuse a database not in UTF8: the stores hold Unicode text.
+
+    ``SQL_ASCII`` would store whatever bytes arrive and ``LATIN1`` would
+    refuse some writes later, mid-run; refusing at open loses nothing.
+    """
+    encoding = conn.execute(sa.text("SHOW server_encoding")).scalar()
+    if encoding != "UTF8":
+        raise ConfigError(
+            f"the {what} database {describe(location)} is a {encoding} database; "
+            "fedvault's stores need UTF8 (CREATE DATABASE … ENCODING 'UTF8')"
+        )
+
+
 def _pg_engine(url: str, password: str | None) -> sa.Engine:
     with _pg_lock:
         engine = _pg_engines.get((url, password))
         if engine is None:
-            # The password travels beside the URL, so URLs can be logged and
-            # configured in plain sight while the secret stays in its file.
-            connect_args = {"password": password} if password else {}
             engine = sa.create_engine(
-                url, pool_pre_ping=True, pool_size=8, connect_args=connect_args
+                url, pool_pre_ping=True, pool_size=8, connect_args=pg_connect_args(password)
             )
             _pg_engines[(url, password)] = engine
         return engine
@@ -296,6 +325,7 @@ def open_database(
         lock_id = int.from_bytes(hashlib.sha256(f"fedvault:{what}".encode()).digest()[:8]) >> 1
         try:
             with engine.begin() as pg:
+                require_utf8(pg, what, text)
                 pg.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id})
                 schema(pg)
         except SQLAlchemyError as exc:

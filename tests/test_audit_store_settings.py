@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fedvault.errors import UnavailableError
+from fedvault.errors import ConfigError
 from fedvault.settings import FedvaultSettings
 from server.audit.storage import SQLiteStorage, open_storage
 
@@ -31,7 +31,7 @@ def test_a_password_in_the_url_is_refused_without_echoing_it(tmp_path: Path) -> 
 
 
 def test_a_missing_password_file_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(UnavailableError, match="password file"):
+    with pytest.raises(ConfigError, match="password file"):
         open_storage("postgresql://fedvault@127.0.0.1:1/x", password_file=tmp_path / "nope")
 
 

@@ -148,7 +148,7 @@ def test_an_unreachable_database_does_not_echo_the_password(tmp_path: Path) -> N
             "postgresql://fedvault@127.0.0.1:1/fedvault?connect_timeout=2", password_file=secret
         )
     assert "s3cr3t-value" not in str(info.value)
-    with pytest.raises(UnavailableError, match="password file"):
+    with pytest.raises(ConfigError, match="password file"):
         GatewayStore("postgresql://fedvault@127.0.0.1:1/x", password_file=tmp_path / "missing")
 
 

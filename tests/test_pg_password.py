@@ -13,7 +13,7 @@ store, the gateway key store and the audit store alike:
   "password authentication failed", naming the store, with neither password
   in the message, its exception chain, the logs or the process's output;
 - a missing, unreadable (a directory), empty or non-UTF-8 password file is a
-  clear :class:`~fedvault.errors.UnavailableError` naming the file;
+  clear :class:`~fedvault.errors.ConfigError` naming the file;
 - a password in the URL (userinfo — base64 ``/`` and ``+`` included — or a
   ``password=`` query parameter) is a :class:`~fedvault.errors.ConfigError`
   before any connection, and the settings refuse it naming the setting.
@@ -228,7 +228,7 @@ def test_a_bad_password_file_is_a_clear_error(
         path.write_text("\n")
     elif problem == "binary":
         path.write_bytes(b"\xff\xfe" + scram.password.encode())
-    with pytest.raises(UnavailableError) as info:
+    with pytest.raises(ConfigError) as info:
         _open(kind, scram.urls[kind], path)
     message = str(info.value)
     assert "password file" in message

@@ -28,8 +28,14 @@ import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedvault.database import db_reason as _pg_reason
-from fedvault.database import is_postgres_url, postgres_url, read_password
-from fedvault.errors import IntegrityError, UnavailableError
+from fedvault.database import (
+    is_postgres_url,
+    pg_connect_args,
+    postgres_url,
+    read_password,
+    require_utf8,
+)
+from fedvault.errors import ConfigError, IntegrityError, UnavailableError
 from fedvault.sqlite import append_only_triggers, connect, transaction
 from server.audit.merkle import Frontier, NodeKey, leaf_hash
 
@@ -279,13 +285,11 @@ class PostgresStorage:
 
     def __init__(self, url: str, *, password: str | None = None) -> None:
         try:
-            # The password travels beside the URL, so URLs can be logged and
-            # configured in plain sight while the secret stays in its file.
-            connect_args = {"password": password} if password else {}
             self._engine = sa.create_engine(
-                url, pool_pre_ping=True, pool_size=8, connect_args=connect_args
+                url, pool_pre_ping=True, pool_size=8, connect_args=pg_connect_args(password)
             )
             with self._engine.begin() as conn:
+                require_utf8(conn, "audit", url)
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_ID})
                 _meta.create_all(conn)
                 conn.execute(sa.text(_PG_APPEND_ONLY))
@@ -305,7 +309,11 @@ class PostgresStorage:
                         )
                     )
         except SQLAlchemyError as exc:
+            self._engine.dispose()
             raise UnavailableError(f"cannot open the audit database: {_pg_reason(exc)}") from None
+        except ConfigError:
+            self._engine.dispose()
+            raise
         self._write_lock = threading.Lock()
         self._frontier: Frontier | None = None
 
