@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from fedvault.settings import FedvaultSettings
     from secure.signed_note import NoteSigner
     from server.audit.merkle import NodeKey
+    from server.audit.storage import CheckpointCheck
 
 __all__ = ["StoreReport", "StoreSpec", "drop_statement", "migrate_home", "store_specs"]
 
@@ -1014,7 +1015,9 @@ class _SourceLog:
     def append(self, entries: Sequence[bytes]) -> int:
         raise UnavailableError("the source audit log is only read")
 
-    def save_checkpoint(self, size: int, note: str) -> None:
+    def save_checkpoint(
+        self, size: int, note: str, *, check: CheckpointCheck | None = None
+    ) -> None:
         raise UnavailableError("the source audit log is only read")
 
     def size(self) -> int:

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -53,7 +54,7 @@ from secure.signed_note import (
 )
 from server.audit.log import AuditLog, SigningKeyMismatchError
 from server.audit.records import decode_entry
-from server.audit.storage import SQLiteStorage, open_storage
+from server.audit.storage import AuditStorage, CheckpointCheck, SQLiteStorage, open_storage
 from server.audit.verifier import HttpSource, VerifierState, verify_log
 from server.audit.writer import ProcessCommitter
 from server.gateway.rest import GatewayApp
@@ -363,6 +364,79 @@ def test_replicas_started_together_on_an_empty_store_sign_with_one_key_only(
         assert verify_log(HttpSource(a.base, token=auditor), good.verifier, None)
         for note in _stored_notes(audit_url):
             open_note(note, good.verifier)  # nothing signed by the other key was stored
+
+
+class _DeferredSaves:
+    """A real storage whose checkpoint saves wait until :meth:`release` (the race's pause)."""
+
+    def __init__(self, storage: AuditStorage) -> None:
+        self.storage = storage
+        self.pending: list[tuple[int, str, CheckpointCheck | None]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+    def save_checkpoint(
+        self, size: int, note: str, *, check: CheckpointCheck | None = None
+    ) -> None:
+        self.pending.append((size, note, check))
+
+    def release(self) -> None:
+        for size, note, check in self.pending:
+            self.storage.save_checkpoint(size, note, check=check)
+        self.pending.clear()
+
+
+class _SavesAfter:
+    """A real storage that lets ``first`` save just before its own checkpoint save."""
+
+    def __init__(self, storage: AuditStorage, first: _DeferredSaves) -> None:
+        self.storage, self.first = storage, first
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.storage, name)
+
+    def save_checkpoint(
+        self, size: int, note: str, *, check: CheckpointCheck | None = None
+    ) -> None:
+        self.first.release()
+        self.storage.save_checkpoint(size, note, check=check)
+
+
+def test_two_keys_signing_in_the_same_moment_leave_no_stray_checkpoint(
+    db_location: str,
+) -> None:
+    """The race the start-up check cannot see: B signs size 3 and A size 4 on an empty
+    store, each having checked that no checkpoint existed; B's save lands first. A's
+    save re-checks inside its transaction and refuses, so every stored note is B's
+    (before, A's note at size 4 was kept: the latest, unverifiable with B's key)."""
+    good, other = generate_note_key(ORIGIN), generate_note_key(ORIGIN)
+    b_storage = _DeferredSaves(open_storage(db_location))
+    b = AuditLog(b_storage, other, checkpoint_interval=0)  # type: ignore[arg-type]
+    a = AuditLog(
+        _SavesAfter(open_storage(db_location), b_storage),  # type: ignore[arg-type]
+        good,
+        checkpoint_interval=0,
+    )
+    try:
+        for i in range(3):
+            b.append(record(i))
+        b.checkpoint(force=True)  # signed at size 3, save held back
+        a.append(record(3))
+        with pytest.raises(SigningKeyMismatchError, match="same signing key"):
+            a.checkpoint(force=True)  # checked (none yet), signed size 4, B saves, A refuses
+        stored = open_storage(db_location)
+        try:
+            latest = stored.latest_checkpoint()
+            assert latest is not None
+            assert latest[0] == 3
+            open_note(latest[1], other.verifier)
+        finally:
+            stored.close()
+        assert parse_checkpoint(open_note(b.checkpoint(force=True), other.verifier)).size == 4
+    finally:
+        a.close()
+        b.close()
 
 
 def test_rotation_names_the_previous_key(tmp_path: Path) -> None:

@@ -410,15 +410,22 @@ class AuditLog:
                 return latest.note
             if latest is not None and not force and self._clock() - latest.made_at < self._interval:
                 return latest.note
-            stored = self.storage.latest_checkpoint()
-            if stored is not None and (latest is None or stored[1] != latest.note):
-                try:  # another writer signed since: with our key, or we must not sign
+
+            def refuse_another_signer(stored: tuple[int, str] | None) -> None:
+                """Another writer signed since: with our key, or we must not sign."""
+                if stored is None or (latest is not None and stored[1] == latest.note):
+                    return
+                try:
                     self._check_signer(stored[1], rotating=latest is None)
                 except SigningKeyMismatchError as exc:
                     if not self._mismatch_logged:
                         _log.error("%s", exc)
                         self._mismatch_logged = True
                     raise
+
+            # Checked before signing (no work wasted) and again inside the save's
+            # transaction: a replica with another key may have signed in between.
+            refuse_another_signer(self.storage.latest_checkpoint())
             try:
                 root = self.root(size)
             except IntegrityError:
@@ -429,7 +436,7 @@ class AuditLog:
                 _log.error("audit store damaged beyond tree size %d; not signing", latest.size)
                 return latest.note
             note = self.signer.sign(format_checkpoint(self.origin, size, root))
-            self.storage.save_checkpoint(size, note)
+            self.storage.save_checkpoint(size, note, check=refuse_another_signer)
             self._latest = SignedCheckpoint(size, root, note, self._clock())
             return note
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -42,6 +42,11 @@ from server.audit.merkle import Frontier, NodeKey, leaf_hash
 __all__ = ["AuditStorage", "PostgresStorage", "SQLiteStorage", "open_storage", "tables"]
 
 
+# Called with the latest stored ``(size, note)`` (None: no checkpoint yet) inside
+# save_checkpoint's transaction; raises to refuse the save.
+CheckpointCheck = Callable[[tuple[int, str] | None], None]
+
+
 @runtime_checkable
 class AuditStorage(Protocol):
     """What the appender, the API and the checkpointer need from a database."""
@@ -62,8 +67,16 @@ class AuditStorage(Protocol):
         """Hashes of perfect subtrees; raises :class:`IntegrityError` if one is missing."""
         ...
 
-    def save_checkpoint(self, size: int, note: str) -> None:
-        """Keep a signed checkpoint (idempotent per size)."""
+    def save_checkpoint(
+        self, size: int, note: str, *, check: CheckpointCheck | None = None
+    ) -> None:
+        """Keep a signed checkpoint (idempotent per size).
+
+        ``check`` is called with the latest stored checkpoint inside the same
+        write transaction, under the lock appends take; raising from it
+        stores nothing. It makes "who signed last" and "store mine" one step,
+        so two writers with different keys cannot both pass the check.
+        """
         ...
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
@@ -192,18 +205,19 @@ class SQLiteStorage:
         with self._reader() as conn:
             return _nodes(conn, keys)
 
-    def save_checkpoint(self, size: int, note: str) -> None:
+    def save_checkpoint(
+        self, size: int, note: str, *, check: CheckpointCheck | None = None
+    ) -> None:
         with self._write_lock, transaction(self._writer):
+            if check is not None:
+                check(_latest(self._writer))
             self._writer.execute(
                 "INSERT OR IGNORE INTO audit_checkpoints VALUES (?, ?)", (size, note)
             )
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
         with self._reader() as conn:
-            row = conn.execute(
-                "SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1"
-            ).fetchone()
-        return None if row is None else (int(row[0]), str(row[1]))
+            return _latest(conn)
 
     def close(self) -> None:
         with self._write_lock:
@@ -212,6 +226,13 @@ class SQLiteStorage:
                 for conn in self._all:
                     conn.close()
                 self._all.clear()
+
+
+def _latest(conn: sqlite3.Connection) -> tuple[int, str] | None:
+    row = conn.execute(
+        "SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1"
+    ).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
 def _size(conn: sqlite3.Connection) -> int:
@@ -369,11 +390,17 @@ class PostgresStorage:
         with self._read() as conn:
             return _pg_nodes(conn, keys)
 
-    def save_checkpoint(self, size: int, note: str) -> None:
+    def save_checkpoint(
+        self, size: int, note: str, *, check: CheckpointCheck | None = None
+    ) -> None:
         from sqlalchemy.dialects.postgresql import insert
 
         try:
             with self._engine.begin() as conn:
+                if check is not None:
+                    # The appenders' lock: every writer of this log serialises on it.
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_ID})
+                    check(_pg_latest(conn))
                 conn.execute(
                     insert(_checkpoints)
                     .values(size=size, note=note)
@@ -383,15 +410,17 @@ class PostgresStorage:
             raise UnavailableError(f"cannot store checkpoint: {_pg_reason(exc)}") from None
 
     def latest_checkpoint(self) -> tuple[int, str] | None:
-        query = sa.select(_checkpoints.c.size, _checkpoints.c.note).order_by(
-            _checkpoints.c.size.desc()
-        )
         with self._read() as conn:
-            row = conn.execute(query.limit(1)).first()
-        return None if row is None else (int(row[0]), str(row[1]))
+            return _pg_latest(conn)
 
     def close(self) -> None:
         self._engine.dispose()
+
+
+def _pg_latest(conn: sa.Connection) -> tuple[int, str] | None:
+    query = sa.select(_checkpoints.c.size, _checkpoints.c.note)
+    row = conn.execute(query.order_by(_checkpoints.c.size.desc()).limit(1)).first()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
 def _pg_size(conn: sa.Connection) -> int:
