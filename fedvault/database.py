@@ -94,6 +94,57 @@ def url_has_password(location: str) -> bool:
     return url.password is not None or not keys.isdisjoint(_SECRET_PARAMETERS)
 
 
+# The libpq keywords a "key=value" connection string starts with in practice.
+_LIBPQ_KEYWORD = re.compile(
+    r"\s*(host|hostaddr|port|dbname|user|password|passfile|service|sslmode|"
+    r"connect_timeout|application_name|options)\s*=",
+    re.IGNORECASE,
+)
+
+
+def location_problem(location: str) -> str | None:
+    """Why ``location`` is neither a SQLite path nor a usable PostgreSQL URL; None if fine.
+
+    Anything that is not a PostgreSQL URL used to be taken as a file path, so
+    ``mysql://…`` or a libpq ``host=… password=…`` string became a SQLite
+    file of that name — the password in a file name. The answer never quotes
+    the value (it may hold a secret), only its scheme.
+    """
+    if is_postgres_url(location):
+        if url_has_password(location):
+            return "must not contain a password; give it a password file"
+        try:
+            parts = urlsplit(location)
+            port = parts.port
+        except ValueError:
+            # Not the parser's words: they quote the text after the last ':'.
+            return "is not a valid PostgreSQL URL (check its host, and its port: 1-65535)"
+        if port == 0:
+            return "is not a valid PostgreSQL URL (check its host, and its port: 1-65535)"
+        if not parts.hostname and not parts.path.strip("/"):
+            return "is not a valid PostgreSQL URL (no host and no database)"
+        return None
+    if "://" in location:
+        scheme = location.split("://", 1)[0][:20]
+        return f"names a {scheme!r} URL; fedvault stores are SQLite paths or postgresql:// URLs"
+    if _LIBPQ_KEYWORD.match(location):
+        return (
+            "looks like a libpq 'key=value' connection string; give a postgresql:// URL "
+            "without password (the password goes in a password file)"
+        )
+    return None
+
+
+def check_location(location: str | Path, what: str) -> None:
+    """Raise :class:`ConfigError` if ``location`` cannot name a store.
+
+    See :func:`location_problem`.
+    """
+    problem = location_problem(str(location))
+    if problem is not None:
+        raise ConfigError(f"the {what} location {problem}")
+
+
 def postgres_url(location: str, what: str = "database") -> str:
     """The SQLAlchemy URL for ``location``: psycopg (3) unless a driver is named.
 
@@ -299,6 +350,7 @@ def open_database(
     do not race on ``CREATE TABLE``.
     """
     text = str(location)
+    check_location(text, f"{what} database")
     if not is_postgres_url(text):
         path = Path(text)
         setup = sa.create_engine(

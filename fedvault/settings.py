@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fedvault.database import url_has_password
+from fedvault.database import location_problem, url_has_password
 from fedvault.errors import ConfigError, FedvaultError
 
 
@@ -126,6 +126,9 @@ class FedvaultSettings(BaseSettings):
             raise ValueError(
                 f"{info.field_name} must not contain a password; put it in the file named by {env}"
             )
+        problem = location_problem(value) if value else None
+        if problem is not None:
+            raise ValueError(f"{info.field_name} {problem}")
         return value
 
     @field_validator("audit_previous_key")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fedvault.errors import ConfigError, FedvaultError, UnavailableError, mapping_for
 from fedvault.settings import FedvaultSettings, load_settings
@@ -65,8 +66,10 @@ app.add_typer(partner_app, name="partner")
 app.add_typer(store_app, name="store")
 
 # soft_wrap: messages name files and paths; never break them mid-word.
-console = Console(stderr=True, soft_wrap=True)
-out = Console()
+# markup=False: messages carry user text (ids, paths, names), and Rich would
+# read "[/x]" in a run id as a closing tag and crash. Styling is explicit.
+console = Console(stderr=True, soft_wrap=True, markup=False)
+out = Console(markup=False)
 
 HomeOpt = Annotated[
     Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
@@ -128,7 +131,7 @@ def demo(
 
         shutil.rmtree(demo_home)  # demo state only: a fresh federation every time
     paths = _paths(settings, demo_home)
-    console.print(f"[bold]fedvault demo[/] — state in {demo_home}")
+    console.print(Text.assemble(("fedvault demo", "bold"), f" — state in {demo_home}"))
     fed.init_federation(paths, PARTNERS, ["127.0.0.1", "localhost"])
     split_dataset(cfg.dataset, demo_home / "data", partners=len(PARTNERS), alpha=1.0, seed=cfg.seed)
     with ProcessGroup() as group:
@@ -677,7 +680,9 @@ def ledger_show(
             )
         out.print(table)
         out.print(
-            "views agree" if report["agree"] else f"[red]views DISAGREE[/]: {report['problems']}"
+            "views agree"
+            if report["agree"]
+            else Text.assemble(("views DISAGREE", "red"), f": {report['problems']}")
         )
     if not report["agree"]:
         raise typer.Exit(code=1)
@@ -688,15 +693,45 @@ def _fmt_eps(value: float | None) -> str:
 
 
 # ---------------------------------------------------------------------- entrypoint
+def _error(message: str) -> None:
+    console.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
+
+
+def _undecodable_argument() -> int | None:
+    """Position of the first argument that is not valid UTF-8 (Python keeps such bytes
+    as lone surrogates, which fail only later, deep inside, when printed or encoded)."""
+    for position, arg in enumerate(sys.argv[1:], start=1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return position
+    return None
+
+
 def run() -> None:
     """Console-script entry point: map fedvault errors to exit codes and messages."""
+    bad = _undecodable_argument()
+    if bad is not None:
+        _error(f"argument {bad} is not valid UTF-8 text")
+        sys.exit(mapping_for(ConfigError()).exit_code)
     try:
         # Without standalone mode click *returns* the code of a typer.Exit.
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except FedvaultError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, markup=True)
+        _error(str(exc))
         sys.exit(mapping_for(exc).exit_code)
+    except (ConnectionError, TimeoutError) as exc:
+        # A safety net: the service layers translate these; one that slipped
+        # through still gets a line, not a traceback.
+        _error(f"cannot connect: {exc.strerror or type(exc).__name__}")
+        sys.exit(mapping_for(UnavailableError()).exit_code)
+    except OSError as exc:
+        # A local file or directory the user named (or their HOME) cannot be
+        # used: a configuration fault, reported with the path and the reason.
+        where = f" ({exc.filename})" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}")
+        sys.exit(mapping_for(ConfigError()).exit_code)
     except KeyboardInterrupt:
         console.print("interrupted; all processes stopped")
         sys.exit(130)

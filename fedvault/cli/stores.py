@@ -32,8 +32,9 @@ HomeOpt = Annotated[
     Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
 ]
 
-_err = Console(stderr=True, soft_wrap=True)
-_out = Console(soft_wrap=True)
+# markup=False: messages carry paths and URLs, which Rich would parse as tags.
+_err = Console(stderr=True, soft_wrap=True, markup=False)
+_out = Console(soft_wrap=True, markup=False)
 
 
 @store_app.command("migrate")

@@ -32,7 +32,7 @@ def wait_for_run(
     """
     deadline = time.monotonic() + timeout_s
     progress = Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),

@@ -27,14 +27,15 @@ from typing import Any, Protocol, runtime_checkable
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from fedvault.database import db_reason as _pg_reason
 from fedvault.database import (
+    check_location,
     is_postgres_url,
     pg_connect_args,
     postgres_url,
     read_password,
     require_utf8,
 )
+from fedvault.database import db_reason as _pg_reason
 from fedvault.errors import ConfigError, IntegrityError, UnavailableError
 from fedvault.sqlite import append_only_triggers, connect, transaction
 from server.audit.merkle import Frontier, NodeKey, leaf_hash
@@ -446,6 +447,7 @@ def open_storage(location: str | Path, *, password_file: Path | None = None) -> 
     a compose secret); it is read here and never put in the URL.
     """
     text = str(location)
+    check_location(text, "audit database")
     if is_postgres_url(text):
         password = read_password(password_file, "audit database")
         return PostgresStorage(postgres_url(text), password=password)

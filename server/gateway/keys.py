@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import sqlite3
@@ -65,6 +66,11 @@ from fedvault.sqlite import connect
 __all__ = ["ROLES", "ApiKey", "GatewayStore", "KeyVerifier", "parse_expiry", "tables"]
 
 ROLES: Final = ("admin", "analyst", "partner", "auditor")
+MAX_KEY_LIFETIME_S: Final = 100 * 365.25 * 86400
+# A model grant: a registry model name or '*'; a partner: a federation partner name.
+_GRANT_RE = re.compile(r"\*|[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PARTNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_KEY_ID_RE = re.compile(r"[0-9a-f]{12}")
 TOKEN_PREFIX: Final = "fvk_"  # noqa: S105 - a format prefix, not a secret
 _TOKEN_RE = re.compile(r"^fvk_([0-9a-f]{12})_([A-Za-z0-9_-]{20,128})$")
 # scrypt cost: N=2^14, r=8 (16 MiB, ~40 ms here) — verified once per token per TTL.
@@ -152,19 +158,41 @@ def parse_expiry(text: str | None, now: float | None = None) -> float | None:
     if text is None or text == "":
         return None
     now = time.time() if now is None else now
-    match = re.fullmatch(r"(\d+)([dhm])", text)
+    match = re.fullmatch(r"(\d{1,12})([dhm])", text)
     if match:
         unit = {"d": 86400, "h": 3600, "m": 60}[match.group(2)]
-        return now + int(match.group(1)) * unit
+        return check_expiry(now + int(match.group(1)) * unit, now)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(
-            f"--expires must be like 30d, 12h, 90m or ISO 8601, not {text!r}"
+            f"--expires must be like 30d, 12h, 90m or ISO 8601, not {text[:40]!r}"
         ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    return check_expiry(when.timestamp(), now)
+
+
+def check_expiry(
+    expires_at: float | None, now: float | None = None, *, past_ok: bool = False
+) -> float | None:
+    """Refuse an expiry beyond :data:`MAX_KEY_LIFETIME_S` (or in the past, unless ``past_ok``).
+
+    Why a ceiling: an instant past year 9999 was stored, and from then on
+    every listing of the keys failed (no date can show it). A key meant to
+    live for ever is made without ``--expires``. A past expiry is a typo at
+    the CLI or API; the store itself still takes one (tests of expiry do).
+    """
+    if expires_at is None:
+        return None
+    now = time.time() if now is None else now
+    if not math.isfinite(expires_at) or expires_at > now + MAX_KEY_LIFETIME_S:
+        raise ConfigError(
+            "--expires is at most 100 years ahead; leave it out for a key that never expires"
+        )
+    if expires_at <= now and not past_ok:
+        raise ConfigError("--expires is in the past: the key would be expired already")
+    return expires_at
 
 
 def _hash(token: str, salt: bytes) -> bytes:
@@ -235,6 +263,17 @@ class GatewayStore:
             raise ConfigError(
                 "an analyst key needs at least one --model NAME grant (or --model '*')"
             )
+        bad = sorted(m for m in models if not _GRANT_RE.fullmatch(m))
+        if bad:
+            raise ConfigError(
+                f"--model {bad[0][:40]!r} is not a model name (letters, digits, '.', '_', '-') "
+                "or '*'"
+            )
+        if partner is not None and not _PARTNER_RE.fullmatch(partner):
+            raise ConfigError(
+                f"--partner {partner[:40]!r} is not a partner name (letters, digits, '_', '-')"
+            )
+        check_expiry(expires_at, past_ok=True)
         key_id = secrets.token_hex(6)
         token = f"{TOKEN_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         salt = secrets.token_bytes(16)
@@ -261,9 +300,16 @@ class GatewayStore:
         return None if row is None else row._mapping
 
     def key(self, key_id: str) -> ApiKey:
+        if not _KEY_ID_RE.fullmatch(key_id):
+            # Not an id: never quoted, since a pasted token would put its secret
+            # part in the message (and the terminal's scrollback, and the logs).
+            what = "a token (a secret)" if _TOKEN_RE.match(key_id) else "not a key id"
+            raise NotFoundError(
+                f"that is {what}; keys are named by their 12-hex-digit id (fedvault keys list)"
+            )
         row = self._row(key_id)
         if row is None:
-            raise NotFoundError(f"no API key {key_id[:32]!r}")
+            raise NotFoundError(f"no API key {key_id!r}")
         return _key(row)
 
     def keys(self) -> list[ApiKey]:

@@ -1,0 +1,240 @@
+"""Bad input the CLI used to crash on (traceback, exit 1) or leak: found by a sweep.
+
+Each case runs the real CLI in a subprocess and checks the exit code from the
+error table, the message, that no traceback is printed and, where a secret or
+a file was at stake, that neither leaked nor appeared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedvault.errors import ConfigError, NotFoundError
+from server.gateway.keys import MAX_KEY_LIFETIME_S, GatewayStore, parse_expiry
+
+TOKEN = "fvk_8ab755eff0d8_n_wgG8yXTyhxq15Mc8zu4Ec70oowgZo99Xtr6u_PxZU"  # noqa: S105 - made up
+SECRET_PART = TOKEN.split("_", 2)[2]
+
+
+def _cli(
+    *args: str | bytes, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "fedvault", *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
+        cwd=cwd,
+        env={**base, **(env or {})},
+        check=False,
+    )
+
+
+def _clean(done: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+# ------------------------------------------------------------ Rich markup in text
+def test_brackets_in_an_id_are_printed_not_parsed_as_markup(tmp_path: Path) -> None:
+    """'[/x]' is a closing tag to Rich: the error message itself used to crash."""
+    done = _cli("runs", "show", "[/x]", "--home", str(tmp_path))
+    _clean(done)
+    assert done.returncode == 7, done.stderr
+    assert "no run '[/x]'" in done.stderr
+    done = _cli("runs", "show", "[bold]abc", "--home", str(tmp_path))
+    assert "no run '[bold]abc'" in done.stderr  # was shown as "no run 'abc'"
+
+
+def test_a_success_message_with_brackets_is_still_a_success(tmp_path: Path) -> None:
+    """All files were written, then printing the path crashed: success reported as failure."""
+    out = tmp_path / "[/y]"
+    done = _cli("data", "split", "--dataset", "breast-cancer", "--out", str(out))
+    _clean(done)
+    assert done.returncode == 0, done.stderr
+    assert str(out) in done.stdout + done.stderr
+
+
+# ------------------------------------------------------------ undecodable arguments
+def test_an_argument_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    done = _cli("runs", "show", b"\xff\xfe", "--home", str(tmp_path))
+    _clean(done)
+    assert done.returncode == 2
+    assert "argument 3 is not valid UTF-8" in done.stderr
+
+
+# ------------------------------------------------------------ stray OSError
+def _run_raising(
+    exc: BaseException, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """``run()`` around a command that raises ``exc`` (the commands translate their own
+    errors; this is the net for one that slips through)."""
+    import typer
+
+    from fedvault.cli import main
+
+    probe = typer.Typer()
+
+    @probe.command()
+    def fail() -> None:
+        raise exc
+
+    monkeypatch.setattr(main, "app", probe)
+    monkeypatch.setattr(sys, "argv", ["fedvault"])
+    with pytest.raises(SystemExit) as info:
+        main.run()
+    return int(str(info.value.code)), capsys.readouterr().err
+
+
+def test_a_stray_file_error_is_exit_2_with_path_and_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere" / "x"
+    with pytest.raises(FileNotFoundError) as raised:
+        missing.write_text("x")
+    code, err = _run_raising(raised.value, monkeypatch, capsys)
+    assert code == 2
+    assert err.strip() == f"error: No such file or directory ({missing})"
+
+
+def test_a_stray_connection_error_is_exit_10(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_raising(ConnectionRefusedError(111, "Connection refused"), monkeypatch, capsys)
+    assert code == 10
+    assert err.strip() == "error: cannot connect: Connection refused"
+
+
+# ------------------------------------------------------------ API keys
+@pytest.mark.parametrize(
+    ("expires", "message"),
+    [
+        ("99999999999d", "at most 100 years ahead"),  # stored, then `keys list` crashed
+        ("9999-12-31T00:00:00", "at most 100 years ahead"),
+        ("2001-01-01", "in the past"),
+        ("0d", "in the past"),
+        ("1" * 40 + "h", "must be like 30d"),
+    ],
+)
+def test_an_expiry_out_of_range_is_refused_and_the_store_stays_listable(
+    tmp_path: Path, expires: str, message: str
+) -> None:
+    done = _cli("keys", "create", "--role", "admin", "--expires", expires, "--home", str(tmp_path))
+    _clean(done)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    listed = _cli("keys", "list", "--home", str(tmp_path))
+    _clean(listed)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+
+
+def test_the_longest_expiry_allowed_still_lists() -> None:
+    now = time.time()
+    assert parse_expiry("36500d", now) == now + 36500 * 86400
+    assert 36500 * 86400 < MAX_KEY_LIFETIME_S
+
+
+def test_the_store_refuses_an_expiry_no_date_can_show(tmp_path: Path) -> None:
+    """The REST admin call reaches the store without the CLI's parsing."""
+    store = GatewayStore(tmp_path / "gateway.db")
+    try:
+        with pytest.raises(ConfigError, match="100 years"):
+            store.create_key("admin", expires_at=time.time() + 2 * MAX_KEY_LIFETIME_S)
+        with pytest.raises(ConfigError, match="100 years"):
+            store.create_key("admin", expires_at=float("inf"))
+        assert store.keys() == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--role", "analyst", "--model", ""], "is not a model name"),
+        (["--role", "analyst", "--model", "a b"], "is not a model name"),
+        (["--role", "partner", "--partner", "x y"], "is not a partner name"),
+    ],
+)
+def test_grants_must_be_names(tmp_path: Path, args: list[str], message: str) -> None:
+    done = _cli("keys", "create", *args, "--home", str(tmp_path))
+    _clean(done)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+
+
+def test_a_token_pasted_as_a_key_id_is_not_echoed(tmp_path: Path) -> None:
+    done = _cli("keys", "revoke", TOKEN, "--home", str(tmp_path))
+    _clean(done)
+    assert done.returncode == 7
+    assert "that is a token (a secret)" in done.stderr
+    assert SECRET_PART[:8] not in done.stdout + done.stderr
+
+
+def test_the_store_never_quotes_what_is_not_a_key_id(tmp_path: Path) -> None:
+    store = GatewayStore(tmp_path / "gateway.db")
+    try:
+        with pytest.raises(NotFoundError) as info:
+            store.revoke(TOKEN)
+        assert SECRET_PART[:8] not in str(info.value)
+        with pytest.raises(NotFoundError, match="no API key '0123456789ab'"):
+            store.revoke("0123456789ab")
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------ store locations
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("host=127.0.0.1 port=1 password=s3cr3tQ", "libpq 'key=value' connection string"),
+        ("mysql://u@h/db", "names a 'mysql' URL"),
+        ("postgresql://user@127.0.0.1:99999/db", "check its host, and its port"),
+        ("postgresql://user@127.0.0.1:s3cr3tQ/db", "check its host, and its port"),
+        ("postgresql://user@[::1/db", "not a valid PostgreSQL URL"),
+    ],
+)
+def test_a_store_location_that_is_no_store_is_refused_without_a_file(
+    tmp_path: Path, location: str, message: str
+) -> None:
+    """Anything but a postgresql:// URL used to be a SQLite *file name*: a DSN's password
+    ended up in a file in the working directory."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    done = _cli(
+        "runs",
+        "list",
+        "--home",
+        str(tmp_path / "home"),
+        cwd=work,
+        env={"FEDVAULT_FEDERATION_STORE": location},
+    )
+    _clean(done)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "s3cr3tQ" not in done.stderr + done.stdout
+    assert list(work.iterdir()) == []
+
+
+def test_the_audit_db_option_is_checked_the_same_way(tmp_path: Path) -> None:
+    done = _cli(
+        "audit",
+        "checkpoint",
+        "--db",
+        "host=db password=s3cr3tQ",
+        "--key",
+        str(tmp_path / "k.key"),
+        cwd=tmp_path,
+    )
+    _clean(done)
+    assert done.returncode in (2, 5), done.stderr  # the key file may be checked first
+    assert "s3cr3tQ" not in done.stderr + done.stdout
+    assert not any(p.name.startswith("host=") for p in tmp_path.iterdir())
