@@ -238,3 +238,91 @@ def test_the_audit_db_option_is_checked_the_same_way(tmp_path: Path) -> None:
     assert done.returncode in (2, 5), done.stderr  # the key file may be checked first
     assert "s3cr3tQ" not in done.stderr + done.stdout
     assert not any(p.name.startswith("host=") for p in tmp_path.iterdir())
+
+
+# ------------------------------------------------------------ ledger show
+def test_a_node_ledger_path_that_does_not_exist_is_not_an_empty_ledger(tmp_path: Path) -> None:
+    """A typo in --node-ledger used to create an empty ledger file and compare with it."""
+    from clients.ledger import NodeLedger
+    from fedvault.privacy import PrivacyCharge
+    from server.store import FederationStore, LedgerRow
+
+    home = tmp_path / "home"
+    charge = PrivacyCharge("r1", 1, "dp-sgd", 1.1, 0.1, 10, 1.0, 1e-5, "rdp", "1.6", 0.5)
+    with FederationStore(home / "federation.db") as store:
+        store.create_run("r1", {"rounds": 1}, {"name": "digits"})
+        store.commit_round("r1", 1, [LedgerRow("alpha", charge)], {"round": 1}, b"state")
+    real = tmp_path / "alpha.db"
+    with NodeLedger(real) as node:
+        node.record("digits", [charge], run_id="r1", round_=1, digest="d", reply=b"reply")
+    agreed = _cli("ledger", "show", "r1", "--node-ledger", f"alpha={real}", "--home", str(home))
+    assert agreed.returncode == 0, agreed.stderr
+    assert "views agree" in agreed.stdout
+
+    typo = tmp_path / "alpah.db"
+    done = _cli("ledger", "show", "r1", "--node-ledger", f"alpha={typo}", "--home", str(home))
+    _clean(done)
+    assert done.returncode == 7, done.stderr
+    assert f"no node ledger for 'alpha' at {typo}" in done.stderr
+    assert not typo.exists()
+
+
+# ------------------------------------------------------------ gateway start
+@pytest.fixture
+def gateway_home(tmp_path: Path) -> Path:
+    from server.store import FederationStore
+
+    home = tmp_path / "gw-home"
+    with FederationStore(home / "federation.db"):
+        pass
+    return home
+
+
+def _start(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return _cli("gateway", "start", "--home", str(home), "--host", "127.0.0.1", *args)
+
+
+def _refused_before_anything(home: Path, done: subprocess.CompletedProcess[str]) -> None:
+    _clean(done)
+    assert done.returncode == 2, done.stderr
+    assert not (home / "keys").exists()  # no audit key made, no store opened
+    assert not (home / "audit.db").exists()
+
+
+def test_gateway_start_refuses_one_port_for_both_doors(gateway_home: Path) -> None:
+    from fedvault.cli.processes import free_port
+
+    port = str(free_port())
+    done = _start(gateway_home, "--http-port", port, "--grpc-port", port)
+    _refused_before_anything(gateway_home, done)
+    assert f"the REST and gRPC ports are both {port}" in done.stderr
+
+
+@pytest.mark.parametrize("door", ["REST", "gRPC"])
+def test_gateway_start_refuses_a_port_in_use(gateway_home: Path, door: str) -> None:
+    import socket
+
+    from fedvault.cli.processes import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken, other = str(busy.getsockname()[1]), str(free_port())
+        ports = (taken, other) if door == "REST" else (other, taken)
+        done = _start(gateway_home, "--http-port", ports[0], "--grpc-port", ports[1])
+    _refused_before_anything(gateway_home, done)
+    assert f"cannot listen for {door} on 127.0.0.1:{taken}: Address already in use" in done.stderr
+
+
+def test_gateway_start_refuses_tls_files_that_are_not_pem(
+    gateway_home: Path, tmp_path: Path
+) -> None:
+    from fedvault.cli.processes import free_port
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("not a certificate")
+    key.write_bytes(b"\x00\x01")
+    ports = ["--http-port", str(free_port()), "--grpc-port", str(free_port())]
+    done = _start(gateway_home, *ports, "--tls-cert", str(cert), "--tls-key", str(key))
+    _refused_before_anything(gateway_home, done)
+    assert "not a PEM certificate and its private key" in done.stderr

@@ -238,3 +238,20 @@ def test_a_cancelled_call_is_still_audited(
         "cancelled-unary",
         "OK",
     )
+
+
+def test_a_second_server_on_the_same_port_is_refused(harness: Harness) -> None:
+    """grpcio sets SO_REUSEPORT by default: a second gateway on a taken port bound
+    silently and took part of the calls. Now the bind fails, as a ConfigError."""
+    import asyncio
+
+    from fedvault.errors import ConfigError
+    from server.gateway.grpc_api import start_grpc_server
+
+    with grpc_server(harness) as address:
+
+        async def second() -> None:
+            await start_grpc_server(harness.gw, address)
+
+        with pytest.raises(ConfigError, match=f"cannot listen for gRPC on {address}"):
+            asyncio.run(second())

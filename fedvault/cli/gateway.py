@@ -97,7 +97,7 @@ def start(
     from server.audit.storage import open_storage
     from server.gateway.build import GatewayConfig, build_gateway
     from server.gateway.rest import Limits
-    from server.gateway.runner import Listen, run
+    from server.gateway.runner import Listen, check_listen, run
     from server.registry import load_model_keys
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -117,12 +117,21 @@ def start(
         raise ConfigError("--client-ca (mTLS) needs --tls-cert and --tls-key")
     if settings.federation_store is None and not settings.federation_db.exists():
         raise ConfigError(f"{settings.home} has no federation database; train a model first")
+    if audit_writer not in ("process", "thread"):
+        raise ConfigError("--audit-writer is 'process' or 'thread'")
+    listen = Listen(
+        settings.gateway_host,
+        settings.gateway_http_port,
+        settings.gateway_grpc_port,
+        settings.gateway_tls_cert,
+        settings.gateway_tls_key,
+        settings.gateway_client_ca,
+    )
+    check_listen(listen)  # ports and TLS files, before any store or model is opened
     if not settings.audit_key_file.exists():
         signer = generate_note_key("fedvault/gateway-audit")
         save_note_signer(settings.audit_key_file, signer)
         typer.echo(f"created audit signing key; verifier key: {signer.verifier.line}", err=True)
-    if audit_writer not in ("process", "thread"):
-        raise ConfigError("--audit-writer is 'process' or 'thread'")
     storage = open_storage(
         settings.audit_location, password_file=settings.audit_store_password_file
     )
@@ -161,14 +170,6 @@ def start(
             log,
         )
         log.start_checkpointing()
-        listen = Listen(
-            settings.gateway_host,
-            settings.gateway_http_port,
-            settings.gateway_grpc_port,
-            settings.gateway_tls_cert,
-            settings.gateway_tls_key,
-            settings.gateway_client_ca,
-        )
         scheme = "https" if listen.tls_cert else "http"
 
         def announce() -> None:

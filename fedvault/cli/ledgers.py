@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.ledger import NodeLedger
+from fedvault.errors import NotFoundError
 from server.store import FederationStore
 
 
@@ -25,6 +26,11 @@ def compare_ledgers(
         record = store.run(run_id)
         federation = store.ledger(run_id)
     dataset = str(record.schema["name"])
+    for partner, path in node_ledgers.items():
+        # Opening a missing file would create an empty ledger: a typo in the
+        # path would then read as a node that charged nothing.
+        if not Path(path).is_file():
+            raise NotFoundError(f"no node ledger for {partner!r} at {path}")
     node_rows: dict[tuple[str, int, str], Any] = {}
     for partner, path in node_ledgers.items():
         with NodeLedger(path) as ledger:

@@ -41,6 +41,7 @@ import numpy as np
 from google.protobuf.message import Message as PbMessage
 
 from fedvault.errors import (
+    ConfigError,
     DeadlineExceededError,
     ErrorMapping,
     FedvaultError,
@@ -675,6 +676,9 @@ async def start_grpc_server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            # grpcio sets SO_REUSEPORT by default: a second gateway on the same
+            # port would bind silently and take half the calls.
+            ("grpc.so_reuseport", 0),
         ]
     )
     servicer = InferenceServicer(gw, unaudited_for_benchmark=unaudited_for_benchmark)
@@ -683,14 +687,17 @@ async def start_grpc_server(
         from server.gateway.grpc_extensions import add_extension_services
 
         add_extension_services(gw, server)
-    if tls is None:
-        server.add_insecure_port(address)
-    else:
-        creds = grpc.ssl_server_credentials(
-            [(tls.key.read_bytes(), tls.cert.read_bytes())],
-            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-            require_client_auth=tls.client_ca is not None,
-        )
-        server.add_secure_port(address, creds)
+    try:
+        if tls is None:
+            server.add_insecure_port(address)
+        else:
+            creds = grpc.ssl_server_credentials(
+                [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+                require_client_auth=tls.client_ca is not None,
+            )
+            server.add_secure_port(address, creds)
+    except RuntimeError:  # grpcio says only "Failed to bind to address …"
+        raise ConfigError(f"cannot listen for gRPC on {address} (in use, or not local)") from None
     await server.start()
     return server

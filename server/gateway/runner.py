@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Iterator
@@ -21,10 +22,11 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from fedvault.errors import ConfigError
 from server.gateway.grpc_api import GrpcTLS, drain_running, start_grpc_server
 from server.gateway.rest import GatewayApp, create_rest_app
 
-__all__ = ["SWITCH_INTERVAL_S", "Listen", "run", "serve"]
+__all__ = ["SWITCH_INTERVAL_S", "Listen", "check_listen", "run", "serve"]
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -38,6 +40,58 @@ class Listen:
     tls_key: Path | None = None
     client_ca: Path | None = None  # mTLS on both doors when set
     grace_s: float = 10.0
+
+
+def check_listen(listen: Listen) -> None:
+    """Refuse, before anything starts, what would fail at bind or TLS set-up.
+
+    Why up front: uvicorn and grpcio meet these deep in their start-up, after
+    the audit log and the models are open, and report them as tracebacks
+    (``OSError``, ``RuntimeError: Failed to bind``). A plain socket bind and
+    an :class:`ssl.SSLContext` load say the same in one line.
+    """
+    if listen.http_port == listen.grpc_port != 0:  # 0: each gets its own free port
+        raise ConfigError(f"the REST and gRPC ports are both {listen.http_port}; give two ports")
+    for door, port in (("REST", listen.http_port), ("gRPC", listen.grpc_port)):
+        _check_bind(listen.host, port, door)
+    if listen.tls_cert is not None and listen.tls_key is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(listen.tls_cert, listen.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"--tls-cert {listen.tls_cert} / --tls-key {listen.tls_key}: not a PEM "
+                f"certificate and its private key ({_reason(exc)})"
+            ) from None
+        if listen.client_ca is not None:
+            try:
+                context.load_verify_locations(cafile=listen.client_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"--client-ca {listen.client_ca}: not PEM CA certificates ({_reason(exc)})"
+                ) from None
+
+
+def _check_bind(host: str, port: int, door: str) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {host!r}: not an address here ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for {door} on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else None) or str(
+        getattr(exc, "reason", None) or type(exc).__name__
+    )
 
 
 class _MTLSHttpToolsProtocol(HttpToolsProtocol):
