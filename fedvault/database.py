@@ -37,7 +37,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.schema import CreateColumn, CreateIndex, CreateTable
 from sqlalchemy.sql.compiler import DDLCompiler
 
-from fedvault.errors import ConfigError, ConflictError, UnavailableError
+from fedvault.errors import ConfigError, ConflictError, NotFoundError, UnavailableError
 from fedvault.sqlite import append_only_trigger_statements, connect
 
 __all__ = [
@@ -143,6 +143,17 @@ def check_location(location: str | Path, what: str) -> None:
     problem = location_problem(str(location))
     if problem is not None:
         raise ConfigError(f"the {what} location {problem}")
+
+
+def require_store(location: str | Path, what: str, hint: str) -> None:
+    """Raise :class:`NotFoundError` if ``location`` is a SQLite path with no file there.
+
+    For commands that only read: opening a SQLite path creates the file (a
+    PostgreSQL URL names a database that must exist anyway).
+    """
+    text = str(location)
+    if not is_postgres_url(text) and not Path(text).is_file():
+        raise NotFoundError(f"no {what} at {text}: {hint} (or give the right --home)")
 
 
 def postgres_url(location: str, what: str = "database") -> str:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fedvault.errors import ConflictError, UnavailableError
+from fedvault.errors import ConfigError, ConflictError, UnavailableError
 
 
 def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection:
@@ -22,12 +22,21 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a directory should be, no permission: the setup's
+        if path.parent.exists() and not path.parent.is_dir():
+            raise ConfigError(f"{path.parent} is a file, not a directory") from None
+        raise ConfigError(f"cannot create {path.parent}: {exc.strerror}") from None
+    try:
         conn = sqlite3.connect(
             path, timeout=30, isolation_level=None, check_same_thread=check_same_thread
         )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.DatabaseError as exc:
+        if "file is not a database" in str(exc):  # a wrong path, or a damaged file
+            raise ConfigError(f"{path} is not a SQLite database") from None
+        raise UnavailableError(f"cannot open database {path}: {exc}") from None
     except (sqlite3.Error, OSError) as exc:
         raise UnavailableError(f"cannot open database {path}: {exc}") from None
     conn.row_factory = sqlite3.Row

@@ -46,6 +46,10 @@ def _clean(done: subprocess.CompletedProcess[str]) -> None:
 # ------------------------------------------------------------ Rich markup in text
 def test_brackets_in_an_id_are_printed_not_parsed_as_markup(tmp_path: Path) -> None:
     """'[/x]' is a closing tag to Rich: the error message itself used to crash."""
+    from server.store import FederationStore
+
+    with FederationStore(tmp_path / "federation.db"):
+        pass
     done = _cli("runs", "show", "[/x]", "--home", str(tmp_path))
     _clean(done)
     assert done.returncode == 7, done.stderr
@@ -172,6 +176,7 @@ def test_grants_must_be_names(tmp_path: Path, args: list[str], message: str) -> 
 
 
 def test_a_token_pasted_as_a_key_id_is_not_echoed(tmp_path: Path) -> None:
+    GatewayStore(tmp_path / "gateway.db").close()
     done = _cli("keys", "revoke", TOKEN, "--home", str(tmp_path))
     _clean(done)
     assert done.returncode == 7
@@ -326,3 +331,45 @@ def test_gateway_start_refuses_tls_files_that_are_not_pem(
     done = _start(gateway_home, *ports, "--tls-cert", str(cert), "--tls-key", str(key))
     _refused_before_anything(gateway_home, done)
     assert "not a PEM certificate and its private key" in done.stderr
+
+
+# ------------------------------------------------------------ stores that are not there
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [
+        (["runs", "list"], "no federation store"),
+        (["runs", "show", "r1"], "no federation store"),
+        (["models", "list"], "no federation store"),
+        (["ledger", "show", "r1"], "no federation store"),
+        (["keys", "list"], "no gateway key store"),
+        (["keys", "revoke", "0123456789ab"], "no gateway key store"),
+    ],
+)
+def test_a_command_that_only_reads_creates_no_store(
+    tmp_path: Path, args: list[str], what: str
+) -> None:
+    """A mistyped --home used to become a new, empty federation that listed nothing."""
+    home = tmp_path / "typo"
+    done = _cli(*args, "--home", str(home))
+    _clean(done)
+    assert done.returncode == 7, done.stderr
+    assert what in done.stderr
+    assert not home.exists()
+
+
+def test_a_file_that_is_not_a_database_is_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "federation.db").write_text("not sqlite")
+    done = _cli("runs", "list", "--home", str(tmp_path))
+    _clean(done)
+    assert done.returncode == 2, done.stderr
+    assert "federation.db is not a SQLite database" in done.stderr
+    assert (tmp_path / "federation.db").read_text() == "not sqlite"
+
+
+def test_a_home_that_is_a_file_is_a_configuration_error(tmp_path: Path) -> None:
+    home = tmp_path / "afile"
+    home.write_text("x")
+    done = _cli("keys", "create", "--role", "admin", "--home", str(home))
+    _clean(done)
+    assert done.returncode == 2, done.stderr
+    assert f"{home} is a file, not a directory" in done.stderr

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fedvault.database import require_store
 from fedvault.errors import ConfigError
 from fedvault.settings import FedvaultSettings, load_settings
 
@@ -38,10 +39,16 @@ def _settings(home: Path | None, **overrides: object) -> FedvaultSettings:
     return load_settings(**values)
 
 
-def _gateway_store(settings: FedvaultSettings) -> GatewayStore:
-    """The key store the settings name (``FEDVAULT_GATEWAY_STORE`` or HOME's gateway.db)."""
+def _gateway_store(settings: FedvaultSettings, *, existing: bool = False) -> GatewayStore:
+    """The key store the settings name (``FEDVAULT_GATEWAY_STORE`` or HOME's gateway.db).
+
+    ``existing``: a command that only reads or changes keys must not create
+    a new, empty store under a mistyped ``--home``.
+    """
     from server.gateway.keys import GatewayStore
 
+    if existing:
+        require_store(settings.gateway_location, "gateway key store", "create a key first")
     return GatewayStore(
         settings.gateway_location, password_file=settings.gateway_store_password_file
     )
@@ -232,7 +239,7 @@ def keys_create(
 def keys_list(home: HomeOpt = None) -> None:
     """Every key's id, role, grants, expiry and revocation (never tokens)."""
 
-    store = _gateway_store(_settings(home))
+    store = _gateway_store(_settings(home), existing=True)
     try:
         keys = store.keys()
     finally:
@@ -244,7 +251,7 @@ def keys_list(home: HomeOpt = None) -> None:
 def keys_revoke(key_id: str, home: HomeOpt = None) -> None:
     """Revoke a key (running gateways refuse it from their next request)."""
 
-    store = _gateway_store(_settings(home))
+    store = _gateway_store(_settings(home), existing=True)
     try:
         key = store.revoke(key_id)
     finally:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fedvault.database import require_store
 from fedvault.errors import ConfigError, FedvaultError, UnavailableError, mapping_for
 from fedvault.settings import FedvaultSettings, load_settings
 from fedvault.training_config import DatasetName, load_training_config
@@ -82,10 +83,19 @@ def _settings(home: Path | None) -> FedvaultSettings:
     return load_settings(home=home)
 
 
-def _federation_store(settings: FedvaultSettings) -> FederationStore:
-    """The federation store the settings name (``FEDVAULT_FEDERATION_STORE`` or HOME's file)."""
+def _federation_store(settings: FedvaultSettings, *, existing: bool = False) -> FederationStore:
+    """The federation store the settings name (``FEDVAULT_FEDERATION_STORE`` or HOME's file).
+
+    ``existing``: for commands that only read. Opening a SQLite file creates
+    it, so a mistyped ``--home`` would otherwise become a new, empty
+    federation that lists nothing, instead of an error.
+    """
     from server.store import FederationStore
 
+    if existing:
+        require_store(
+            settings.federation_location, "federation store", "run `fedvault demo` or train first"
+        )
     return FederationStore(
         settings.federation_location, password_file=settings.federation_store_password_file
     )
@@ -465,7 +475,7 @@ def train(
             config, dataset=dataset, model=model, rounds=rounds, target_epsilon=epsilon
         )
     else:
-        with _federation_store(settings) as store:
+        with _federation_store(settings, existing=True) as store:
             record = store.run(resume)
             if record.status == "finished":
                 raise ConfigError(f"run {resume} already finished; nothing to resume")
@@ -482,7 +492,7 @@ def train(
 def runs_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """All runs, oldest first."""
 
-    with _federation_store(_settings(home)) as store:
+    with _federation_store(_settings(home), existing=True) as store:
         runs = store.runs()
     if as_json:
         _print_json(
@@ -510,21 +520,21 @@ def runs_show(run_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> No
 
     from .watch import run_summary
 
-    with _federation_store(_settings(home)) as store:
+    with _federation_store(_settings(home), existing=True) as store:
         summary = run_summary(store, store.run(run_id))
     _show_summary(summary, as_json)
 
 
 def _registry(home: Path | None) -> Any:
+    import os
+
     from server.registry import ModelRegistry, load_model_keys
 
     settings = _settings(home)
-    store = _federation_store(settings)
-    import os
-
-    keys = load_model_keys(
+    keys = load_model_keys(  # first: a missing key is the fault to report, not an empty store
         settings.keys_dir, encryption_key_b64=os.environ.get(settings.model_key_env), signing=False
     )
+    store = _federation_store(settings, existing=True)
     return store, ModelRegistry(store, settings.registry_dir, keys)
 
 
@@ -532,7 +542,7 @@ def _registry(home: Path | None) -> Any:
 def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Registered model versions."""
 
-    with _federation_store(_settings(home)) as store:
+    with _federation_store(_settings(home), existing=True) as store:
         models = store.models()
     if as_json:
         _print_json([{k: v for k, v in m.items() if k != "lineage"} for m in models])
@@ -648,8 +658,10 @@ def ledger_show(
         for d in sorted((paths.home / "nodes").iterdir()):
             if (d / "ledger.db").exists():
                 node_paths[d.name] = d / "ledger.db"
+    location = settings.federation_location if settings.federation_store else paths.db
+    require_store(location, "federation store", "run `fedvault demo` or train first")
     report = compare_ledgers(
-        settings.federation_location if settings.federation_store else paths.db,
+        location,
         run_id,
         node_paths,
         password_file=settings.federation_store_password_file,
