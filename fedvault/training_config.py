@@ -31,7 +31,9 @@ class TrainingConfig(BaseModel):
     clipping (every example clipped, so only learning_rate · max_grad_norm matters).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: TOML and JSON are typed, so `rounds = true` or `rounds = "5"` is a
+    # mistake to point at, not a value to coerce (lax pydantic made true a 1).
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     dataset: DatasetName = "digits"
     model: ModelKind = "logreg"

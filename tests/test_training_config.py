@@ -145,3 +145,16 @@ def test_training_must_be_a_table(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must be a table") as info:
         load_training_config(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("rounds", "true"), ("rounds", '"5"'), ("private", '"yes"')]
+)
+def test_a_value_of_the_wrong_toml_type_is_refused_not_coerced(
+    tmp_path: Path, field: str, value: str
+) -> None:
+    """Lax validation turned `rounds = true` into one round."""
+    path = tmp_path / "train.toml"
+    path.write_text(f"[training]\n{field} = {value}\n")
+    with pytest.raises(ConfigError, match=field):
+        load_training_config(path)
