@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fedvault.errors import FedvaultError
+from fedvault.errors import ConfigError, FedvaultError
 from server.store import FederationStore, RunRecord, epsilon_by_partner
 
 RUNNING = "running"
@@ -116,7 +116,13 @@ def serve_federation_metrics(
     keyfile: Path | None = None,
     password_file: Path | None = None,
 ) -> tuple[Any, threading.Thread]:
-    """Serve ``/metrics`` (TLS when a certificate is given) from a daemon thread."""
+    """Serve ``/metrics`` (TLS when a certificate is given) from a daemon thread.
+
+    A port outside 1-65535 is refused here: the socket layer would raise
+    OverflowError, which no front door maps.
+    """
+    if not 0 < port < 65536:
+        raise ConfigError(f"--metrics-port {port} is not a port number (1-65535)")
     registry = CollectorRegistry()
     registry.register(FederationCollector(db, password_file=password_file))
     return start_http_server(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedvault.errors import UnavailableError
+from fedvault.errors import ConfigError, UnavailableError
 from server.audit.records import decode_entry
 from server.audit.storage import open_storage
 from server.audit.training import Charge, TrainingAudit
@@ -72,5 +72,13 @@ def test_an_append_that_cannot_be_made_durable_stops_training(tmp_path: Path) ->
 def test_an_unopenable_audit_store_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    with pytest.raises(UnavailableError):
+    # a file where the store's directory should be is the setup's mistake, named as such
+    with pytest.raises(ConfigError, match="not-a-dir is a file, not a directory"):
         TrainingAudit.open(blocker / "audit.db", "run-4")
+
+
+def test_an_audit_store_that_is_not_a_database_is_a_clear_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "audit.db"
+    garbage.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(ConfigError, match="not a"):
+        TrainingAudit.open(garbage, "run-5")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import socket
 import ssl
 import sys
@@ -62,9 +61,14 @@ from secure.keyfiles import read_secret_file, write_public_file
 from secure.tls import CAFiles
 
 from . import federation as fed
+from .federation import IDENTITY_FILE as IDENTITY_FILE
+from .federation import check_name as check_name
 from .processes import (
     ManagedProcess,
     ProcessGroup,
+    check_address,
+    check_host,
+    check_port,
     child_env,
     executable,
     free_port,
@@ -84,9 +88,7 @@ _KIT_SECRETS = frozenset({KIT_NODE_KEY, KIT_TLS_KEY})
 # Directories a running node writes into; never part of what is checked.
 _KIT_STATE_DIRS = frozenset({"state", "data"})
 
-IDENTITY_FILE = "federation-config.json"
 PARTNERS_FILE = "partners.json"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 # Lines flower-supernode logs when the SuperLink accepts / refuses the node.
 _ACCEPTED = "SuperNode ID:"
 _REFUSED = ("Failed to activate SuperNode", "[code: 2004]", "Failed to register")
@@ -126,17 +128,12 @@ def read_identity(paths: fed.FederationPaths) -> FederationIdentity:
         raise ConfigError(
             f"{paths.home} has no federation; run `fedvault federation init NAME` first"
         ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read federation home {paths.home}: {fed.os_reason(exc)}"
+        ) from None
     except ValidationError as exc:
         raise ConfigError(f"{paths.home / IDENTITY_FILE} is malformed: {exc}") from None
-
-
-def check_name(name: str, what: str) -> None:
-    """Names become file names, DNS labels and TOML strings: keep them plain."""
-    if not _NAME.fullmatch(name):
-        raise ConfigError(
-            f"{what} name {name!r} must be 1-63 letters, digits, '-' or '_' "
-            "(starting with a letter or digit)"
-        )
 
 
 # --------------------------------------------------------------------- partner registry
@@ -161,7 +158,9 @@ def load_partners(paths: fed.FederationPaths) -> dict[str, PartnerRecord]:
     try:
         raw = json.loads(target.read_text())
         return {name: PartnerRecord.model_validate(rec) for name, rec in raw.items()}
-    except (ValueError, ValidationError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"cannot read {target}: {fed.os_reason(exc)}") from None
+    except (ValueError, ValidationError, AttributeError) as exc:
         raise ConfigError(f"{target} is malformed: {exc}") from None
 
 
@@ -271,7 +270,7 @@ class KitNode(BaseModel):
     train_csv: Path
     test_csv: Path
     ledger: Path
-    epsilon_cap: Annotated[float, Field(gt=0)]
+    epsilon_cap: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     cap_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
 
 
@@ -332,15 +331,20 @@ def add_partner(
     dataset: DatasetName,
     epsilon_cap: float,
     metrics_hosts: list[str],
+    created: fed.CreatedPaths | None = None,
 ) -> tuple[PartnerRecord, bool]:
     """Write ``partner``'s kit to ``out`` and register its key if the SuperLink is up.
+
+    Every input is checked before a key is generated, and the kit is built in
+    a staging directory moved into place only when complete: a failure leaves
+    no partial kit (a private key among it) and no registry record, so a retry
+    works. ``created``: undo this together with the caller's other writes.
 
     Returns the record and whether the key was registered now (else at the
     next ``federation up``).
     """
-    check_name(partner, "partner")
-    identity = read_identity(paths)
-    _check_address(superlink)
+    config = _kit_config(paths, partner, superlink, dataset, epsilon_cap)
+    hosts = _kit_cert_hosts(partner, metrics_hosts)
     records = load_partners(paths)
     existing = records.get(partner)
     if existing is not None and existing.status == "active":
@@ -350,47 +354,192 @@ def add_partner(
             f"partner {partner!r} has an operator-held key from `federation init --partners`; "
             "choose another name for a kit"
         )
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty; a kit needs a new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    out.chmod(0o700)
-    keys = create_node_auth_keypair(out, KIT_NODE_KEY)
-    write_public_file(out / KIT_CA, paths.ca_cert.read_bytes())
-    ca = CAFiles(ca_cert=paths.ca_cert, ca_key=paths.pki / "ca.key")
-    dns_name = f"node-{partner}".replace("_", "-").lower()
-    hosts = list(dict.fromkeys([dns_name, "localhost", "127.0.0.1", *metrics_hosts]))
-    issue_server_cert(ca, out / "tls", hosts=hosts)
-    (out / "tls").chmod(0o700)
-    config = KitConfig(
-        federation=KitFederation(
-            name=identity.name, federation_id=identity.federation_id, superlink=superlink
-        ),
-        node=KitNode(
-            partner=partner,
-            dataset=dataset,
-            train_csv=Path("data/train.csv"),
-            test_csv=Path("data/test.csv"),
-            ledger=Path("state/ledger.db"),
-            epsilon_cap=epsilon_cap,
-        ),
-    )
-    write_public_file(out / KIT_CONFIG, render_config(config).encode())
-    write_public_file(out / KIT_README, render_readme(config).encode())
-    public_key = keys.public_key.read_text().strip()
-    node_dir = paths.node_dir(partner)
-    node_dir.mkdir(parents=True, exist_ok=True)
-    write_public_file(node_dir / f"{fed.NODE_KEY_NAME}.pub", (public_key + "\n").encode())
-    record = PartnerRecord(
-        name=partner, status="active", public_key=public_key, created_at=_now_iso()
-    )
-    records[partner] = record
-    save_partners(paths, records)
+    out = _check_kit_dir(out)
+    try:
+        with fed.undo_on_error(created) as undo:
+            _write_kit(paths, config, out, hosts, undo)
+            public_key = (out / KIT_NODE_PUB).read_text().strip()
+            pub = paths.node_dir(partner) / f"{fed.NODE_KEY_NAME}.pub"
+            undo.will_create(pub)
+            write_public_file(pub, (public_key + "\n").encode())
+            record = PartnerRecord(
+                name=partner, status="active", public_key=public_key, created_at=_now_iso()
+            )
+            records[partner] = record
+            undo.will_replace(paths.home / PARTNERS_FILE)
+            save_partners(paths, records)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the kit for {partner!r}: {fed.os_reason(exc)}") from None
     registered = False
     if superlink_reachable(paths):
         register_partner(paths, record)
         save_partners(paths, records)
         registered = True
     return record, registered
+
+
+# Where a refused KitConfig field came from on the command line.
+_KIT_OPTIONS = {
+    "partner": "partner NAME",
+    "dataset": "--dataset",
+    "epsilon_cap": "--epsilon-cap",
+    "superlink": "--superlink",
+}
+
+
+def _kit_config(
+    paths: fed.FederationPaths,
+    partner: str,
+    superlink: str,
+    dataset: DatasetName,
+    epsilon_cap: float,
+) -> KitConfig:
+    """The kit's node.toml, validated before anything is generated or written."""
+    check_name(partner, "partner")
+    check_address(superlink, "--superlink")
+    fed.check_epsilon_cap(epsilon_cap)
+    identity = read_identity(paths)
+    try:
+        return KitConfig(
+            federation=KitFederation(
+                name=identity.name, federation_id=identity.federation_id, superlink=superlink
+            ),
+            node=KitNode(
+                partner=partner,
+                dataset=dataset,
+                train_csv=Path("data/train.csv"),
+                test_csv=Path("data/test.csv"),
+                ledger=Path("state/ledger.db"),
+                epsilon_cap=epsilon_cap,
+            ),
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_KIT_OPTIONS.get(str(e['loc'][-1]), str(e['loc'][-1]))}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"cannot issue a kit for {partner!r}: {problems}") from None
+
+
+def _kit_cert_hosts(partner: str, metrics_hosts: list[str]) -> list[str]:
+    """Names for the node's metrics certificate; a bad --metrics-host is refused up front."""
+    for host in metrics_hosts:
+        check_host(host.strip(), "--metrics-host", wildcard=True)
+    dns_name = f"node-{partner}".replace("_", "-").lower()
+    return list(dict.fromkeys([dns_name, "localhost", "127.0.0.1", *metrics_hosts]))
+
+
+def _check_kit_dir(out: Path) -> Path:
+    """``out`` must be new or an empty directory (e.g. a volume's mount point)."""
+    if out.is_symlink():
+        out = out.resolve()
+    try:
+        if out.exists():
+            if not out.is_dir():
+                raise ConfigError(f"kit directory {out} exists and is not a directory")
+            if any(out.iterdir()):
+                raise ConfigError(f"{out} is not empty; a kit needs a new directory")
+            return out
+    except OSError as exc:
+        raise ConfigError(f"cannot use kit directory {out}: {fed.os_reason(exc)}") from None
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"cannot create kit directory {out}: {ancestor} is not a directory")
+    return out
+
+
+def _write_kit(
+    paths: fed.FederationPaths,
+    config: KitConfig,
+    out: Path,
+    hosts: list[str],
+    undo: fed.CreatedPaths,
+) -> None:
+    """Build the kit in a staging directory, then move it to ``out`` in one step.
+
+    An existing (empty) ``out`` may be a volume's mount point, which cannot be
+    replaced: the kit is then staged inside it and its entries moved up.
+    """
+    if out.exists():
+        staging = out / f".partial-{uuid.uuid4().hex[:8]}"
+    else:
+        undo.will_create(out.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    undo.will_create(staging)
+    staging.mkdir(mode=0o700)
+    staging.chmod(0o700)
+    create_node_auth_keypair(staging, KIT_NODE_KEY)
+    write_public_file(staging / KIT_CA, paths.ca_cert.read_bytes())
+    ca = CAFiles(ca_cert=paths.ca_cert, ca_key=paths.pki / "ca.key")
+    issue_server_cert(ca, staging / "tls", hosts=hosts)
+    (staging / "tls").chmod(0o700)
+    write_public_file(staging / KIT_CONFIG, render_config(config).encode())
+    write_public_file(staging / KIT_README, render_readme(config).encode())
+    if staging.parent == out:
+        for entry in sorted(staging.iterdir()):
+            undo.will_create(out / entry.name)
+            entry.rename(out / entry.name)
+        staging.rmdir()
+        out.chmod(0o700)
+    else:
+        undo.will_create(out)
+        staging.rename(out)
+
+
+def init_federation_and_kits(
+    paths: fed.FederationPaths,
+    name: str,
+    partners: list[str],
+    hosts: list[str],
+    *,
+    services: dict[str, list[str]] | None = None,
+    kits_dir: Path | None = None,
+    superlink: str | None = None,
+) -> None:
+    """`federation init` as one step: every option checked, then everything written.
+
+    A failure part-way removes what this call created (an existing home keeps
+    what it had), so a retry starts clean. Re-running on an existing home
+    keeps its CA and the kits already issued (e.g. on every `docker compose up`).
+    """
+    fed.check_partner_names(partners)
+    check_name(name, "federation")
+    if kits_dir is not None:
+        if superlink is None:
+            raise ConfigError("--kits-dir needs --superlink (the Fleet address partners reach)")
+        check_address(superlink, "--superlink")
+        if kits_dir.exists() and not kits_dir.is_dir():
+            raise ConfigError(f"--kits-dir {kits_dir} is not a directory")
+    with fed.undo_on_error() as undo:
+        fed.init_federation(
+            paths,
+            [] if kits_dir else partners,
+            hosts,
+            name=name,
+            services=services,
+            created=undo,
+        )
+        undo.will_create(paths.home / IDENTITY_FILE)
+        init_identity(paths, name, hosts)
+        if kits_dir is None or superlink is None:
+            return
+        issued = load_partners(paths)
+        for partner in partners:
+            if partner in issued and (kits_dir / partner / KIT_CONFIG).exists():
+                continue
+            add_partner(
+                paths,
+                partner,
+                out=kits_dir / partner,
+                superlink=superlink,
+                dataset="digits",
+                epsilon_cap=10.0,
+                metrics_hosts=[],
+                created=undo,
+            )
 
 
 def revoke_partner(paths: fed.FederationPaths, partner: str) -> PartnerRecord:
@@ -504,13 +653,6 @@ def _q(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid TOML basic string here
 
 
-def _check_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"SuperLink address {address!r} must be host:port")
-    return host.strip("[]"), int(port)
-
-
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
@@ -534,10 +676,13 @@ def load_kit(root: Path, config_file: Path | None = None) -> Kit:
     _check_ca(root / KIT_CA)
     source = config_file if config_file is not None else root / KIT_CONFIG
     try:
-        raw = tomllib.loads(source.read_text())
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
         config = KitConfig.model_validate(raw)
     except OSError as exc:
         raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        # Never echo the bytes: a misplaced file could be anything, a key included.
+        raise ConfigError(f"{source} is not UTF-8 text; a node config is TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from None
     except ValidationError as exc:
@@ -545,7 +690,7 @@ def load_kit(root: Path, config_file: Path | None = None) -> Kit:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise ConfigError(f"{source}: {problems}") from None
-    _check_address(config.federation.superlink)
+    check_address(config.federation.superlink, "SuperLink address")
     check_name(config.node.partner, "partner")
     return Kit(root=root, config=config)
 
@@ -609,7 +754,7 @@ def check_superlink_certificate(address: str, ca_cert: Path, timeout_s: float = 
     CA did not issue — a foreign kit or a wrong address, refused before the
     node sends anything.
     """
-    host, port = _check_address(address)
+    host, port = check_address(address, "SuperLink address")
     ctx = ssl.create_default_context(cafile=str(ca_cert))
     try:
         sock = socket.create_connection((host, port), timeout=timeout_s)
@@ -707,6 +852,8 @@ def start_fleet_proxy(
     superlink_port: int,
 ) -> ManagedProcess:
     """Start ``fedvault federation fleet-proxy`` as a child and wait until it listens."""
+    check_host(listen_host, "--fleet-host")
+    check_port(listen_port, "--fleet-port")
     argv = [
         sys.executable, "-m", "fedvault", "federation", "fleet-proxy",
         "--home", str(paths.home),

@@ -274,29 +274,16 @@ def federation_init(
     from . import kits
 
     names = [p for p in partners.split(",") if p]
-    fed.check_partner_names(names)
     paths = _paths(_settings(home))
-    hosts = host or ["127.0.0.1", "localhost"]
-    if kits_dir is not None and superlink is None:
-        raise ConfigError("--kits-dir needs --superlink (the Fleet address partners reach)")
-    kits.check_name(name, "federation")
-    services = fed.parse_service_specs(service or [])
-    fed.init_federation(paths, [] if kits_dir else names, hosts, name=name, services=services)
-    kits.init_identity(paths, name, hosts)
-    if kits_dir is not None and superlink is not None:
-        issued = kits.load_partners(paths)
-        for partner in names:
-            if partner in issued and (kits_dir / partner / kits.KIT_CONFIG).exists():
-                continue  # re-running init (e.g. on every `docker compose up`) keeps kits
-            kits.add_partner(
-                paths,
-                partner,
-                out=kits_dir / partner,
-                superlink=superlink,
-                dataset="digits",
-                epsilon_cap=10.0,
-                metrics_hosts=[],
-            )
+    kits.init_federation_and_kits(
+        paths,
+        name,
+        names,
+        host or ["127.0.0.1", "localhost"],
+        services=fed.parse_service_specs(service or []),
+        kits_dir=kits_dir,
+        superlink=superlink,
+    )
     where = f"; kits in {kits_dir}" if kits_dir is not None else ""
     out.print(
         f"federation {name} initialised in {paths.home} for partners: {', '.join(names)}{where}"
@@ -333,6 +320,14 @@ def federation_up(
     paths = _paths(_settings(home))
     if not paths.ca_cert.exists():
         raise ConfigError(f"{paths.home} has no federation; run `fedvault federation init` first")
+    fed.check_up_options(
+        host,
+        port,
+        fleet_host=fleet_host,
+        fleet_port=fleet_port,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+    )
     with ProcessGroup() as group:
         port = port or free_port(host)
         proc = fed.start_superlink(group, paths, host, port)

@@ -8,6 +8,7 @@ holds and why.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -22,14 +23,14 @@ from fedvault.training_config import DatasetName
 
 from . import federation as fed
 from . import kits
-from .processes import ProcessGroup
+from .processes import ProcessGroup, check_address, check_host, check_port
 
 partner_app = typer.Typer(
     help="Operator: issue and revoke partners' startup kits.", no_args_is_help=True
 )
 
-console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+console = Console(stderr=True, soft_wrap=True, markup=False)
+out = Console(soft_wrap=True, markup=False)
 
 HomeOpt = Annotated[
     Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
@@ -122,13 +123,12 @@ def fleet_proxy(
     from server.fleet_proxy import serve
 
     paths = _paths(home)
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--listen {listen!r} must be host:port")
+    host, port = check_address(listen, "--listen")
+    check_address(upstream, "--upstream")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     serve(
-        listen_host=host.strip("[]"),
-        listen_port=int(port),
+        listen_host=host,
+        listen_port=port,
         upstream=upstream,
         ca_cert=paths.ca_cert,
         certfile=paths.server_cert,
@@ -148,6 +148,13 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
         f"kit ok: partner {node.partner}, federation {kit.config.federation.name}, "
         f"SuperLink {kit.config.federation.superlink}"
     )
+    health = kit.config.health
+    health_host = check_host(overrides.health_host or health.host, "--health-host / [health] host")
+    health_port = check_port(
+        overrides.health_port if overrides.health_port is not None else health.port,
+        "--health-port / [health] port",
+        allow_zero=True,
+    )
     settings = kits.node_settings(kit, overrides)
     schema = builtin_schema(node.dataset)
     train, test = Path(settings["train-csv"]), Path(settings["test-csv"])
@@ -160,7 +167,7 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
     else:
         console.print(f"SuperLink at {address} not reachable yet; the node keeps retrying")
     ledger = Path(settings["ledger"])
-    ledger.parent.mkdir(parents=True, exist_ok=True)
+    _check_state_dir(ledger.parent)
     with ProcessGroup() as group:
         proc = kits.start_kit_supernode(group, kit, settings, ledger.parent / "supernode.log")
         monitor = NodeMonitor(
@@ -176,17 +183,13 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
             alive=proc.alive,
             connected=lambda: kits.supernode_accepted(proc),
         )
-        health = kit.config.health
         server = HealthServer(
-            monitor,
-            overrides.health_host or health.host,
-            overrides.health_port if overrides.health_port is not None else health.port,
-            tls=kit.tls if health.tls else None,
+            monitor, health_host, health_port, tls=kit.tls if health.tls else None
         )
         server.start()
         console.print(
             f"node {node.partner} started (log: {proc.log_path}); health on "
-            f"{server.scheme}://{overrides.health_host or health.host}:{server.port}/healthz; "
+            f"{server.scheme}://{health_host}:{server.port}/healthz; "
             "Ctrl-C to stop"
         )
         announced = False
@@ -202,3 +205,21 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
             console.print("stopping")
         finally:
             server.stop()
+
+
+def _check_state_dir(path: Path) -> None:
+    """The node writes its ledger and log here: prove it can before anything starts.
+
+    Why a probe, not permission bits: read-only mounts and ACLs decide too,
+    and a node that cannot write its ledger must not join a run.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"the node's state directory {path} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the node's state directory {path}: {fed.os_reason(exc)}"
+        ) from None
