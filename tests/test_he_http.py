@@ -182,11 +182,12 @@ def test_cli_predict_end_to_end(tmp_path: Path) -> None:
     fedvault = str(Path(sys.executable).parent / "fedvault")
     port = free_port()
     env = {**os.environ, "FEDVAULT_HOME": str(home)}
+    log = tmp_path / "serve.log"  # a file, not a pipe: orphaned workers would hold a pipe open
     server = subprocess.Popen(
         [fedvault, "he", "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log.open("wb"),
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -212,6 +213,27 @@ def test_cli_predict_end_to_end(tmp_path: Path) -> None:
         )  # fmt: skip
         assert bad.returncode == 7, bad.stderr  # NotFoundError's exit code
         assert "Traceback" not in bad.stderr
+        workers = _descendants(server.pid)
+        assert workers, "the encrypted infer ran in the evaluation pool's processes"
+        server.terminate()  # what systemd, docker stop and Ctrl-C-in-a-pipeline send
+        assert server.wait(timeout=30) == 0, log.read_text(errors="replace")
+        deadline = time.monotonic() + 10
+        while (alive := [pid for pid in workers if Path(f"/proc/{pid}").exists()]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert not alive, f"pool workers outlived `he serve`: {alive}"
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc; no psutil in the dependencies)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        children = (task / "children").read_text().split()
+        for child in map(int, children):
+            found += [child, *_descendants(child)]
+    return found

@@ -32,14 +32,18 @@ def serve(
     context_ttl_s: Annotated[float, typer.Option(help="Lifetime of registered contexts.")] = 3600,
 ) -> None:
     """Serve the HE endpoints for the registry's models (no gateway auth yet: loopback only)."""
+    import asyncio
+
     import uvicorn
 
     from secure.he.service import HEService
     from server.he_api import create_app, registry_model_source
+    from server.http_serving import check_bind, serve_until_signal
     from server.registry import ModelRegistry, load_model_keys
     from server.store import FederationStore
 
     settings = load_settings(home=home)
+    check_bind(host, port, "HE requests")
     keys = load_model_keys(
         settings.keys_dir, encryption_key_b64=os.environ.get(settings.model_key_env), signing=False
     )
@@ -51,8 +55,11 @@ def serve(
         return store, ModelRegistry(store, settings.registry_dir, keys)
 
     service = HEService(registry_model_source(open_registry), context_ttl_s=context_ttl_s)
+    config = uvicorn.Config(
+        create_app(service), host=host, port=port, log_level="warning", access_log=False
+    )
     try:
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        asyncio.run(serve_until_signal(config))  # SIGTERM returns here, so the pool is closed
     finally:
         service.close()  # the evaluation pool's processes and the /dev/shm spool
 

@@ -10,12 +10,10 @@ stop accepting, let in-flight REST requests and RPCs finish (up to
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import socket
 import ssl
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from fedvault.errors import ConfigError
 from server.gateway.grpc_api import GrpcTLS, drain_running, start_grpc_server
 from server.gateway.rest import GatewayApp, create_rest_app
+from server.http_serving import SignalFreeServer, check_bind
 
 __all__ = ["SWITCH_INTERVAL_S", "Listen", "check_listen", "run", "serve"]
 
@@ -53,7 +52,7 @@ def check_listen(listen: Listen) -> None:
     if listen.http_port == listen.grpc_port != 0:  # 0: each gets its own free port
         raise ConfigError(f"the REST and gRPC ports are both {listen.http_port}; give two ports")
     for door, port in (("REST", listen.http_port), ("gRPC", listen.grpc_port)):
-        _check_bind(listen.host, port, door)
+        check_bind(listen.host, port, door)
     if listen.tls_cert is not None and listen.tls_key is not None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
@@ -70,22 +69,6 @@ def check_listen(listen: Listen) -> None:
                 raise ConfigError(
                     f"--client-ca {listen.client_ca}: not PEM CA certificates ({_reason(exc)})"
                 ) from None
-
-
-def _check_bind(host: str, port: int, door: str) -> None:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except (OSError, UnicodeError) as exc:
-        raise ConfigError(f"cannot listen on {host!r}: not an address here ({exc})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen for {door} on {host}:{port}: {exc.strerror or exc}"
-            ) from None
 
 
 def _reason(exc: BaseException) -> str:
@@ -116,14 +99,6 @@ class _MTLSHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         if self._fv_subject is not None:
             self.scope["fedvault.mtls_subject"] = self._fv_subject  # type: ignore[typeddict-unknown-key]
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal capture (the runner owns shutdown)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 async def serve(
@@ -160,7 +135,7 @@ async def serve(
         ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
         http=_MTLSHttpToolsProtocol if tls and tls.client_ca else "auto",
     )
-    http_server = _Server(config)
+    http_server = SignalFreeServer(config)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
