@@ -6,6 +6,7 @@ WAL with ``synchronous=FULL``: a committed transaction survives power loss and
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,14 +34,25 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-    except sqlite3.DatabaseError as exc:
-        if "file is not a database" in str(exc):  # a wrong path, or a damaged file
-            raise ConfigError(f"{path} is not a SQLite database") from None
-        raise UnavailableError(f"cannot open database {path}: {exc}") from None
     except (sqlite3.Error, OSError) as exc:
-        raise UnavailableError(f"cannot open database {path}: {exc}") from None
+        raise _open_error(path, exc) from None
     conn.row_factory = sqlite3.Row
     return conn
+
+
+def _open_error(path: Path, exc: BaseException) -> ConfigError | UnavailableError:
+    """Why a store could not be opened: the setup's mistake (exit 2) or an outage (exit 10)."""
+    if "file is not a database" in str(exc):  # a wrong path, or a damaged file
+        return ConfigError(f"{path} is not a SQLite database")
+    # A read-only copy (an evidence snapshot, a read-only mount): WAL mode
+    # writes its index (-shm) beside the database even to read, so SQLite
+    # cannot open it. Retrying will not help; a writable copy will.
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return ConfigError(
+            f"cannot open {path}: it or its directory is read-only, and SQLite writes its "
+            "write-ahead index beside the database even to read; use a writable copy"
+        )
+    return UnavailableError(f"cannot open database {path}: {exc}")
 
 
 def append_only_trigger_statements(table: str) -> list[str]:

@@ -373,3 +373,43 @@ def test_a_home_that_is_a_file_is_a_configuration_error(tmp_path: Path) -> None:
     _clean(done)
     assert done.returncode == 2, done.stderr
     assert f"{home} is a file, not a directory" in done.stderr
+
+
+def _read_only_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with ``home`` bind-mounted read-only in a private mount namespace.
+
+    Why a mount, not chmod: tests run as root here, and root ignores mode bits;
+    a read-only mount is what an evidence snapshot or a read-only volume is.
+    """
+    script = (
+        f'mount --bind "{home}" "{home}" && mount -o remount,bind,ro "{home}" && '
+        f'exec "{sys.executable}" -m fedvault "$@"'
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
+        env=base,
+        check=False,
+    )
+
+
+def test_a_read_only_store_is_a_configuration_error_not_an_outage(tmp_path: Path) -> None:
+    """SQLite's WAL mode cannot read from a read-only directory: say so, do not 'retry later'."""
+    probe = subprocess.run(
+        ["unshare", "-m", "mount", "--bind", str(tmp_path), str(tmp_path)],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip("needs unshare and mount (root in a mount namespace)")
+    GatewayStore(tmp_path / "gateway.db").close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = _read_only_cli(tmp_path, "keys", "list", "--home", str(tmp_path))
+    _clean(done)
+    assert done.returncode == 2, done.stderr
+    assert "gateway.db: it or its directory is read-only" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

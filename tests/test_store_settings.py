@@ -12,6 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from fedvault.cli import federation as fed
+from fedvault.errors import UnavailableError
 from fedvault.settings import FedvaultSettings
 
 URL = "postgresql://fedvault@db:5432/fedvault?sslmode=verify-full&sslrootcert=/ca.crt"
@@ -63,9 +64,11 @@ def test_the_coordinator_gets_the_federation_store_through_the_run_config(
 ) -> None:
     """`fedvault train` hands the URL and the password file's path (never the secret) over."""
     seen: list[list[str]] = []
+    texts: list[str] = []
 
     def fake_flwr(paths: fed.FederationPaths, args: list[str]) -> str:
         seen.append(args)
+        texts.append(Path(args[args.index("--run-config") + 1]).read_text())
         return '{"run-id": 7}'
 
     monkeypatch.setattr(fed, "run_flwr", fake_flwr)
@@ -79,10 +82,24 @@ def test_the_coordinator_gets_the_federation_store_through_the_run_config(
         federation_store_password_file=Path("/run/secrets/postgres_password"),
     )
     override = Path(seen[0][seen[0].index("--run-config") + 1])
-    config = tomllib.loads(override.read_text())
+    assert not override.exists()  # needed only while `flwr run` submits
+    config = tomllib.loads(texts[0])
     assert config["federation-store"] == URL
     assert config["federation-store-password-file"] == "/run/secrets/postgres_password"
     # The app's defaults declare the keys, so Flower accepts the override.
     app_config = tomllib.loads(fed._APP_PYPROJECT)["tool"]["flwr"]["app"]["config"]
     assert app_config["federation-store"] == ""
     assert app_config["federation-store-password-file"] == ""
+
+
+def test_a_failed_submission_leaves_no_run_config_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_flwr(paths: fed.FederationPaths, args: list[str]) -> str:
+        assert Path(args[args.index("--run-config") + 1]).is_file()
+        raise UnavailableError("SuperLink not reachable")
+
+    monkeypatch.setattr(fed, "run_flwr", failing_flwr)
+    with pytest.raises(UnavailableError):
+        fed.submit_run(fed.FederationPaths(tmp_path), run_id="run-y", config=None)
+    assert list((tmp_path / "run-config").iterdir()) == []

@@ -545,13 +545,26 @@ def submit_run(
     }
     if config is not None:
         run_config["training"] = config.model_dump_json()
+    # `flwr run` reads the file when it submits and sends its values to the
+    # SuperLink: it is needed only for that call, so it never outlives it.
     override = paths.home / "run-config" / f"{run_id}.toml"
     override.parent.mkdir(parents=True, exist_ok=True)
     override.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
-    out = run_flwr(
-        paths,
-        ["run", str(paths.app_dir), CONNECTION, "--run-config", str(override), "--format", "json"],
-    )
+    try:
+        out = run_flwr(
+            paths,
+            [
+                "run",
+                str(paths.app_dir),
+                CONNECTION,
+                "--run-config",
+                str(override),
+                "--format",
+                "json",
+            ],
+        )
+    finally:
+        override.unlink(missing_ok=True)
     try:
         return str(json.loads(out)["run-id"])
     except (ValueError, KeyError):
