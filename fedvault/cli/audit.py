@@ -9,23 +9,27 @@ so that a rewritten or rolled-back history fails on the next run.
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
+import stat
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Final
 
 import typer
 
 from fedvault.errors import ConfigError, IntegrityError
 from fedvault.settings import load_settings
+from fedvault.urls import bearer_token, check_service_url
 
 if TYPE_CHECKING:
     from secure.signed_note import NoteVerifier
     from server.audit.log import AuditLog
     from server.audit.records import AuditRecord
-    from server.audit.verifier import LogSource
+    from server.audit.verifier import BundleSource, LogSource, VerifierState
 
 audit_app = typer.Typer(
     help="Tamper-evident audit log: keys, verification, search, export.", no_args_is_help=True
@@ -49,9 +53,15 @@ def _verifier(key: str) -> NoteVerifier:
     path = Path(key)
     if "+" not in key or path.is_file():
         try:
-            key = path.read_text(encoding="utf-8").strip()
+            data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read verifier key {path}: {exc.strerror}") from None
+        try:
+            key = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"verifier key file {path} is not UTF-8 text (not a verifier key file)"
+            ) from None
     return NoteVerifier.parse(key)
 
 
@@ -60,17 +70,29 @@ def _token(path: Path | None) -> str | None:
         return None
     from secure.keyfiles import read_secret_file
 
-    return read_secret_file(path).decode("utf-8", errors="replace").strip()
+    return bearer_token(read_secret_file(path), path, "token file")
+
+
+def _bundle(directory: Path) -> BundleSource:
+    """The bundle at ``directory``; one whose files are not text is not a bundle (exit 2)."""
+    from server.audit.verifier import BundleSource
+
+    try:
+        return BundleSource(directory)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"not an audit bundle: {directory} (checkpoint.txt or entries.jsonl is not UTF-8 text)"
+        ) from None
 
 
 def _source(url: str | None, bundle: Path | None, token: Path | None) -> LogSource:
-    from server.audit.verifier import BundleSource, HttpSource
+    from server.audit.verifier import HttpSource
 
     if bundle is not None and url is None:
-        return BundleSource(bundle)
+        return _bundle(bundle)
     if url is None or bundle is not None:
         raise ConfigError("give exactly one of --url or --bundle")
-    return HttpSource(url, token=_token(token))
+    return HttpSource(check_service_url(url, "--url"), token=_token(token))
 
 
 @audit_app.command("keygen")
@@ -110,17 +132,23 @@ PreviousKeyOpt = Annotated[
 
 
 def _open_log(db: str, key: Path, password_file: Path | None, previous_key: str | None) -> AuditLog:
+    """The log at ``db``, signed with ``key``; the keys are loaded before the store is opened.
+
+    Opening a SQLite store creates its file, so a mistyped key path used to
+    leave a new, empty audit database behind.
+    """
     from secure.signed_note import NoteVerifier, load_note_signer
     from server.audit.log import AuditLog
     from server.audit.storage import open_storage
 
+    signer = load_note_signer(key)
     previous = NoteVerifier.parse(previous_key) if previous_key else None
-    return AuditLog(
-        open_storage(db, password_file=password_file),
-        load_note_signer(key),
-        previous_key=previous,
-        key_source=f"--key {key}",
-    )
+    storage = open_storage(db, password_file=password_file)
+    try:
+        return AuditLog(storage, signer, previous_key=previous, key_source=f"--key {key}")
+    except BaseException:
+        storage.close()
+        raise
 
 
 @audit_app.command("checkpoint")
@@ -203,7 +231,7 @@ def verify(
     source = _source(url, bundle, token_file)
     # An archived bundle is checked on its own unless a state is named explicitly.
     state_dir = state if bundle is not None else _state_dir(state, verifier.name, verifier.key_id)
-    previous = VerifierState.load(state_dir, verifier) if state_dir is not None else None
+    previous = _load_state(state_dir, verifier) if state_dir is not None else None
     writer = BundleWriter(export, verifier.line) if export is not None else None
     try:
         result = verify_log(source, verifier, previous, bundle=writer)
@@ -231,13 +259,42 @@ def _parse_time(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _records(
-    url: str | None, bundle: Path | None, token_file: Path | None
-) -> Iterator[tuple[int, AuditRecord]]:
+def _load_state(directory: Path, verifier: NoteVerifier) -> VerifierState | None:
+    from server.audit.verifier import VerifierState
+
+    try:
+        return VerifierState.load(directory, verifier)
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"verifier state {directory / 'checkpoint'} is not UTF-8 text "
+            "(not a verifier state file)"
+        ) from None
+
+
+OUTCOMES: Final = (
+    # Gateway requests (server.gateway.audit.outcome_of) and the log's own records.
+    "ok",
+    "denied",
+    "error",
+    # Training (server.audit.training via server.coordinator): runs, rounds, charges,
+    # models; a run's end carries its final status (server.store).
+    "started",
+    "resumed",
+    "committed",
+    "aborted",
+    "charged",
+    "registered",
+    "finished",
+    "failed",
+    "stopped",
+)
+"""Every outcome fedvault records: a filter on any other value could only match nothing."""
+
+
+def _records(source: LogSource) -> Iterator[tuple[int, AuditRecord]]:
     from server.audit.records import InvalidEntry, decode_entry
     from server.audit.verifier import PAGE
 
-    source = _source(url, bundle, token_file)
     start = 0
     while True:
         rows = source.entries(start, start + PAGE)
@@ -259,7 +316,12 @@ def search(
     action: Annotated[str | None, typer.Option("--action")] = None,
     resource: Annotated[str | None, typer.Option("--resource")] = None,
     outcome: Annotated[
-        str | None, typer.Option("--outcome", help="Gateway requests: ok, denied or error.")
+        str | None,
+        typer.Option(
+            "--outcome",
+            help="Gateway requests: ok, denied or error; training: started, committed, "
+            "charged, finished, … (any other value is refused).",
+        ),
     ] = None,
     role: Annotated[str | None, typer.Option("--role")] = None,
     request_id: Annotated[
@@ -296,7 +358,10 @@ def search(
     peer (prefix: a subnet), the mTLS subject (substring: a CN) and the error
     type (the URI or its last part).
     """
+    if outcome is not None and outcome not in OUTCOMES:
+        raise ConfigError(f"--outcome must be one of {', '.join(OUTCOMES)}; got {outcome!r}")
     lo, hi = _parse_time(since), _parse_time(until)
+    source = _source(url, bundle, token_file)
     wanted = {
         "actor": actor,
         "action": action,
@@ -307,7 +372,7 @@ def search(
         "protocol": protocol,
         "status": status,
     }
-    for index, record in _records(url, bundle, token_file):
+    for index, record in _records(source):
         if any(v is not None and getattr(record, k) != v for k, v in wanted.items()):
             continue
         if (lo is not None and record.time < lo) or (hi is not None and record.time >= hi):
@@ -326,6 +391,69 @@ def search(
         typer.echo(json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False))
 
 
+def _export_target(out: Path) -> Path:
+    """The file ``--out`` names (through a symbolic link), checked before anything is read."""
+    target = Path(os.path.realpath(out))
+    if target.is_dir():
+        raise ConfigError(f"cannot write the export to {out}: it is a directory")
+    if not target.parent.exists():
+        raise ConfigError(
+            f"cannot write the export to {out}: its directory {out.parent} does not exist"
+        )
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot write the export to {out}: {out.parent} is not a directory")
+    return target
+
+
+def _write_lines(lines: Iterator[str], out: Path, target: Path) -> int:
+    """Write ``lines`` to ``target`` whole or not at all; how many were written.
+
+    Into a new file beside it, renamed over it at the end: a failure part-way
+    (an entry that does not decode, a server that goes away) used to leave
+    ``target`` truncated — an earlier export destroyed. The new file gets the
+    mode a plain ``open(..., "w")`` would have given: the old file's, else
+    0666 less the umask. Audit records are not secret (digests, never bodies
+    or credentials; ``search`` prints the same to stdout), so nothing tighter
+    is imposed. A device or pipe (``/dev/stdout``) cannot be replaced and is
+    written in place, as before.
+    """
+    try:
+        existing = target.stat()
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the export to {out}: {exc.strerror}") from None
+    if existing is not None and not os.access(target, os.W_OK):
+        # A rename would replace a file the user may not write: refuse as open() did.
+        raise ConfigError(f"cannot write the export to {out}: permission denied")
+    count = 0
+    if existing is not None and not stat.S_ISREG(existing.st_mode):
+        with target.open("w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(line)
+                count += 1
+        return count
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the export to {out}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(line)
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        if existing is not None:
+            os.chmod(tmp, stat.S_IMODE(existing.st_mode))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return count
+
+
 @audit_app.command("export")
 def export_jsonl(
     out: Annotated[Path, typer.Option("--out", help="JSON Lines file to write.")],
@@ -333,11 +461,16 @@ def export_jsonl(
     bundle: BundleOpt = None,
     token_file: TokenOpt = None,
 ) -> None:
-    """Write every entry, decoded, as JSON Lines (one record per line, with its index)."""
-    count = 0
-    with out.open("w", encoding="utf-8") as fh:
-        for index, record in _records(url, bundle, token_file):
-            fh.write(json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False))
-            fh.write("\n")
-            count += 1
+    """Write every entry, decoded, as JSON Lines (one record per line, with its index).
+
+    The file appears whole when every entry decoded; on any failure an earlier
+    file at ``--out`` is left as it was.
+    """
+    target = _export_target(out)
+    source = _source(url, bundle, token_file)
+    lines = (
+        json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False) + "\n"
+        for index, record in _records(source)
+    )
+    count = _write_lines(lines, out, target)
     typer.echo(f"wrote {count} entries to {out}")

@@ -12,14 +12,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 import typer
 
 from fedvault.errors import ConfigError, DataError
 from fedvault.settings import load_settings
+from fedvault.urls import bearer_token, check_service_url
+
+if TYPE_CHECKING:
+    from secure.client import HEKeys
 
 he_app = typer.Typer(help="Encrypted inference (CKKS via TenSEAL).", no_args_is_help=True)
 
@@ -64,34 +69,63 @@ def serve(
         service.close()  # the evaluation pool's processes and the /dev/shm spool
 
 
-def _read_features(
-    path: Path, features: list[str]
-) -> np.ndarray[tuple[int, int], np.dtype[np.float64]]:
-    """Rows of ``path`` in the model's feature order (extra columns, e.g. a label, ignored)."""
+@dataclass(frozen=True)
+class _Table:
+    """A CSV's header and rows as text: what can be checked before the model is known."""
+
+    path: Path
+    header: list[str]
+    rows: list[tuple[int, list[str]]]  # (line number in the file, fields)
+
+
+def _read_csv(path: Path) -> _Table:
+    """The CSV at ``path``, read whole before anything connects.
+
+    Which columns are features is only known from the model's metadata, but
+    a file that is missing, is not UTF-8 text or is not CSV at all is the
+    caller's to fix and must be reported before a server is asked anything.
+    A byte-order mark (spreadsheet exports) is accepted.
+    """
     try:
-        handle = path.open(newline="")
+        handle = path.open(newline="", encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    with handle:
-        reader = csv.DictReader(handle)
-        missing = [f for f in features if f not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(
-                f"missing feature columns {missing[:5]}{'...' if len(missing) > 5 else ''}",
-                path=str(path),
-                line=1,
-            )
-        rows: list[list[float]] = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                rows.append([float(row[f]) for f in features])
-            except (TypeError, ValueError):
-                raise DataError(
-                    "a feature value is not a number", path=str(path), line=line
-                ) from None
+    try:
+        with handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            rows = [(reader.line_num, row) for row in reader if row]  # blank lines skipped
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text (not a CSV file)") from None
+    except csv.Error as exc:  # its messages name the problem, never the data
+        raise ConfigError(f"{path} is not a CSV file (line {reader.line_num}: {exc})") from None
+    if header is None:
+        raise DataError("empty file: no header of feature names", path=str(path))
     if not rows:
         raise DataError("no data rows", path=str(path))
-    return np.asarray(rows, dtype=np.float64)
+    return _Table(path, header, rows)
+
+
+def _features(
+    table: _Table, features: list[str]
+) -> np.ndarray[tuple[int, int], np.dtype[np.float64]]:
+    """Rows of ``table`` in the model's feature order (extra columns, e.g. a label, ignored)."""
+    path = str(table.path)
+    missing = [f for f in features if f not in table.header]
+    if missing:
+        raise DataError(
+            f"missing feature columns {missing[:5]}{'...' if len(missing) > 5 else ''}",
+            path=path,
+            line=1,
+        )
+    columns = [table.header.index(f) for f in features]
+    values: list[list[float]] = []
+    for line, row in table.rows:
+        try:
+            values.append([float(row[c]) for c in columns])
+        except (IndexError, ValueError):
+            raise DataError("a feature value is not a number", path=path, line=line) from None
+    return np.asarray(values, dtype=np.float64)
 
 
 API_KEY_ENV = "FEDVAULT_API_KEY"
@@ -101,15 +135,20 @@ def _api_key(path: Path | None) -> str | None:
     """The gateway API key from ``path`` or ``$FEDVAULT_API_KEY`` (never echoed or logged)."""
     if path is not None:
         try:
-            key = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"cannot read the API key file {path}: {type(exc).__name__}"
-            ) from None
-        if not key:
-            raise ConfigError(f"the API key file {path} is empty")
-        return key
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the API key file {path}: {exc.strerror}") from None
+        return bearer_token(data, path, "API key file")
     return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
+def _existing_keys(key_file: Path | None) -> HEKeys | None:
+    """Keys from an existing ``--key-file``, loaded before anything connects (None: none yet)."""
+    from secure.client import HEKeys
+
+    if key_file is None or not key_file.exists():
+        return None
+    return HEKeys.load(key_file)
 
 
 @he_app.command("predict")
@@ -141,7 +180,11 @@ def predict(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
-    """Encrypt a CSV's rows, infer under encryption, decrypt and print predictions."""
+    """Encrypt a CSV's rows, infer under encryption, decrypt and print predictions.
+
+    Every local input (options, URL, CSV, API key, key file) is checked before
+    the first request: a typo is then a usage error, not a round trip.
+    """
     from secure.client import HEClient, HEKeys, params_from_metadata
 
     if layout not in ("auto", "vector", "batch"):
@@ -149,21 +192,20 @@ def predict(
     chosen: Literal["auto", "vector", "batch"] = (
         "vector" if layout == "vector" else "batch" if layout == "batch" else "auto"
     )
+    base_url = check_service_url(url, "--url")
+    table = _read_csv(csv_path)
     api_key = _api_key(api_key_file)
-    with HEClient(url, api_key=api_key, caller=None if api_key else caller) as client:
+    keys = _existing_keys(key_file)
+    with HEClient(base_url, api_key=api_key, caller=None if api_key else caller) as client:
         meta = client.metadata(model)
-        x = _read_features(csv_path, list(meta["features"]))
-        keys = None
-        if key_file is not None:
-            if key_file.exists():
-                keys = HEKeys.load(key_file)
-            else:
-                keys = HEKeys.create(
-                    params_from_metadata(meta),
-                    galois=True,
-                    relin=bool(meta["keys"]["relin_keys"]),
-                )
-                keys.save(key_file)
+        x = _features(table, list(meta["features"]))
+        if key_file is not None and keys is None:
+            keys = HEKeys.create(
+                params_from_metadata(meta),
+                galois=True,
+                relin=bool(meta["keys"]["relin_keys"]),
+            )
+            keys.save(key_file)
         result = client.predict(model, x, layout=chosen, keys=keys)
     records = [
         {"row": i, "class": cls, "logits": [round(float(v), 6) for v in logits]}

@@ -468,16 +468,19 @@ class AuditLog:
             return None
         size, note = stored
         cp = parse_checkpoint(note[: note.rfind("\n\n") + 1])
+        # The signer first: a key of another name also means another origin (it
+        # defaults to the key's name), and that is a misconfigured replica
+        # (exit 5), not a log that changed its identity (tampering, exit 6).
+        try:
+            ours = self._check_signer(note, rotating=True)
+        except SigningKeyMismatchError as exc:
+            raise SigningKeyMismatchError(f"refusing to start: {exc}") from None
         if cp.origin != self.origin:
             raise IntegrityError(
                 f"store's checkpoint is for log {cp.origin!r}, not {self.origin!r}"
             )
         if cp.size != size:
             raise IntegrityError("store's checkpoint row disagrees with its note")
-        try:
-            ours = self._check_signer(note, rotating=True)
-        except SigningKeyMismatchError as exc:
-            raise SigningKeyMismatchError(f"refusing to start: {exc}") from None
         have = self.storage.size()
         if have < size:
             raise IntegrityError(
