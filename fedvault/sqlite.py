@@ -27,6 +27,7 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
         if path.parent.exists() and not path.parent.is_dir():
             raise ConfigError(f"{path.parent} is a file, not a directory") from None
         raise ConfigError(f"cannot create {path.parent}: {exc.strerror}") from None
+    conn: sqlite3.Connection | None = None
     try:
         conn = sqlite3.connect(
             path, timeout=30, isolation_level=None, check_same_thread=check_same_thread
@@ -35,6 +36,8 @@ def connect(path: Path, *, check_same_thread: bool = True) -> sqlite3.Connection
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
     except (sqlite3.Error, OSError) as exc:
+        if conn is not None:
+            conn.close()
         raise _open_error(path, exc) from None
     conn.row_factory = sqlite3.Row
     return conn

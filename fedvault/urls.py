@@ -24,9 +24,11 @@ def check_service_url(url: str, option_name: str) -> str:
     Userinfo (``https://user:secret@host/``) is refused outright: httpx would
     send it as Basic authentication, and every error message that names the
     URL would print the secret. The URL is quoted back only when it cannot
-    hold a secret (no ``@`` anywhere), so even a malformed one stays unprinted.
+    hold a secret (no ``@``, ``?`` or ``#``), so even a malformed one stays unprinted.
     """
-    shown = f" (got {url!r})" if "@" not in url else ""
+    # Quoted back only when it cannot carry a secret: no userinfo, no query
+    # (``?api_key=…``), no fragment.
+    shown = f" (got {url!r})" if not any(c in url for c in "@?#") else ""
     parts: SplitResult | None
     try:
         parts = urlsplit(url)

@@ -36,6 +36,8 @@ def check_bind(host: str, port: int, what: str) -> None:
     uvicorn meets a busy port deep in its start-up and exits the process;
     a plain bind probe says the same in one line, before any state is opened.
     """
+    if not 0 <= port <= 65535:  # getaddrinfo would wrap 70000 to 4464
+        raise ConfigError(f"cannot listen for {what}: {port} is not a port number (0-65535)")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:
@@ -45,8 +47,6 @@ def check_bind(host: str, port: int, what: str) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             probe.bind(address)
-        except OverflowError:
-            raise ConfigError(f"cannot listen for {what}: {port} is not a port number") from None
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}"
@@ -59,6 +59,8 @@ async def serve_until_signal(config: uvicorn.Config) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
+        if server.should_exit:  # a second Ctrl-C: stop waiting for in-flight requests
+            server.force_exit = True
         server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):

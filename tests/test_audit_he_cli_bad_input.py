@@ -10,11 +10,13 @@ checking its input would answer exit 10 (unreachable), not the usage error.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -106,6 +108,36 @@ def test_a_failed_export_leaves_the_earlier_file_whole(tmp_path: Path, broken_bu
     assert sorted(p.name for p in out.parent.iterdir()) == ["audit.jsonl"]  # no temp left
 
 
+def test_an_export_to_stdout_is_written_in_place(bundle: Path) -> None:
+    """/dev/stdout on a pipe resolves to 'pipe:[N]', which no temp file can sit beside."""
+    done = _cli("audit", "export", "--out", "/dev/stdout", "--bundle", bundle)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["index"] for line in done.stdout.splitlines()] == list(range(5))
+    assert "wrote 5 entries to /dev/stdout" in done.stderr
+
+
+def test_a_file_in_a_directory_without_room_for_a_temp_is_written_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writable file in a directory the user may not create files in (as open() allowed)."""
+    from fedvault.cli import audit as audit_cli
+
+    out = tmp_path / "audit.jsonl"
+    out.write_text("old\n")
+    real_open = os.open
+
+    def no_new_files(path: Any, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", no_new_files)
+    target, in_place = audit_cli._export_target(out)
+    assert not in_place
+    assert audit_cli._write_lines(iter(["a\n", "b\n"]), out, target, in_place=False) == 2
+    assert out.read_text() == "a\nb\n"
+
+
 def test_a_failed_export_creates_no_file(tmp_path: Path, broken_bundle: Path) -> None:
     out = tmp_path / "exports" / "audit.jsonl"
     out.parent.mkdir()
@@ -170,6 +202,8 @@ def test_check_service_url_accepts_base_urls() -> None:
         ("http://h:0", "port 0"),
         ("http://exa mple.com", "spaces or control characters"),
         ("http://h/?page=2", "takes no ?query or #fragment"),
+        (f"https://gw.example/?api_key={SECRET}", "takes no ?query or #fragment"),
+        (f"https://gw.example/#{SECRET}", "takes no ?query or #fragment"),
     ],
 )
 def test_check_service_url_refuses(url: str, message: str) -> None:
@@ -350,6 +384,55 @@ def test_a_missing_key_creates_no_store(tmp_path: Path, command: str) -> None:
     done = _cli("audit", command, "--db", db, "--key", key)
     _refused(done, 5, f"key file {key} does not exist")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_audit_serve_stops_cleanly_on_sigterm(tmp_path: Path, signer: NoteSigner) -> None:
+    """uvicorn.run re-raised SIGTERM before `finally: log.close()`: exit -15, log left open."""
+    import signal
+    import time
+
+    import httpx
+
+    from fedvault.cli.processes import free_port
+
+    key = tmp_path / "audit.key"
+    save_note_signer(key, signer)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fedvault", "audit", "serve", "--db", str(tmp_path / "a.db"),
+             "--key", str(key), "--port", str(port)],
+            stdout=sink, stderr=sink,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                got = httpx.get(f"http://127.0.0.1:{port}/v2/audit/checkpoint", timeout=2)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, log.read_text(errors="replace")
+                assert time.monotonic() < deadline, "audit serve did not start"
+                time.sleep(0.2)
+        assert got.status_code == 200, got.text
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, log.read_text(errors="replace")
+        assert "Traceback" not in log.read_text(errors="replace")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_audit_serve_refuses_a_port_out_of_range_before_opening_the_store(
+    tmp_path: Path, signer: NoteSigner
+) -> None:
+    key = tmp_path / "audit.key"
+    save_note_signer(key, signer)
+    done = _cli("audit", "serve", "--db", tmp_path / "a.db", "--key", key, "--port", "70000")
+    _refused(done, 2, "70000 is not a port number")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.key"]
 
 
 # ------------------------------------------------------------ 8. --outcome values

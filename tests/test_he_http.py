@@ -183,12 +183,13 @@ def test_cli_predict_end_to_end(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "FEDVAULT_HOME": str(home)}
     log = tmp_path / "serve.log"  # a file, not a pipe: orphaned workers would hold a pipe open
-    server = subprocess.Popen(
-        [fedvault, "he", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-    )
+    with log.open("wb") as sink:  # the child keeps its own descriptor
+        server = subprocess.Popen(
+            [fedvault, "he", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(url)

@@ -221,6 +221,48 @@ def test_init_federation_and_kits_undoes_everything_on_a_later_failure(tmp_path:
     assert (tmp_path / "kits" / "alpha" / "node.toml").is_file()
 
 
+def test_a_failed_init_leaves_no_partner_record_behind(tmp_path: Path) -> None:
+    """Kits for alpha and beta were issued before gamma's failed: the partner registry they
+    wrote is removed with them, so the retry issues all three again instead of refusing."""
+    (tmp_path / "kits" / "gamma").mkdir(parents=True)
+    (tmp_path / "kits" / "gamma" / "notes.txt").write_text("someone else's\n")
+    before = _tree(tmp_path)
+    paths = fed.FederationPaths(tmp_path / "fed")
+    partners = ["alpha", "beta", "gamma"]
+    with pytest.raises(ConfigError, match="is not empty"):
+        kits.init_federation_and_kits(
+            paths, "acme", partners, ["127.0.0.1"], kits_dir=tmp_path / "kits", superlink=SUPERLINK
+        )
+    assert _tree(tmp_path) == before
+    (tmp_path / "kits" / "gamma" / "notes.txt").unlink()
+    kits.init_federation_and_kits(
+        paths, "acme", partners, ["127.0.0.1"], kits_dir=tmp_path / "kits", superlink=SUPERLINK
+    )
+    assert all((tmp_path / "kits" / p / "node.toml").is_file() for p in partners)
+
+
+def test_undo_restores_only_what_existed_before(tmp_path: Path) -> None:
+    registry = tmp_path / "old.json"
+    registry.write_text("before")
+
+    def init_that_fails() -> None:
+        with fed.undo_on_error() as undo:
+            undo.will_replace(registry)
+            registry.write_text("during")
+            fresh = tmp_path / "new" / "partners.json"
+            undo.will_replace(fresh)  # created by this invocation ...
+            fresh.parent.mkdir()
+            fresh.write_text("one")
+            undo.will_replace(fresh)  # ... and rewritten by it: still removed, not restored
+            fresh.write_text("two")
+            raise RuntimeError("later step failed")
+
+    with pytest.raises(RuntimeError):
+        init_that_fails()
+    assert registry.read_text() == "before"
+    assert not (tmp_path / "new").exists()
+
+
 # ------------------------------------------------- 3./4. node start --kit: clean refusals
 def test_node_start_kit_state_that_is_a_file(kit: Path) -> None:
     (kit / "state").write_text("not a directory\n")
@@ -282,6 +324,19 @@ def test_check_up_options_covers_every_bind() -> None:
     ):
         with pytest.raises(ConfigError, match=needle):
             fed.check_up_options("127.0.0.1", 0, **kwargs)  # type: ignore[arg-type]
+
+
+def test_host_names_as_deployed_are_accepted() -> None:
+    """Underscores (compose v1 container names), IPv6 and wildcards keep working."""
+    from fedvault.cli.processes import check_address, check_host
+
+    assert check_address("proj_superlink_1:9092", "--superlink") == ("proj_superlink_1", 9092)
+    assert check_address("[::1]:9092", "--superlink") == ("::1", 9092)
+    assert check_host("0.0.0.0", "--host") == "0.0.0.0"  # noqa: S104
+    assert check_host("*.fed.example", "--host", wildcard=True) == "*.fed.example"
+    for bad in (" superlink", "super link", "-superlink", "a..b"):
+        with pytest.raises(ConfigError, match="is neither an IP address nor a DNS name"):
+            check_host(bad, "--host")
 
 
 def test_metrics_port_out_of_range_is_a_config_error(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ so that a rewritten or rolled-back history fails on the next run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -177,10 +178,13 @@ def serve(
     previous_key: PreviousKeyOpt = None,
 ) -> None:
     """Serve the audit API alone (development; the gateway mounts the same router)."""
+    import asyncio
+
     import uvicorn
     from fastapi import FastAPI
 
     from server.audit.api import bearer_token_auth, create_audit_router, require_auditor
+    from server.http_serving import check_bind, serve_until_signal
     from server.problem import install_problem_handlers
 
     from .processes import free_port
@@ -188,17 +192,21 @@ def serve(
     token = _token(token_file)
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError("--token-file is required when serving beyond loopback")
+    port = port or free_port(host)
+    check_bind(host, port, "the audit API")
     log = _open_log(db, key, password_file, previous_key)
     app = FastAPI(title="fedvault audit log")
     install_problem_handlers(app)
     app.include_router(create_audit_router(log))
     app.dependency_overrides[require_auditor] = bearer_token_auth(token)
     log.start_checkpointing()
-    port = port or free_port()
     typer.echo(f"serving http://{host}:{port}/v2/audit", err=False)
     sys.stdout.flush()
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        # Not uvicorn.run: it re-raises SIGTERM before this finally, and the
+        # log's committer and checkpoint thread would stop without closing.
+        asyncio.run(serve_until_signal(config))
     finally:
         log.close()
 
@@ -391,21 +399,48 @@ def search(
         typer.echo(json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False))
 
 
-def _export_target(out: Path) -> Path:
-    """The file ``--out`` names (through a symbolic link), checked before anything is read."""
-    target = Path(os.path.realpath(out))
-    if target.is_dir():
+def _export_target(out: Path) -> tuple[Path, bool]:
+    """The file ``--out`` names, and whether it must be written in place.
+
+    Checked before anything is read. A device, pipe or descriptor alias
+    (``/dev/stdout``, ``/proc/self/fd/1``, a FIFO) is written in place: it
+    cannot be replaced by a rename, and resolving it would name the shell's
+    redirect target (or a ``pipe:[N]`` that does not exist) instead.
+    """
+    try:
+        existing = os.stat(out)  # through symbolic links
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the export to {out}: {exc.strerror}") from None
+    if existing is not None and stat.S_ISDIR(existing.st_mode):
         raise ConfigError(f"cannot write the export to {out}: it is a directory")
+    alias = os.path.abspath(out).startswith(("/dev/", "/proc/"))
+    if existing is not None and (alias or not stat.S_ISREG(existing.st_mode)):
+        return out, True
+    target = Path(os.path.realpath(out))
     if not target.parent.exists():
         raise ConfigError(
             f"cannot write the export to {out}: its directory {out.parent} does not exist"
         )
     if not target.parent.is_dir():
         raise ConfigError(f"cannot write the export to {out}: {out.parent} is not a directory")
-    return target
+    return target, False
 
 
-def _write_lines(lines: Iterator[str], out: Path, target: Path) -> int:
+def _write_in_place(lines: Iterator[str], out: Path, target: Path) -> int:
+    count = 0
+    try:
+        with target.open("w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(line)
+                count += 1
+    except OSError as exc:
+        raise ConfigError(f"cannot write the export to {out}: {exc.strerror}") from None
+    return count
+
+
+def _write_lines(lines: Iterator[str], out: Path, target: Path, *, in_place: bool) -> int:
     """Write ``lines`` to ``target`` whole or not at all; how many were written.
 
     Into a new file beside it, renamed over it at the end: a failure part-way
@@ -414,9 +449,12 @@ def _write_lines(lines: Iterator[str], out: Path, target: Path) -> int:
     mode a plain ``open(..., "w")`` would have given: the old file's, else
     0666 less the umask. Audit records are not secret (digests, never bodies
     or credentials; ``search`` prints the same to stdout), so nothing tighter
-    is imposed. A device or pipe (``/dev/stdout``) cannot be replaced and is
-    written in place, as before.
+    is imposed. A device or pipe is written in place (see
+    :func:`_export_target`), and so is a writable file in a directory where no
+    new file may be made (the only way it could be written at all).
     """
+    if in_place:
+        return _write_in_place(lines, out, target)
     try:
         existing = target.stat()
     except FileNotFoundError:
@@ -426,18 +464,14 @@ def _write_lines(lines: Iterator[str], out: Path, target: Path) -> int:
     if existing is not None and not os.access(target, os.W_OK):
         # A rename would replace a file the user may not write: refuse as open() did.
         raise ConfigError(f"cannot write the export to {out}: permission denied")
-    count = 0
-    if existing is not None and not stat.S_ISREG(existing.st_mode):
-        with target.open("w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line)
-                count += 1
-        return count
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
+        if existing is not None and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return _write_in_place(lines, out, target)
         raise ConfigError(f"cannot write the export to {out}: {exc.strerror}") from None
+    count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for line in lines:
@@ -466,11 +500,12 @@ def export_jsonl(
     The file appears whole when every entry decoded; on any failure an earlier
     file at ``--out`` is left as it was.
     """
-    target = _export_target(out)
+    target, in_place = _export_target(out)
     source = _source(url, bundle, token_file)
     lines = (
         json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False) + "\n"
         for index, record in _records(source)
     )
-    count = _write_lines(lines, out, target)
-    typer.echo(f"wrote {count} entries to {out}")
+    count = _write_lines(lines, out, target, in_place=in_place)
+    # Written to a device (`--out /dev/stdout`): the summary must not join the lines.
+    typer.echo(f"wrote {count} entries to {out}", err=in_place)

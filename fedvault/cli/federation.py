@@ -202,7 +202,7 @@ def check_hosts(hosts: list[str], what: str = "--host") -> None:
     if not hosts:
         raise ConfigError(f"{what}: a server certificate needs at least one host name or IP")
     for host in hosts:
-        check_host(host.strip(), what, wildcard=True)
+        check_host(host, what, wildcard=True)  # as given: the certificate gets it unchanged
 
 
 def check_epsilon_cap(cap: float, what: str = "--epsilon-cap") -> float:
@@ -253,11 +253,21 @@ class CreatedPaths:
     originals: dict[Path, bytes] = field(default_factory=dict)
 
     def will_replace(self, path: Path) -> None:
-        """Keep the current content of a small file about to be rewritten (a registry)."""
+        """Keep the current content of a small file about to be rewritten (a registry).
+
+        A file this invocation created is not "replaced" by a later rewrite:
+        undoing removes it, and restoring its interim content would leave a
+        record of work that was undone (a retry would then refuse it).
+        """
+        if self._created_here(path):
+            return
         if path.is_file():
             self.originals.setdefault(path, path.read_bytes())
         else:
             self.will_create(path)
+
+    def _created_here(self, path: Path) -> bool:
+        return any(path == top or path.is_relative_to(top) for top in self.paths)
 
     def will_create(self, path: Path) -> None:
         top: Path | None = None

@@ -424,7 +424,7 @@ def _kit_config(
 def _kit_cert_hosts(partner: str, metrics_hosts: list[str]) -> list[str]:
     """Names for the node's metrics certificate; a bad --metrics-host is refused up front."""
     for host in metrics_hosts:
-        check_host(host.strip(), "--metrics-host", wildcard=True)
+        check_host(host, "--metrics-host", wildcard=True)  # as given: it goes into the cert
     dns_name = f"node-{partner}".replace("_", "-").lower()
     return list(dict.fromkeys([dns_name, "localhost", "127.0.0.1", *metrics_hosts]))
 

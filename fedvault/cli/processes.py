@@ -24,7 +24,10 @@ from types import TracebackType
 
 from fedvault.errors import ConfigError, ProcessFailedError, UnavailableError
 
-_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# Underscores are not in RFC 1123 host names but are in real ones (compose v1
+# container names such as proj_superlink_1, SRV-style labels): accepted, so
+# kits issued with such an address keep loading.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def check_port(port: int, what: str, *, allow_zero: bool = False) -> int:
