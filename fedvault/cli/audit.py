@@ -192,7 +192,7 @@ def serve(
     token = _token(token_file)
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError("--token-file is required when serving beyond loopback")
-    port = port or free_port(host)
+    port = port or free_port()  # an IPv4 probe; check_bind then tries the real host
     check_bind(host, port, "the audit API")
     log = _open_log(db, key, password_file, previous_key)
     app = FastAPI(title="fedvault audit log")
@@ -200,7 +200,8 @@ def serve(
     app.include_router(create_audit_router(log))
     app.dependency_overrides[require_auditor] = bearer_token_auth(token)
     log.start_checkpointing()
-    typer.echo(f"serving http://{host}:{port}/v2/audit", err=False)
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    typer.echo(f"serving http://{shown}:{port}/v2/audit", err=False)
     sys.stdout.flush()
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     try:
