@@ -138,7 +138,6 @@ def test_noise_has_the_calibrated_std(secure_mode: bool) -> None:
         max_grad_norm=clip,
         secure_mode=secure_mode,
     )
-    noisy = train_local(spec, init_parameters(spec, 0), x, y, plan, seed=3)
     clean = train_local(
         spec,
         init_parameters(spec, 0),
@@ -147,12 +146,20 @@ def test_noise_has_the_calibrated_std(secure_mode: bool) -> None:
         dataclasses.replace(plan, noise_multiplier=0.0),
         seed=3,
     )
+    # 84 weights per draw estimate the std to ±7.7% (1/sqrt(2n)): one draw
+    # with a 15% tolerance failed about one run in twenty in secure mode,
+    # whose CSPRNG noise cannot be seeded. 30 draws: ±1.4%, checked at 8%.
+    draws = [train_local(spec, init_parameters(spec, 0), x, y, plan, seed=3 + i) for i in range(30)]
     diff = np.concatenate(
-        [(a - b).ravel() for a, b in zip(noisy.params, clean.params, strict=True)]
+        [
+            (a - b).ravel()
+            for noisy in draws
+            for a, b in zip(noisy.params, clean.params, strict=True)
+        ]
     )
     expected = lr * sigma * clip / N
-    assert diff.std() == pytest.approx(expected, rel=0.15)
-    assert abs(diff.mean()) < 4 * expected / np.sqrt(diff.size)
+    assert diff.std() == pytest.approx(expected, rel=0.08)
+    assert abs(diff.mean()) < 5 * expected / np.sqrt(diff.size)
 
 
 def test_secure_mode_is_not_reproducible_from_the_seed() -> None:
