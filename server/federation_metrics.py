@@ -24,7 +24,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fedvault.errors import ConfigError, FedvaultError
+from fedvault.addresses import check_port
+from fedvault.errors import FedvaultError
 from server.store import FederationStore, RunRecord, epsilon_by_partner
 
 RUNNING = "running"
@@ -121,8 +122,7 @@ def serve_federation_metrics(
     A port outside 1-65535 is refused here: the socket layer would raise
     OverflowError, which no front door maps.
     """
-    if not 0 < port < 65536:
-        raise ConfigError(f"--metrics-port {port} is not a port number (1-65535)")
+    check_port(port, "--metrics-port")
     registry = CollectorRegistry()
     registry.register(FederationCollector(db, password_file=password_file))
     return start_http_server(

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from fedvault.addresses import check_port
 from fedvault.errors import ConfigError
 
 __all__ = ["SignalFreeServer", "check_bind", "serve_until_signal"]
@@ -36,8 +37,7 @@ def check_bind(host: str, port: int, what: str) -> None:
     uvicorn meets a busy port deep in its start-up and exits the process;
     a plain bind probe says the same in one line, before any state is opened.
     """
-    if not 0 <= port <= 65535:  # getaddrinfo would wrap 70000 to 4464
-        raise ConfigError(f"cannot listen for {what}: {port} is not a port number (0-65535)")
+    check_port(port, f"cannot listen for {what}: port", allow_zero=True)  # getaddrinfo wraps 70000
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:

@@ -27,32 +27,19 @@ from server.audit.log import AuditLog
 from server.audit.records import encode_record
 from server.audit.storage import SQLiteStorage
 from tests.audit_support import record
+from tests.cli_support import refused, run_cli
 
 ORIGIN = "fedvault.test/audit"
 SECRET = "s3cr3tQ"  # noqa: S105 - a marker that must never be printed
 
 
 def _cli(*args: str | Path, home: Path | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
-    if home is not None:
-        base["FEDVAULT_HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-m", "fedvault", *map(str, args)],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=120,
-        env=base,
-        check=False,
-    )
+    return run_cli(*args, home=home)
 
 
 def _refused(done: subprocess.CompletedProcess[str], code: int, message: str) -> None:
-    output = done.stderr + done.stdout
-    assert "Traceback" not in output, output
-    assert done.returncode == code, output
-    assert message in done.stderr, done.stderr
-    assert SECRET not in output
+    refused(done, code, message)
+    assert SECRET not in done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")

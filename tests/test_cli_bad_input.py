@@ -8,7 +8,6 @@ a file was at stake, that neither leaked nor appeared.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from fedvault.errors import ConfigError, NotFoundError
 from server.gateway.keys import MAX_KEY_LIFETIME_S, GatewayStore, parse_expiry
+from tests.cli_support import run_cli
 
 TOKEN = "fvk_8ab755eff0d8_n_wgG8yXTyhxq15Mc8zu4Ec70oowgZo99Xtr6u_PxZU"  # noqa: S105 - made up
 SECRET_PART = TOKEN.split("_", 2)[2]
@@ -26,17 +26,7 @@ SECRET_PART = TOKEN.split("_", 2)[2]
 def _cli(
     *args: str | bytes, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
-    return subprocess.run(
-        [sys.executable, "-m", "fedvault", *args],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=120,
-        cwd=cwd,
-        env={**base, **(env or {})},
-        check=False,
-    )
+    return run_cli(*args, cwd=cwd, env=env)
 
 
 def _clean(done: subprocess.CompletedProcess[str]) -> None:
@@ -385,16 +375,7 @@ def _read_only_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         f'mount --bind "{home}" "{home}" && mount -o remount,bind,ro "{home}" && '
         f'exec "{sys.executable}" -m fedvault "$@"'
     )
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
-    return subprocess.run(
-        ["unshare", "-m", "sh", "-c", script, "sh", *args],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=120,
-        env=base,
-        check=False,
-    )
+    return run_cli(*args, command=["unshare", "-m", "sh", "-c", script, "sh"])
 
 
 def test_a_read_only_store_is_a_configuration_error_not_an_outage(tmp_path: Path) -> None:

@@ -11,10 +11,7 @@ children before it exits.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,41 +20,18 @@ from fedvault.cli import federation as fed
 from fedvault.cli import kits
 from fedvault.datasets import split_dataset
 from fedvault.errors import ConfigError
+from tests.cli_support import refused, run_cli
 
 SUPERLINK = "127.0.0.1:19092"  # nothing listens there: the kit's key stays unregistered
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedvault", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        env=env,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # its ProcessGroup stops every child it started
-        out, err = proc.communicate(timeout=30)
-        pytest.fail(f"`fedvault {' '.join(args)}` did not exit: it started something\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_cli(*args, timeout=timeout)
 
 
 def _tree(root: Path) -> set[str]:
     """Every path under ``root``, hidden ones included (a staging directory would show)."""
     return {p.relative_to(root).as_posix() for p in root.rglob("*")}
-
-
-def _refused(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
-    assert "Traceback" not in done.stdout + done.stderr, done.stderr
-    assert done.returncode == code, done.stderr
-    for needle in needles:
-        assert needle in done.stderr, done.stderr
 
 
 @pytest.fixture
@@ -110,14 +84,14 @@ def test_partner_add_refuses_bad_input_and_leaves_nothing(
     done = _cli(
         "partner", "add", "delta", "--home", str(operator), "--superlink", SUPERLINK, option
     )
-    _refused(done, 2, needle)
+    refused(done, 2, needle)
     assert _tree(tmp_path) == before  # no kits/delta (private keys), no record, no public key
     assert "delta" not in kits.load_partners(fed.FederationPaths(operator))
 
 
 def test_partner_add_retry_after_a_refusal_works(operator: Path) -> None:
     args = ("partner", "add", "delta", "--home", str(operator), "--superlink", SUPERLINK)
-    _refused(_cli(*args, "--epsilon-cap=-1"), 2, "--epsilon-cap")
+    refused(_cli(*args, "--epsilon-cap=-1"), 2, "--epsilon-cap")
     done = _cli(*args, "--epsilon-cap=3")
     assert done.returncode == 0, done.stderr
     assert "epsilon_cap = 3.0" in (operator / "kits" / "delta" / "node.toml").read_text()
@@ -135,7 +109,7 @@ def test_partner_add_out_that_is_a_file(operator: Path, tmp_path: Path) -> None:
             "partner", "add", "zeta", "--home", str(operator), "--superlink", SUPERLINK,
             "--out", str(out),
         )  # fmt: skip
-        _refused(done, 2, needle)
+        refused(done, 2, needle)
     assert _tree(tmp_path) == before
     assert target.read_text() == "keep me\n"
 
@@ -155,7 +129,7 @@ def test_federation_init_refuses_bad_input_before_writing(
     tmp_path: Path, options: list[str], needle: str
 ) -> None:
     done = _cli("federation", "init", "acme", "--home", str(tmp_path / "fed"), *options)
-    _refused(done, 2, needle)
+    refused(done, 2, needle)
     assert _tree(tmp_path) == set()  # not even the CA key
 
 
@@ -163,9 +137,9 @@ def test_federation_init_home_that_is_a_file(tmp_path: Path) -> None:
     home = tmp_path / "a-file"
     home.write_text("keep me\n")
     done = _cli("federation", "init", "--home", str(home), "--partners", "alpha")
-    _refused(done, 2, f"federation home {home} is not a directory")
+    refused(done, 2, f"federation home {home} is not a directory")
     done = _cli("federation", "init", "--home", str(home / "fed"), "--partners", "alpha")
-    _refused(done, 2, f"cannot write federation home {home / 'fed'}", "Not a directory")
+    refused(done, 2, f"cannot write federation home {home / 'fed'}", "Not a directory")
     assert _tree(tmp_path) == {"a-file"}
     assert home.read_text() == "keep me\n"
 
@@ -177,7 +151,7 @@ def test_federation_init_keeps_an_existing_home_on_a_bad_rerun(tmp_path: Path) -
     )
     before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file()}
     done = _cli("federation", "init", "other", "--home", str(home), "--partners", "a,b")
-    _refused(done, 2, "already holds federation 'acme', not 'other'")
+    refused(done, 2, "already holds federation 'acme', not 'other'")
     assert {p: p.read_bytes() for p in home.rglob("*") if p.is_file()} == before  # no nodes/b
 
 
@@ -186,7 +160,7 @@ def test_federation_init_bad_superlink_writes_nothing(tmp_path: Path) -> None:
         "federation", "init", "--home", str(tmp_path / "fed"), "--partners", "alpha",
         "--kits-dir", str(tmp_path / "kits"), "--superlink", "h:99999",
     )  # fmt: skip
-    _refused(done, 2, "--superlink 'h:99999' must be host:port")
+    refused(done, 2, "--superlink 'h:99999' must be host:port")
     assert _tree(tmp_path) == set()
 
 
@@ -268,7 +242,7 @@ def test_node_start_kit_state_that_is_a_file(kit: Path) -> None:
     (kit / "state").write_text("not a directory\n")
     before = _tree(kit)
     done = _cli("node", "start", "--kit", str(kit), timeout=60)
-    _refused(done, 2, f"the node's state directory {kit / 'state'} is not a directory")
+    refused(done, 2, f"the node's state directory {kit / 'state'} is not a directory")
     assert _tree(kit) == before
 
 
@@ -285,7 +259,7 @@ def test_node_start_config_that_is_not_utf8(kit: Path, tmp_path: Path, where: st
         args = ["--kit", str(kit), "--kit-config", str(config)]
     before = _tree(tmp_path)
     done = _cli("node", "start", *args)
-    _refused(done, 2, f"{config} is not UTF-8 text")
+    refused(done, 2, f"{config} is not UTF-8 text")
     assert "marker-7f3a" not in done.stderr + done.stdout  # content is never echoed
     assert _tree(tmp_path) == before
 
@@ -309,7 +283,7 @@ def test_federation_up_refuses_bad_binds_before_starting(
 ) -> None:
     before = _tree(operator)
     done = _cli("federation", "up", "--home", str(operator), *options)
-    _refused(done, 2, needle)
+    refused(done, 2, needle)
     assert _tree(operator) == before  # no superlink.db, no logs/: nothing started
 
 
@@ -328,7 +302,7 @@ def test_check_up_options_covers_every_bind() -> None:
 
 def test_host_names_as_deployed_are_accepted() -> None:
     """Underscores (compose v1 container names), IPv6 and wildcards keep working."""
-    from fedvault.cli.processes import check_address, check_host
+    from fedvault.addresses import check_address, check_host
 
     assert check_address("proj_superlink_1:9092", "--superlink") == ("proj_superlink_1", 9092)
     assert check_address("[::1]:9092", "--superlink") == ("::1", 9092)
@@ -368,5 +342,5 @@ def test_node_start_refuses_bad_superlink_and_cap_before_starting(
         "node", "start", "--home", str(home), "--partner", "alpha",
         "--train-csv", str(data / "train.csv"), "--test-csv", str(data / "test.csv"), *options,
     )  # fmt: skip
-    _refused(done, 2, needle)
+    refused(done, 2, needle)
     assert _tree(tmp_path) == before  # no logs/: no SuperNode was started

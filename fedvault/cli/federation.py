@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedvault.addresses import check_address, check_host, check_port
 from fedvault.errors import ConfigError, ProcessFailedError, UnavailableError
 from fedvault.training_config import TrainingConfig
 from secure import CAFiles, create_ca, create_node_auth_keypair, issue_server_cert
@@ -42,9 +43,6 @@ from server.registry import ensure_model_keys
 from .processes import (
     ManagedProcess,
     ProcessGroup,
-    check_address,
-    check_host,
-    check_port,
     child_env,
     executable,
     wait_for_port,
@@ -304,17 +302,18 @@ def undo_on_error(created: CreatedPaths | None = None) -> Iterator[CreatedPaths]
         raise
 
 
-def check_writable_dir(path: Path, what: str, created: CreatedPaths) -> None:
+def check_writable_dir(path: Path, what: str, created: CreatedPaths | None = None) -> None:
     """Create ``path`` if needed and prove a file can be made in it, before any key is.
 
     Why a probe: permission bits are not the whole story (read-only mounts,
     ACLs, root), and a key half-written into an unwritable tree is the
-    partial state this avoids.
+    partial state this avoids. ``created`` records the directory for undoing.
     """
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path} is not a directory")
     try:
-        created.will_create(path)
+        if created is not None:
+            created.will_create(path)
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass

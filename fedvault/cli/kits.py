@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedvault.addresses import check_address, check_host
 from fedvault.errors import (
     ConfigError,
     KeyFileError,
@@ -66,9 +67,6 @@ from .federation import check_name as check_name
 from .processes import (
     ManagedProcess,
     ProcessGroup,
-    check_address,
-    check_host,
-    check_port,
     child_env,
     executable,
     free_port,
@@ -851,9 +849,11 @@ def start_fleet_proxy(
     superlink_host: str,
     superlink_port: int,
 ) -> ManagedProcess:
-    """Start ``fedvault federation fleet-proxy`` as a child and wait until it listens."""
-    check_host(listen_host, "--fleet-host")
-    check_port(listen_port, "--fleet-port")
+    """Start ``fedvault federation fleet-proxy`` as a child and wait until it listens.
+
+    Its binds are checked by ``federation up`` (``check_up_options``) before
+    the SuperLink starts.
+    """
     argv = [
         sys.executable, "-m", "fedvault", "federation", "fleet-proxy",
         "--home", str(paths.home),

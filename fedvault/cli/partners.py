@@ -8,7 +8,6 @@ holds and why.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,13 +16,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedvault.errors import ConfigError
+from fedvault.addresses import check_address, check_host, check_port
 from fedvault.settings import load_settings
 from fedvault.training_config import DatasetName
 
 from . import federation as fed
 from . import kits
-from .processes import ProcessGroup, check_address, check_host, check_port
+from .processes import ProcessGroup
 
 partner_app = typer.Typer(
     help="Operator: issue and revoke partners' startup kits.", no_args_is_help=True
@@ -167,7 +166,8 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
     else:
         console.print(f"SuperLink at {address} not reachable yet; the node keeps retrying")
     ledger = Path(settings["ledger"])
-    _check_state_dir(ledger.parent)
+    # The node writes its ledger and log there: a node that cannot must not join a run.
+    fed.check_writable_dir(ledger.parent, "the node's state directory")
     with ProcessGroup() as group:
         proc = kits.start_kit_supernode(group, kit, settings, ledger.parent / "supernode.log")
         monitor = NodeMonitor(
@@ -205,21 +205,3 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
             console.print("stopping")
         finally:
             server.stop()
-
-
-def _check_state_dir(path: Path) -> None:
-    """The node writes its ledger and log here: prove it can before anything starts.
-
-    Why a probe, not permission bits: read-only mounts and ACLs decide too,
-    and a node that cannot write its ledger must not join a run.
-    """
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"the node's state directory {path} is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot write the node's state directory {path}: {fed.os_reason(exc)}"
-        ) from None
