@@ -252,6 +252,7 @@ def federated_run(
 ) -> dict[str, Any]:
     """One federated training run mirroring the coordinator; None ε = non-private."""
     from clients.training import LocalPlan, sample_rate, train_local
+    from fedvault.encoding import encoding_for
     from fedvault.modelspec import ModelSpec, evaluate, init_parameters
     from fedvault.privacy import GaussianEvent, epsilon
     from fedvault.schema import builtin_schema
@@ -260,11 +261,12 @@ def federated_run(
 
     warnings.filterwarnings("ignore")
     private = target_epsilon is not None
-    schema = builtin_schema(dataset)  # type: ignore[arg-type]
+    schema = builtin_schema(dataset)
+    encoding = encoding_for(schema)
     parts = partners_for(dataset, seed)
     spec = ModelSpec(
         kind=model,  # type: ignore[arg-type]
-        n_features=len(schema.features),
+        n_features=encoding.width,
         n_classes=len(schema.classes),
         hidden=hp.hidden,
         activation=hp.activation if model == "mlp" else "square",  # type: ignore[arg-type]
@@ -274,13 +276,13 @@ def federated_run(
     total = None
     for p in parts:
         rng = np.random.default_rng(_seed(seed, p.name, 0))
-        s = noisy_sums(p.x_train, schema, hp.stats_noise_multiplier if private else 0.0, rng)
+        s = noisy_sums(p.x_train, encoding, hp.stats_noise_multiplier if private else 0.0, rng)
         total = s if total is None else total + s
     assert total is not None
     # Shrinking towards the features' mean variance is post-processing; it
     # needs the (public) noise level of the summed release.
-    noise_std = sums_noise_std([hp.stats_noise_multiplier] * len(parts), len(schema.features))
-    scaler = scaler_from_sums(total, schema, noise_std=noise_std if private else 0.0)
+    noise_std = sums_noise_std([hp.stats_noise_multiplier] * len(parts), encoding.width)
+    scaler = scaler_from_sums(total, encoding, noise_std=noise_std if private else 0.0)
     # Per-partner calibration, exactly as Coordinator._calibrate.
     sigmas, rates = [], []
     for p in parts:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.data import PartnerData, load_partner_csv
+from clients.data import CsvFormat, PartnerData, load_partner_data
 from clients.ledger import NodeLedger, request_digest
 from fedvault import wire
+from fedvault.encoding import Encoding, encoding_for
 from fedvault.errors import ConfigError, ConflictError, DataError, FedvaultError
-from fedvault.modelspec import ModelSpec, check_parameters, evaluate
+from fedvault.metrics import partner_sums
+from fedvault.modelspec import ModelSpec, check_parameters
 from fedvault.privacy import (
     ACCOUNTANT_NAME,
     MECHANISM_DP_SGD,
@@ -57,6 +59,7 @@ class NodeSettings:
     epsilon_cap: float
     cap_delta: float
     allow_non_private: bool
+    csv_format: CsvFormat = field(default_factory=CsvFormat)
 
     @classmethod
     def from_node_config(cls, config: dict[str, Any]) -> NodeSettings:
@@ -69,6 +72,10 @@ class NodeSettings:
                 epsilon_cap=float(config["epsilon-cap"]),
                 cap_delta=float(config.get("cap-delta", 1e-5)),
                 allow_non_private=str(config.get("allow-non-private", "false")).lower() == "true",
+                csv_format=CsvFormat(
+                    delimiter=str(config["csv-delimiter"]) if config.get("csv-delimiter") else None,
+                    encoding=str(config.get("csv-encoding") or "utf-8"),
+                ),
             )
         except KeyError as exc:
             raise ConfigError(f"node config lacks {exc.args[0]!r}") from None
@@ -124,25 +131,28 @@ class Refusal(FedvaultError):
         self.code = code
 
 
-def _refusal(message: Message, code: str, text: str) -> Message:
+def _refusal(message: Message, code: str, text: str, partner: str) -> Message:
     log.warning("refusing %s: %s (%s)", message.metadata.message_type, code, text)
-    content = RecordDict({wire.REFUSAL: ConfigRecord({"code": code, "message": text})})
+    record = ConfigRecord({"code": code, "message": text, "partner": partner})
+    content = RecordDict({wire.REFUSAL: record})
     return Message(content, reply_to=message)
 
 
 def _handle(message: Message, context: Context, handler: Any) -> Message:
     """Run ``handler`` and turn every expected failure into a typed refusal."""
+    partner = ""
     try:
         settings = NodeSettings.from_context(context)
+        partner = settings.partner
         return handler(message, settings)  # type: ignore[no-any-return]
     except Refusal as exc:
-        return _refusal(message, exc.code, str(exc))
+        return _refusal(message, exc.code, str(exc), partner)
     except DataError as exc:
-        return _refusal(message, wire.REFUSE_DATA, str(exc))
+        return _refusal(message, wire.REFUSE_DATA, str(exc), partner)
     except ConflictError as exc:
-        return _refusal(message, wire.REFUSE_CONFLICT, str(exc))
+        return _refusal(message, wire.REFUSE_CONFLICT, str(exc), partner)
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
-        return _refusal(message, wire.REFUSE_REQUEST, f"malformed request: {exc}")
+        return _refusal(message, wire.REFUSE_REQUEST, f"malformed request: {exc}", partner)
 
 
 def _run_record(message: Message) -> ConfigRecord:
@@ -153,7 +163,28 @@ def _run_record(message: Message) -> ConfigRecord:
 
 
 def _load(settings: NodeSettings, schema: DataSchema) -> tuple[PartnerData, PartnerData]:
-    return load_partner_csv(settings.train_csv, schema), load_partner_csv(settings.test_csv, schema)
+    fmt = settings.csv_format
+    return (
+        load_partner_data(settings.train_csv, schema, fmt),
+        load_partner_data(settings.test_csv, schema, fmt),
+    )
+
+
+def _schema(run: ConfigRecord) -> tuple[DataSchema, Encoding]:
+    schema = from_json(wire.config_str(run, "schema"))
+    return schema, encoding_for(schema)
+
+
+def _eval_sums(
+    spec: ModelSpec, encoding: Encoding, params: list[Any], scaler: Scaler, data: PartnerData
+) -> list[float]:
+    return partner_sums(
+        spec,
+        params,
+        scaler.apply(data.features),
+        encoding.encode_target(data.labels),
+        target_scale=encoding.target_scale,
+    )
 
 
 def _seed(run: ConfigRecord, partner: str, round_: int) -> int:
@@ -250,7 +281,7 @@ def stats(message: Message, context: Context) -> Message:
 
 def _stats(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema = from_json(wire.config_str(run, "schema"))
+    schema, encoding = _schema(run)
     train, test = _load(settings, schema)
     with NodeLedger(settings.ledger) as ledger:
         digest = _digest(message)
@@ -261,7 +292,7 @@ def _stats(message: Message, settings: NodeSettings) -> Message:
         event = GaussianEvent(sigma, 1.0, 1)
         charge = _charge(ledger, settings, schema, run, 0, MECHANISM_GAUSSIAN_SUMS, event, 1.0)
         rng = np.random.default_rng(_seed(run, settings.partner, 0))
-        sums = noisy_sums(train.features, schema, sigma, rng)
+        sums = noisy_sums(train.features, encoding, sigma, rng)
         partner = {"name": settings.partner, "n-train": train.n_rows, "n-test": test.n_rows}
         return _cache_and_reply(
             message,
@@ -299,8 +330,10 @@ def train(message: Message, context: Context) -> Message:
 
 def _train(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema = from_json(wire.config_str(run, "schema"))
+    schema, encoding = _schema(run)
     spec = ModelSpec.model_validate_json(wire.config_str(run, "model-spec"))
+    if spec.n_features != encoding.width or spec.n_classes != schema.n_outputs:
+        raise Refusal(wire.REFUSE_REQUEST, "the model does not fit the run's schema")
     round_ = wire.config_int(run, "round")
     private = wire.config_bool(run, "private")
     if not private and not settings.allow_non_private:
@@ -340,21 +373,19 @@ def _train(message: Message, settings: NodeSettings) -> Message:
                 wire.config_float(run, "delta"),
             )
         params, scaler = _model_and_scaler(message, spec)
-        x_test = scaler.apply(test_data.features)
-        eval_loss, eval_acc = evaluate(spec, params, x_test, test_data.labels)
+        sums = _eval_sums(spec, encoding, params, scaler, test_data)
         result = train_local(
             spec,
             params,
             scaler.apply(train_data.features),
-            train_data.labels,
+            encoding.encode_target(train_data.labels),
             plan,
             seed=_seed(run, settings.partner, round_),
         )
         metrics = {
             "num-examples": train_data.n_rows,
             "num-test": test_data.n_rows,
-            "eval-loss": eval_loss,
-            "eval-accuracy": eval_acc,
+            "eval-sums": sums,
         }
         return _cache_and_reply(
             message,
@@ -377,12 +408,12 @@ def evaluate_global(message: Message, context: Context) -> Message:
 
 def _evaluate(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema = from_json(wire.config_str(run, "schema"))
+    schema, encoding = _schema(run)
     spec = ModelSpec.model_validate_json(wire.config_str(run, "model-spec"))
-    test_data = load_partner_csv(settings.test_csv, schema)
+    test_data = load_partner_data(settings.test_csv, schema, settings.csv_format)
     params, scaler = _model_and_scaler(message, spec)
-    loss, acc = evaluate(spec, params, scaler.apply(test_data.features), test_data.labels)
-    metrics = MetricRecord({"num-test": test_data.n_rows, "eval-loss": loss, "eval-accuracy": acc})
+    sums = _eval_sums(spec, encoding, params, scaler, test_data)
+    metrics = MetricRecord({"num-test": test_data.n_rows, "eval-sums": sums})
     content = RecordDict(
         {wire.METRICS: metrics, wire.PARTNER: ConfigRecord({"name": settings.partner})}
     )

@@ -1,27 +1,29 @@
-"""Partner-side loading and validation of a local CSV file against the federation schema.
+"""Partner-side loading and validation of a local data file against the federation schema.
 
-Runs on the partner node, so it imports only numpy and the standard library (no
-sklearn, no torch) to keep process start fast.
+Runs on the partner node, so it imports only numpy and the standard library
+(pyarrow only for Parquet files) to keep process start fast.
 
-Every problem is reported as a :class:`~fedvault.errors.DataError` carrying the file,
-the 1-based physical line (the header is line 1) and the column name of the *first*
-problem in file order (top to bottom, then left to right). Messages may quote the
-single offending cell (truncated to 40 characters) but never other rows' values.
+Every problem is reported as a :class:`~fedvault.errors.DataError` carrying the
+file, the 1-based physical line (the header is line 1; for Parquet the row
+group and row) and the column name of the *first* problem in file order (top to
+bottom, then left to right). Messages may quote the single offending cell
+(truncated to 40 characters) but never other rows' values.
 
-File format accepted:
+CSV files:
 
-* UTF-8 (an optional byte-order mark is ignored), RFC 4180 quoting, any line endings;
-* a header naming exactly the schema's features and its label column, in any order
-  (surrounding whitespace in names is ignored);
-* numeric cells as Python/numpy float literals in ASCII without ``_`` separators,
-  surrounding whitespace allowed; ``int`` columns accept integral values (``3``,
-  ``3.0``); NaN and infinities are rejected; values must lie in the feature's
-  public ``[min, max]``;
-* label cells exactly one of the schema's class names (surrounding whitespace ignored);
+* UTF-8 by default (an optional byte-order mark is ignored), or the declared
+  encoding; RFC 4180 quoting, any line endings; the delimiter is declared or
+  detected from the header line (``,``, ``;``, tab or ``|``);
+* a header naming the schema's features and its label column, in any order
+  (surrounding whitespace in names is ignored), plus any of the schema's
+  ``ignore`` columns; any other column is refused;
+* cells as :mod:`fedvault.encoding` parses them (numbers, declared categories,
+  booleans, the schema's missing-value markers);
 * blank lines are skipped (they still count for line numbers).
 
-Validation is column-wise with numpy in the common path; only a column that fails
-is rescanned cell by cell to pinpoint the first bad cell.
+Validation streams: rows are read, checked and encoded in blocks of
+:data:`BLOCK_ROWS`, so memory holds one block of text plus the encoded
+float32 result, never the whole file's text.
 """
 
 from __future__ import annotations
@@ -29,38 +31,70 @@ from __future__ import annotations
 import codecs
 import csv
 import io
-import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from fedvault.errors import DataError
-from fedvault.schema import DataSchema, FeatureSpec
+from fedvault.encoding import Encoding, InvalidValue, encoding_for, parse_cells, parse_labels
+from fedvault.encoding import quote as _quote
+from fedvault.errors import ConfigError, DataError
+from fedvault.schema import DataSchema
 
-__all__ = ["PartnerData", "load_partner_csv"]
+__all__ = [
+    "BLOCK_ROWS",
+    "PARQUET_SUFFIXES",
+    "CsvFormat",
+    "PartnerData",
+    "iter_problems",
+    "load_partner_csv",
+    "load_partner_data",
+]
 
-_QUOTE_LIMIT = 40
+BLOCK_ROWS = 65_536
+_READ_BYTES = 1 << 22
 _LIST_LIMIT = 5
+PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
+_DELIMITERS = (",", ";", "\t", "|")
+
+
+@dataclass(frozen=True, slots=True)
+class CsvFormat:
+    """How a partner's CSV is written: ``delimiter`` None means detect it."""
+
+    delimiter: str | None = None
+    encoding: str = "utf-8"
+
+    def __post_init__(self) -> None:
+        if self.delimiter is not None and (len(self.delimiter) != 1 or self.delimiter in '"\r\n'):
+            raise ConfigError(
+                f"csv delimiter must be one character (not a quote), got {self.delimiter!r}"
+            )
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"unknown text encoding {self.encoding!r}") from None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PartnerData:
-    """A validated partner table: read-only arrays in schema feature order."""
+    """A validated partner table: read-only arrays, encoded in schema order.
 
-    features: npt.NDArray[np.float32]  # shape (n, d), columns in schema order
-    labels: npt.NDArray[np.int64]  # shape (n,), index into schema.classes
+    ``features`` is the model input (:class:`~fedvault.encoding.Encoding`),
+    NaN where a ``mean``-imputed value is missing; ``labels`` are class
+    indices (``int64``) or regression targets in their units (``float64``).
+    """
+
+    features: npt.NDArray[np.float32]
+    labels: npt.NDArray[Any]
     path: Path
 
     @property
     def n_rows(self) -> int:
         return int(self.features.shape[0])
-
-
-def _quote(cell: str) -> str:
-    """The single offending cell, quoted and truncated for an error message."""
-    return repr(cell if len(cell) <= _QUOTE_LIMIT else cell[:_QUOTE_LIMIT] + "...")
 
 
 def _names(names: list[str] | tuple[str, ...]) -> str:
@@ -69,92 +103,11 @@ def _names(names: list[str] | tuple[str, ...]) -> str:
     return shown + (f" and {rest} more" if rest > 0 else "")
 
 
-def _fmt(value: float) -> str:
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _cell_problem(cell: str, spec: FeatureSpec) -> str | None:
-    """What is wrong with one numeric cell, or None if it is valid. The single source
-    of truth for cell validity; the vectorised path must agree with it."""
-    kind = "an integer" if spec.dtype == "int" else "a float"
-    text = cell.strip()
-    if not text:
-        return f"missing value, expected {kind}"
-    if not text.isascii() or "_" in text:
-        return f"expected {kind}, got {_quote(text)}"
-    try:
-        value = float(text)
-    except ValueError:
-        return f"expected {kind}, got {_quote(text)}"
-    if not math.isfinite(value):
-        finite = "an integer" if spec.dtype == "int" else "a finite float"
-        return f"expected {finite}, got {_quote(text)}"
-    if spec.dtype == "int" and not value.is_integer():
-        return f"expected an integer, got {_quote(text)}"
-    if value < spec.min or value > spec.max:
-        shown = text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "..."
-        return f"value {shown} outside the schema range [{_fmt(spec.min)}, {_fmt(spec.max)}]"
-    return None
-
-
-def _numeric_column(
-    cells: tuple[str, ...], spec: FeatureSpec
-) -> tuple[npt.NDArray[np.float64] | None, int | None]:
-    """Parse one column: (values, None) if all valid, else (None, first bad row index)."""
-    joined = "\x1f".join(cells)
-    if joined.isascii() and "_" not in joined:
-        try:
-            values = np.array(cells, dtype=np.float64)
-        except ValueError:
-            pass  # some cell does not parse: pinpoint it below
-        else:
-            bad = ~np.isfinite(values) | (values < spec.min) | (values > spec.max)
-            if spec.dtype == "int":
-                with np.errstate(invalid="ignore"):
-                    bad |= values != np.floor(values)
-            if not bad.any():
-                return values, None
-            return None, int(np.argmax(bad))
-    for index, cell in enumerate(cells):
-        if _cell_problem(cell, spec) is not None:
-            return None, index
-    # Unreachable unless numpy and float() disagree; stay safe and reject.
-    return None, 0  # pragma: no cover
-
-
-def _read_text(path: Path) -> str:
-    shown = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", path=shown) from None
-    except IsADirectoryError:
-        raise DataError("is a directory, expected a CSV file", path=shown) from None
-    except PermissionError:
-        raise DataError("permission denied, cannot read the file", path=shown) from None
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise DataError(f"cannot read the file ({reason})", path=shown) from None
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8) :]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise DataError(
-            f"not valid UTF-8 text (byte {exc.start}), expected a UTF-8 CSV file",
-            path=shown,
-            line=line,
-        ) from None
-
-
 def _check_header(header: list[str], schema: DataSchema, shown: str, line: int) -> dict[str, int]:
     """Map each schema column to its position in the file, or raise DataError."""
     expected = schema.columns
-    wanted = set(expected)
-    if not wanted.intersection(header):
+    wanted = set(expected) | set(schema.ignore)
+    if not set(expected).intersection(header):
         # Probably no header at all; do not echo the line, it may be a row of data.
         raise DataError(
             f"no schema column names in the header, expected a header line naming "
@@ -176,7 +129,8 @@ def _check_header(header: list[str], schema: DataSchema, shown: str, line: int) 
     extra = [name for name in header if name not in wanted]
     if extra:
         raise DataError(
-            f"unexpected column(s) {_names(extra)}, not in schema {schema.name!r}",
+            f"unexpected column(s) {_names(extra)}, not in schema {schema.name!r} "
+            "(a column the federation does not use can be declared in the schema's ignore list)",
             path=shown,
             line=line,
             column=extra[0],
@@ -192,39 +146,199 @@ def _check_header(header: list[str], schema: DataSchema, shown: str, line: int) 
     return positions
 
 
-def load_partner_csv(path: Path | str, schema: DataSchema) -> PartnerData:
-    """Load and fully validate a partner CSV; raise DataError at the first problem."""
-    path = Path(path)
-    shown = str(path)
-    text = _read_text(path)
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+class _Block:
+    """Rows of one block (text cells) and the physical line each starts on."""
 
-    header: list[str] | None = None
-    header_line = 1
-    width = 0
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    structural: DataError | None = None  # first row-level problem; cell problems above it win
+    def __init__(self) -> None:
+        self.rows: list[list[str]] = []
+        self.lines: list[int] = []
+
+
+def _text_lines(path: Path, fmt: CsvFormat, shown: str) -> Iterator[str]:
+    """Decoded lines (with their line endings), read incrementally.
+
+    A decoding error names its physical line: the newlines counted in the bytes
+    before it, plus one.
+    """
+    name = codecs.lookup(fmt.encoding).name
+    decoder = codecs.getincrementaldecoder("utf-8-sig" if name == "utf-8" else fmt.encoding)()
+    label = "UTF-8" if name == "utf-8" else fmt.encoding
+    newlines = 0
+    consumed = 0
+    leftover = ""
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise DataError("file not found", path=shown) from None
+    except IsADirectoryError:
+        raise DataError("is a directory, expected a CSV file", path=shown) from None
+    except PermissionError:
+        raise DataError("permission denied, cannot read the file", path=shown) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DataError(f"cannot read the file ({reason})", path=shown) from None
+    with handle:
+        while True:
+            try:
+                raw = handle.read(_READ_BYTES)
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                raise DataError(f"cannot read the file ({reason})", path=shown) from None
+            try:
+                text = decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as exc:
+                line = newlines + raw.count(b"\n", 0, max(exc.start, 0)) + 1
+                raise DataError(
+                    f"not valid {label} text (byte {consumed + max(exc.start, 0)}), "
+                    f"expected a {label} CSV file (or declare its encoding)",
+                    path=shown,
+                    line=line,
+                ) from None
+            newlines += raw.count(b"\n")
+            consumed += len(raw)
+            buffer = leftover + text
+            if not raw:
+                if buffer:
+                    yield buffer
+                return
+            lines = io.StringIO(buffer, newline="").readlines()
+            # Keep an unfinished last line (or a lone \r that may be half of \r\n).
+            if lines and (not lines[-1].endswith(("\n", "\r")) or lines[-1].endswith("\r")):
+                leftover = lines.pop()
+            else:
+                leftover = ""
+            yield from lines
+
+
+def _detect_delimiter(first: str) -> str:
+    counts = {d: first.count(d) for d in _DELIMITERS}
+    best = max(_DELIMITERS, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
+def _records(path: Path, fmt: CsvFormat, shown: str) -> Iterator[tuple[int, list[str]] | DataError]:
+    """(start line, cells) of each non-blank record, or a structural DataError last."""
+    lines = _text_lines(path, fmt, shown)
+    first: str | None = None
+    pending: list[str] = []
+    for line in lines:
+        pending.append(line)
+        if line.strip():
+            first = line
+            break
+    if first is None:
+        return
+    delimiter = fmt.delimiter or _detect_delimiter(first)
+
+    def replay() -> Iterator[str]:
+        yield from pending
+        yield from lines
+
+    reader = csv.reader(replay(), delimiter=delimiter, strict=True)
     previous_end = 0
-    records = iter(reader)
     while True:
         start = previous_end + 1
         try:
-            row = next(records)
+            row = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as exc:
-            structural = DataError(
+            yield DataError(
                 f"malformed CSV in the record starting here ({exc})", path=shown, line=start
             )
-            break
+            return
         previous_end = reader.line_num
         if len(row) <= 1 and not "".join(row).strip():
             continue  # blank line
-        if header is None:
+        yield start, row
+
+
+class _Validator:
+    """Checks and encodes blocks of rows; remembers the first problem per column."""
+
+    def __init__(self, schema: DataSchema, positions: dict[str, int], shown: str) -> None:
+        self.schema = schema
+        self.encoding: Encoding = encoding_for(schema)
+        self.positions = positions
+        self.shown = shown
+        self.missing = frozenset(schema.missing_values)
+        self.specs = {spec.name: spec for spec in schema.features}
+
+    def block(self, block: _Block) -> tuple[npt.NDArray[np.float32], npt.NDArray[Any]]:
+        """Encoded block, or DataError at its first problem in file order.
+
+        Columns are parsed whole (vectorised); only a block with a problem is
+        rescanned to find which column's problem comes first in the file.
+        """
+        columns = list(zip(*block.rows, strict=True))
+        try:
+            typed = [self._parse(name, columns[self.positions[name]]) for name in self.specs]
+            labels = self._parse(self.schema.label, columns[self.positions[self.schema.label]])
+        except InvalidValue:
+            raise self.problems(block)[0] from None
+        return self.encoding.encode(typed), labels
+
+    def problems(self, block: _Block) -> list[DataError]:
+        """Each column's first problem in this block, in file order."""
+        counts: dict[str, int] = {}
+        return self.column_problems(block, counts, 1)
+
+    def column_problems(
+        self, block: _Block, counts: dict[str, int], per_column: int
+    ) -> list[DataError]:
+        """Each column's next problems in this block (``counts`` caps them per column),
+        in file order: top to bottom, then left to right."""
+        if not block.rows:
+            return []
+        columns = list(zip(*block.rows, strict=True))
+        found: list[tuple[int, int, DataError]] = []
+        for name in (*self.schema.feature_names, self.schema.label):
+            cells = columns[self.positions[name]]
+            offset = 0
+            while counts.get(name, 0) < per_column and offset < len(cells):
+                try:
+                    self._parse(name, cells[offset:])
+                    break
+                except InvalidValue as exc:
+                    row = offset + exc.row
+                    error = DataError(
+                        exc.message, path=self.shown, line=block.lines[row], column=name
+                    )
+                    found.append((row, self.positions[name], error))
+                    counts[name] = counts.get(name, 0) + 1
+                    offset = row + 1
+        found.sort(key=lambda item: item[:2])
+        return [error for _, _, error in found]
+
+    def _parse(self, name: str, cells: tuple[str, ...]) -> npt.NDArray[Any]:
+        if name == self.schema.label:
+            return parse_labels(self.schema, cells)
+        return parse_cells(self.specs[name], cells, self.missing)
+
+
+def _csv_blocks(
+    path: Path, schema: DataSchema, fmt: CsvFormat
+) -> Iterator[tuple[_Validator, _Block, DataError | None]]:
+    """Blocks of rows under a valid header. An error (structural, or a file
+    without data rows) comes with the last block, after the rows above it."""
+    shown = str(path)
+    header_line = 1
+    validator: _Validator | None = None
+    width = 0
+    total = 0
+    block = _Block()
+    for item in _records(path, fmt, shown):
+        if isinstance(item, DataError):
+            if validator is None:
+                raise item
+            yield validator, block, item
+            return
+        start, row = item
+        if validator is None:
             header = [name.strip() for name in row]
             header_line = start
             width = len(header)
+            validator = _Validator(schema, _check_header(header, schema, shown, start), shown)
             continue
         if len(row) != width:
             structural = DataError(
@@ -232,74 +346,100 @@ def load_partner_csv(path: Path | str, schema: DataSchema) -> PartnerData:
                 path=shown,
                 line=start,
             )
-            break
-        rows.append(row)
-        lines.append(start)
-    if header is None:
-        if structural is not None:
-            raise structural
+            yield validator, block, structural
+            return
+        block.rows.append(row)
+        block.lines.append(start)
+        total += 1
+        if len(block.rows) >= BLOCK_ROWS:
+            yield validator, block, None
+            block = _Block()
+    if validator is None:
         raise DataError("file is empty, expected a header line", path=shown, line=1)
-    return _validate(header, header_line, rows, lines, structural, schema, shown, path)
-
-
-def _validate(
-    header: list[str],
-    header_line: int,
-    rows: list[list[str]],
-    lines: list[int],
-    structural: DataError | None,
-    schema: DataSchema,
-    shown: str,
-    path: Path,
-) -> PartnerData:
-    positions = _check_header(header, schema, shown, header_line)
-    if not rows:
-        if structural is not None:
-            raise structural
-        raise DataError(
+    if total == 0:
+        empty = DataError(
             "no data rows, expected at least one row after the header",
             path=shown,
             line=header_line + 1,
         )
-    columns = list(zip(*rows, strict=True))
-    n = len(rows)
-    features = np.empty((n, len(schema.features)), dtype=np.float32)
-    best: tuple[int, int, str] | None = None  # (row index, file position, message)
+        yield validator, block, empty
+    elif block.rows:
+        yield validator, block, None
 
-    def consider(row: int, pos: int, message: str) -> None:
-        nonlocal best
-        if best is None or (row, pos) < best[:2]:
-            best = (row, pos, message)
 
-    for j, spec in enumerate(schema.features):
-        pos = positions[spec.name]
-        values, bad = _numeric_column(columns[pos], spec)
-        if bad is not None:
-            message = _cell_problem(columns[pos][bad], spec) or "invalid value"
-            consider(bad, pos, message)
-        elif values is not None:
-            features[:, j] = values
+def load_partner_csv(
+    path: Path | str, schema: DataSchema, fmt: CsvFormat | None = None
+) -> PartnerData:
+    """Load and fully validate a partner CSV; raise DataError at the first problem."""
+    path = Path(path)
+    fmt = fmt or CsvFormat()
+    from clients.arrow_csv import load_with_arrow
 
-    label_pos = positions[schema.label]
-    index = {name: i for i, name in enumerate(schema.classes)}
-    label_cells = columns[label_pos]
-    labels = np.fromiter(
-        (index.get(cell.strip(), -1) for cell in label_cells), dtype=np.int64, count=n
-    )
-    if (labels < 0).any():
-        bad = int(np.argmax(labels < 0))
-        cell = label_cells[bad].strip()
-        expected = f"expected one of {_names(schema.classes)}"
-        if cell:
-            consider(bad, label_pos, f"unknown label {_quote(cell)}, {expected}")
-        else:
-            consider(bad, label_pos, f"missing label, {expected}")
+    fast = load_with_arrow(path, schema, fmt.encoding, fmt.delimiter)
+    if fast is not None:
+        return finish(*fast, path)
+    return load_exact(path, schema, fmt)
 
-    if best is not None:
-        row, pos, message = best
-        raise DataError(message, path=shown, line=lines[row], column=header[pos])
-    if structural is not None:
-        raise structural
-    features.flags.writeable = False
-    labels.flags.writeable = False
-    return PartnerData(features=features, labels=labels, path=path)
+
+def load_exact(path: Path, schema: DataSchema, fmt: CsvFormat) -> PartnerData:
+    """The exact path: Python's csv module, every problem located by line."""
+    features: list[npt.NDArray[np.float32]] = []
+    labels: list[npt.NDArray[Any]] = []
+    for validator, block, error in _csv_blocks(path, schema, fmt):
+        if block.rows:
+            x, y = validator.block(block)
+            features.append(x)
+            labels.append(y)
+        if error is not None:
+            raise error
+    return finish(features, labels, path)
+
+
+def finish(
+    features: list[npt.NDArray[np.float32]], labels: list[npt.NDArray[Any]], path: Path
+) -> PartnerData:
+    """One read-only table from encoded blocks."""
+    x = features[0] if len(features) == 1 else np.concatenate(features)
+    y = labels[0] if len(labels) == 1 else np.concatenate(labels)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return PartnerData(features=x, labels=y, path=path)
+
+
+def load_partner_data(
+    path: Path | str, schema: DataSchema, fmt: CsvFormat | None = None
+) -> PartnerData:
+    """Load a partner's CSV or Parquet file (by its suffix) and validate it."""
+    path = Path(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        from clients.parquet import load_partner_parquet
+
+        return load_partner_parquet(path, schema)
+    return load_partner_csv(path, schema, fmt)
+
+
+def iter_problems(
+    path: Path | str, schema: DataSchema, fmt: CsvFormat | None = None, *, per_column: int = 3
+) -> Iterator[DataError]:
+    """Up to ``per_column`` problems of each column of a file, for ``fedvault data check``.
+
+    Within a block, problems come in file order. File-level and header problems
+    end the listing (nothing after them can be read reliably); so does a
+    structural one, listed after the problems above it.
+    """
+    path = Path(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        from clients.parquet import iter_parquet_problems
+
+        yield from iter_parquet_problems(path, schema, per_column=per_column)
+        return
+    fmt = fmt or CsvFormat()
+    counts: dict[str, int] = {}
+    try:
+        for validator, block, error in _csv_blocks(path, schema, fmt):
+            yield from validator.column_problems(block, counts, per_column)
+            if error is not None:
+                yield error
+                return
+    except DataError as exc:
+        yield exc

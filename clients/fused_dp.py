@@ -76,10 +76,16 @@ class _FlatModel:
             self.grads.append(self.grad[offset : offset + size].reshape(p.shape))
             offset += size
 
+    def output_grad(self, z: FloatArray, y: NDArray[np.generic]) -> tuple[FloatArray, float]:
+        """Per-sample gradients of the loss w.r.t. the outputs, and the summed loss."""
+        if self.spec.is_regression:
+            return _regression_grad(z, y, self.spec.loss, self.spec.huber_delta)
+        return _cross_entropy_grad(z, y)  # type: ignore[arg-type]
+
     def accumulate(
         self,
         x: FloatArray,
-        y: NDArray[np.int64],
+        y: NDArray[np.generic],
         x_norm_sq: FloatArray | None,
         max_grad_norm: float,
     ) -> float:
@@ -90,7 +96,7 @@ class _FlatModel:
         """
         if self.spec.kind == "logreg":
             w, b = self.params
-            g, loss = _cross_entropy_grad(x @ w.T + b, y)
+            g, loss = self.output_grad(x @ w.T + b, y)
             if x_norm_sq is not None:
                 sq = np.vecdot(g, g)
                 sq *= x_norm_sq
@@ -116,7 +122,7 @@ class _FlatModel:
         else:
             a1 = np.maximum(z1, 0.0)
             slope = (z1 > 0).astype(np.float32)
-        g2, loss = _cross_entropy_grad(a1 @ w2.T + b2, y)
+        g2, loss = self.output_grad(a1 @ w2.T + b2, y)
         g1 = g2 @ w2
         g1 *= slope
         if x_norm_sq is not None:
@@ -131,6 +137,21 @@ class _FlatModel:
         gw2 += g2.T @ a1
         gb2 += g2.sum(0)
         return loss
+
+
+def _regression_grad(
+    z: FloatArray, y: NDArray[np.generic], loss: str, delta: float
+) -> tuple[FloatArray, float]:
+    """Per-sample gradients of ½(z − y)² (or Huber) w.r.t. the single output, and the sum."""
+    residual = z[:, 0] - np.asarray(y, dtype=np.float32)
+    if loss == "huber":
+        a = np.abs(residual)
+        total = float(np.where(a <= delta, 0.5 * residual**2, delta * (a - 0.5 * delta)).sum())
+        g = np.clip(residual, -delta, delta)
+    else:
+        total = float(0.5 * (residual.astype(np.float64) ** 2).sum())
+        g = residual
+    return g[:, None].astype(np.float32), total
 
 
 def _cross_entropy_grad(z: FloatArray, y: NDArray[np.int64]) -> tuple[FloatArray, float]:
@@ -161,7 +182,7 @@ def train_fused(
     spec: ModelSpec,
     params: list[FloatArray],
     x: NDArray[np.float32],
-    y: NDArray[np.int64],
+    y: NDArray[np.generic],
     plan: FusedPlan,
     *,
     seed: int | None,
@@ -184,7 +205,7 @@ def run_steps(
     spec: ModelSpec,
     params: list[FloatArray],
     x_in: NDArray[np.float32],
-    y_in: NDArray[np.int64],
+    y_in: NDArray[np.generic],
     batches: Iterable[IndexArray],
     plan: FusedPlan,
     rng: np.random.Generator,
@@ -192,7 +213,7 @@ def run_steps(
     """One SGD step per batch of indices (the core, separate so tests can fix batches)."""
     model = _FlatModel(spec, params)
     x = np.ascontiguousarray(x_in, dtype=np.float32)
-    y = np.ascontiguousarray(y_in, dtype=np.int64)
+    y = np.ascontiguousarray(y_in, dtype=np.float32 if spec.is_regression else np.int64)
     # ‖(x_i, 1)‖² is fixed per example: computed once, not once per step.
     x_norm_sq = np.vecdot(x, x) + np.float32(1.0) if plan.private else None
     velocity = np.zeros_like(model.flat) if plan.momentum else None

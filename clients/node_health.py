@@ -27,7 +27,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import generate_latest
 
-from clients.data import load_partner_csv
+from clients.data import CsvFormat, load_partner_data
 from clients.ledger import NodeLedger
 from fedvault.errors import FedvaultError
 from fedvault.schema import DataSchema
@@ -56,6 +56,7 @@ class NodeWatch:
     ledger: Path
     epsilon_cap: float
     cap_delta: float
+    csv_format: CsvFormat = field(default_factory=CsvFormat)
 
 
 class NodeMonitor:
@@ -128,7 +129,7 @@ class NodeMonitor:
             return self.data_ok
         try:
             for path in (self.watch.train_csv, self.watch.test_csv):
-                load_partner_csv(path, self.watch.schema)
+                load_partner_data(path, self.watch.schema, self.watch.csv_format)
         except FedvaultError as exc:
             self.data_ok = False
             self.last_error = str(exc)

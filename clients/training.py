@@ -65,7 +65,7 @@ def train_local(
     spec: ModelSpec,
     params: list[FloatArray],
     x: NDArray[np.float32],
-    y: NDArray[np.int64],
+    y: NDArray[np.generic],
     plan: LocalPlan,
     *,
     seed: int | None,

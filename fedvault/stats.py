@@ -1,7 +1,9 @@
 """Federated standardisation statistics with a Gaussian mechanism.
 
-Each partner releases noisy sums ``(Σ s, Σ s², n)`` of its features rescaled
-into [-1, 1] by the schema's *public* bounds (never by its own data), so that
+Each partner releases noisy sums ``(Σ s, Σ s², n)`` of its encoded inputs
+(:mod:`fedvault.encoding`: numeric values, one-hot categories, missing
+indicators) rescaled into [-1, 1] by the schema's *public* bounds (never by its
+own data); an imputed (missing) entry contributes 0. So that
 one example changes the released vector by at most ``sqrt(2d + 1)`` in L2
 (add/remove adjacency). Gaussian noise of standard deviation
 ``sigma · sqrt(2d + 1)`` makes the release (sigma, q=1, 1 step) in the accountant's
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from fedvault.schema import DataSchema
+from fedvault.encoding import Encoding
 
 FloatArray = NDArray[np.float64]
 
@@ -28,10 +30,8 @@ FloatArray = NDArray[np.float64]
 MIN_SCALED_STD = 0.35
 
 
-def _centre_and_radius(schema: DataSchema) -> tuple[FloatArray, FloatArray]:
-    lo = np.array([f.min for f in schema.features], dtype=np.float64)
-    hi = np.array([f.max for f in schema.features], dtype=np.float64)
-    return (lo + hi) / 2.0, (hi - lo) / 2.0
+def _centre_and_radius(encoding: Encoding) -> tuple[FloatArray, FloatArray]:
+    return (encoding.lo + encoding.hi) / 2.0, (encoding.hi - encoding.lo) / 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +47,13 @@ class NoisySums:
 
 
 def noisy_sums(
-    x: NDArray[np.float32], schema: DataSchema, noise_multiplier: float, rng: np.random.Generator
+    x: NDArray[np.float32], encoding: Encoding, noise_multiplier: float, rng: np.random.Generator
 ) -> NoisySums:
     """Partner side: clipped, rescaled sums plus calibrated Gaussian noise."""
-    centre, radius = _centre_and_radius(schema)
+    centre, radius = _centre_and_radius(encoding)
     s = np.clip((x.astype(np.float64) - centre) / radius, -1.0, 1.0)
+    if encoding.has_missing:
+        s = np.nan_to_num(s, nan=0.0)
     d = s.shape[1]
     scale = noise_multiplier * np.sqrt(2 * d + 1)
     return NoisySums(
@@ -69,7 +71,12 @@ class Scaler:
     std: FloatArray
 
     def apply(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        return ((x - self.mean) / self.std).astype(np.float32)
+        """Standardised inputs; an imputed (NaN) entry becomes 0, the DP mean."""
+        z = ((x - self.mean) / self.std).astype(np.float32)
+        missing = np.isnan(z)
+        if missing.any():
+            z[missing] = 0.0
+        return z
 
 
 def sums_noise_std(noise_multipliers: Sequence[float], n_features: int) -> float:
@@ -77,7 +84,7 @@ def sums_noise_std(noise_multipliers: Sequence[float], n_features: int) -> float
     return float(np.sqrt(sum(s * s for s in noise_multipliers) * (2 * n_features + 1)))
 
 
-def scaler_from_sums(total: NoisySums, schema: DataSchema, *, noise_std: float = 0.0) -> Scaler:
+def scaler_from_sums(total: NoisySums, encoding: Encoding, *, noise_std: float = 0.0) -> Scaler:
     """Coordinator side: mean/std from the partners' aggregated noisy sums.
 
     ``noise_std`` is the per-coordinate standard deviation of the noise in
@@ -90,14 +97,24 @@ def scaler_from_sums(total: NoisySums, schema: DataSchema, *, noise_std: float =
     (no privacy cost); ``noise_std = 0`` (exact sums) leaves the estimate as is.
     ``bench/dp_utility.py`` measured it on digits softmax regression (tuning
     seeds): accuracy at ε=1 0.873 → 0.893; at ε=3 (less noise) about unchanged.
+
+    A ``mean``-imputed input is averaged over the rows that have it: its
+    missing indicator's released sum gives the count of missing rows
+    (an indicator scaled into [-1, 1] sums to ``2·missing − n``), again pure
+    post-processing. Its mean is what a missing entry is imputed with.
     """
-    centre, radius = _centre_and_radius(schema)
+    centre, radius = _centre_and_radius(encoding)
     n = max(total.count, 1.0)
-    mean_s = np.clip(total.sum / n, -1.0, 1.0)
-    var_s = np.clip(total.sum_sq / n - mean_s**2, 0.0, 1.0)
+    n_obs = np.full(encoding.width, n)
+    has = encoding.indicator >= 0
+    if has.any():
+        missing = (total.sum[encoding.indicator[has]] + n) / 2.0
+        n_obs[has] = np.clip(n - missing, 1.0, n)
+    mean_s = np.clip(total.sum / n_obs, -1.0, 1.0)
+    var_s = np.clip(total.sum_sq / n_obs - mean_s**2, 0.0, 1.0)
     if noise_std > 0 and var_s.size > 1:
         # var_s = Σs²/n − mean²: noise (τ/n)² from the first term, ≈ 4·mean²·(τ/n)² from the second.
-        noise_var = (noise_std / n) ** 2 * (1.0 + 4.0 * mean_s**2)
+        noise_var = (noise_std / n_obs) ** 2 * (1.0 + 4.0 * mean_s**2)
         centre_var = float(var_s.mean())
         spread = float(np.mean((var_s - centre_var) ** 2))
         keep = np.clip(1.0 - noise_var / max(spread, 1e-12), 0.0, 1.0)

@@ -12,11 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedvault.errors import ConfigError
+from fedvault.schema import BUILTIN_DATASETS
 
-DatasetName = Literal["breast-cancer", "digits"]
+# A built-in demo table (fedvault/schemas/NAME.toml), or the name of the
+# table a schema file describes.
+DatasetName = str
 ModelKind = Literal["logreg", "mlp"]
 Activation = Literal["square", "relu", "quad"]
 Aggregation = Literal["fedavg", "median", "trimmed-mean"]
@@ -33,10 +36,25 @@ class TrainingConfig(BaseModel):
 
     # strict: TOML and JSON are typed, so `rounds = true` or `rounds = "5"` is a
     # mistake to point at, not a value to coerce (lax pydantic made true a 1).
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, populate_by_name=True)
 
-    dataset: DatasetName = "digits"
+    schema_file: str | None = Field(
+        default=None,
+        alias="schema",
+        description="Path of the federation's schema.toml (relative to the config file).",
+    )
+    dataset: DatasetName = Field(
+        default="digits",
+        min_length=1,
+        max_length=128,
+        description="A built-in table, or (set from it) the name of the schema file's table.",
+    )
     model: ModelKind = "logreg"
+    loss: Literal["squared", "huber"] = Field(
+        default="squared",
+        description="Regression loss on the target rescaled into [-1, 1] (ignored otherwise).",
+    )
+    huber_delta: float = Field(default=0.1, gt=0, le=2)
     hidden: int = Field(default=32, ge=1, le=4096)
     activation: Activation = "square"
     quad_alpha: float = Field(
@@ -68,6 +86,17 @@ class TrainingConfig(BaseModel):
     seed: int = Field(default=0, ge=0, lt=2**31)
     secure_mode: bool = False
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_table(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("schema_file") is None and value not in BUILTIN_DATASETS:
+            raise ValueError(
+                "not a built-in table ("
+                + ", ".join(BUILTIN_DATASETS)
+                + "); for a table of your own set schema = 'path/to/schema.toml'"
+            )
+        return value
+
     @property
     def epsilon_budget(self) -> float:
         """The coordinator's per-partner cap for this run (defaults to the target)."""
@@ -79,7 +108,12 @@ class TrainingConfig(BaseModel):
 
 
 def load_training_config(path: Path | None = None, **overrides: Any) -> TrainingConfig:
-    """Read ``path`` (TOML, optional ``[training]`` table) and apply CLI overrides."""
+    """Read ``path`` (TOML, optional ``[training]`` table) and apply CLI overrides.
+
+    A ``schema`` file is resolved against the config file's directory, read and
+    checked here (a draft or a bad file fails before anything starts), and
+    names the run's ``dataset``.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -93,7 +127,32 @@ def load_training_config(path: Path | None = None, **overrides: Any) -> Training
             raise ConfigError(f"config file {path}: [training] must be a table")
         data.update(table)
     data.update({k.replace("-", "_"): v for k, v in overrides.items() if v is not None})
+    if "schema_file" in data:
+        data["schema"] = data.pop("schema_file")
+    if isinstance(data.get("schema"), str) and data["schema"]:
+        schema_path = Path(data["schema"]).expanduser()
+        if path is not None and not schema_path.is_absolute() and "schema" not in overrides:
+            schema_path = path.parent / schema_path
+        data["schema"] = str(schema_path.resolve())
+        from fedvault.schema import load_schema
+
+        data["dataset"] = load_schema(schema_path).name
     return validate_training_config(data, source=str(path) if path else "options")
+
+
+def training_schema(config: TrainingConfig) -> Any:
+    """The run's :class:`~fedvault.schema.DataSchema`: its file, or the built-in table's."""
+    from fedvault.schema import builtin_schema, load_schema
+
+    if config.schema_file:
+        schema = load_schema(config.schema_file)
+        if schema.name != config.dataset:
+            raise ConfigError(
+                f"schema file {config.schema_file} describes table {schema.name!r}, "
+                f"not {config.dataset!r}"
+            )
+        return schema
+    return builtin_schema(config.dataset)
 
 
 def validate_training_config(data: dict[str, Any], *, source: str) -> TrainingConfig:

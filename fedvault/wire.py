@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,6 +84,19 @@ def config_bool(record: Mapping[str, object], key: str) -> bool:
 def metric_float(record: Mapping[str, object], key: str) -> float:
     """A scalar metric as a float (int accepted, bool and lists not); ConfigError otherwise."""
     return config_float(record, key)
+
+
+def metric_floats(record: Mapping[str, object], key: str, length: int) -> list[float]:
+    """A list metric of exactly ``length`` finite numbers; ConfigError otherwise."""
+    value = _field(record, key, "list of float")
+    if not isinstance(value, list) or len(value) != length:
+        raise ConfigError(f"record field {key!r}: expected a list of {length} numbers")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item):
+            raise ConfigError(f"record field {key!r}: expected finite numbers")
+        out.append(float(item))
+    return out
 
 
 def charge_to_record(charge: PrivacyCharge) -> dict[str, str | int | float]:

@@ -28,10 +28,12 @@ from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
 from fedvault import wire
+from fedvault.encoding import encoding_for
 from fedvault.errors import CheckpointError, FedvaultError
+from fedvault.metrics import combine, summarise, sums_length
 from fedvault.modelspec import FloatArray, ModelSpec, init_parameters
 from fedvault.privacy import GaussianEvent, calibrate_noise_multiplier, epsilon, poisson_sample_rate
-from fedvault.schema import builtin_schema, schema_hash, to_json
+from fedvault.schema import DataSchema, builtin_schema, from_json, schema_hash, to_json
 from fedvault.stats import NoisySums, Scaler, scaler_from_sums, sums_noise_std
 from fedvault.training_config import validate_training_config
 from server.aggregation import aggregate
@@ -173,18 +175,32 @@ class Coordinator:
         self.run_id = run_id
         self.resume = bool(run_config.get("resume", False))
         self.poll_interval = float(run_config.get("poll-interval", 0.2))
+        # Partners that declined a request: name → "code: reason" (status, audit).
+        self.refusals: dict[str, str] = {}
+        self.schema: DataSchema
         if self.resume:
             record = store.run(run_id)
             self.config = validate_training_config(record.config, source=f"run {run_id}")
+            # The schema the run started with, as stored: a schema file edited
+            # since must not change a run half-way.
+            self.schema = from_json(json.dumps(record.schema))
         else:
             self.config = validate_training_config(
                 json.loads(str(run_config["training"])), source="run config"
             )
-        self.schema = builtin_schema(self.config.dataset)
+            # A schema file was read by the operator's CLI and travels as JSON:
+            # the ServerApp process never reads the operator's files.
+            text = str(run_config.get("schema", ""))
+            self.schema = from_json(text) if text else builtin_schema(self.config.dataset)
+        self.encoding = encoding_for(self.schema)
+        regression = self.schema.is_regression
         self.spec = ModelSpec(
             kind=self.config.model,
-            n_features=len(self.schema.features),
-            n_classes=len(self.schema.classes),
+            n_features=self.encoding.width,
+            n_classes=self.schema.n_outputs,
+            task="regression" if regression else "classification",
+            loss=self.config.loss if regression else "cross-entropy",
+            huber_delta=self.config.huber_delta,
             hidden=self.config.hidden,
             activation=self.config.activation,
             quad_alpha=self.config.quad_alpha
@@ -213,15 +229,20 @@ class Coordinator:
             final = self._final_evaluation(state)
             model_id = self._register(state, final)
             self.audit.model_registered(model_id)
-            self._end(FINISHED, f"model {model_id}")
+            self._end(FINISHED, f"model {model_id}" + self._refusal_note())
             log.info("run %s finished: model %s", self.run_id, model_id)
         except RunAborted as exc:
-            self._end(STOPPED, str(exc))
+            self._end(STOPPED, str(exc) + self._refusal_note())
             log.error("run %s stopped: %s", self.run_id, exc)
         except FedvaultError as exc:
             self._end(FAILED, str(exc))
             log.error("run %s failed: %s", self.run_id, exc)
             raise
+
+    def _refusal_note(self) -> str:
+        if not self.refusals:
+            return ""
+        return "; refused: " + "; ".join(f"{n} ({r})" for n, r in sorted(self.refusals.items()))
 
     def _end(self, status: str, message: str) -> None:
         try:
@@ -267,9 +288,9 @@ class Coordinator:
         # shrinkage always knows the noise level: it is public, from σ_stats.
         scaler = scaler_from_sums(
             total,
-            self.schema,
+            self.encoding,
             noise_std=sums_noise_std(
-                [self.config.stats_noise_multiplier] * len(partners), len(self.schema.features)
+                [self.config.stats_noise_multiplier] * len(partners), self.encoding.width
             ),
         )
         self._calibrate(partners)
@@ -346,7 +367,7 @@ class Coordinator:
         charges: list[LedgerRow] = []
         total: NoisySums | None = None
         for reply in self._exchange(messages):
-            ok = self._ok(reply, "stats")
+            ok = self._ok(reply, "stats", round_=0)
             if ok is None:
                 continue
             info = ok.config_records[wire.PARTNER]
@@ -357,6 +378,9 @@ class Coordinator:
                 LedgerRow(name, wire.charge_from_record(dict(ok.config_records[wire.CHARGE])))
             )
             s, s2, count = ok.array_records[wire.SUMS].to_numpy_ndarrays()
+            if s.shape != (self.encoding.width,) or s2.shape != s.shape:
+                log.warning("stats: partner %s sent sums of the wrong shape; ignored", name)
+                continue
             sums = NoisySums(s, s2, float(count[0]))
             total = sums if total is None else total + sums
         if total is None or len(partners) < self.config.min_partners:
@@ -364,6 +388,8 @@ class Coordinator:
                 f"{len(partners)} partner(s) passed data validation, "
                 f"{self.config.min_partners} required"
             )
+        for name in partners:
+            self.refusals.pop(name, None)
         self._stats_charges = charges
         return partners, total
 
@@ -444,13 +470,13 @@ class Coordinator:
         updates: list[list[FloatArray]] = []
         weights: list[float] = []
         charges: list[LedgerRow] = []
-        eval_n = eval_loss = eval_correct = 0.0
+        eval_sums: list[list[float]] = []
         failed: list[str] = []
         for reply in self._exchange(messages):
             sender = by_node.get(reply.metadata.src_node_id)
             if sender is None:
                 continue
-            ok = self._ok(reply, f"round {round_}", partner=sender)
+            ok = self._ok(reply, f"round {round_}", partner=sender, round_=round_)
             if ok is None:
                 failed.append(sender.name)
                 continue
@@ -467,10 +493,7 @@ class Coordinator:
                 ]
             )
             weights.append(wire.metric_float(m, "num-examples"))
-            n_test = wire.metric_float(m, "num-test")
-            eval_n += n_test
-            eval_loss += wire.metric_float(m, "eval-loss") * n_test
-            eval_correct += wire.metric_float(m, "eval-accuracy") * n_test
+            eval_sums.append(wire.metric_floats(m, "eval-sums", sums_length(self.spec)))
         # Partners that were sent this round but never reported a charge for it.
         charged = {r.partner for r in charges if r.charge.round == round_}
         missing = [p.name for p in selected if p.name not in charged]
@@ -491,8 +514,7 @@ class Coordinator:
             # Evaluation rides in the train message, so it measures the model
             # each partner *received*: the aggregate of the previous round.
             "evaluated_round": round_ - 1,
-            "eval_loss": eval_loss / eval_n if eval_n else None,
-            "eval_accuracy": eval_correct / eval_n if eval_n else None,
+            **summarise(self.spec, combine(eval_sums)),
             "partners": sorted(p.name for p in by_node.values() if p.name not in dropped),
             "failed": sorted(dropped),
             "epsilon": {
@@ -513,7 +535,12 @@ class Coordinator:
         return True
 
     def _ok(
-        self, reply: Message, what: str, partner: PartnerState | None = None
+        self,
+        reply: Message,
+        what: str,
+        partner: PartnerState | None = None,
+        *,
+        round_: int | None = None,
     ) -> RecordDict | None:
         """The reply's content, or None after recording why it is unusable."""
         name = partner.name if partner else str(reply.metadata.src_node_id)
@@ -529,6 +556,10 @@ class Coordinator:
             if partner is not None:
                 partner.active = False
                 partner.reason = f"refused ({code}): {text}"
+            sender = partner.name if partner else str(refusal.get("partner", "")) or name
+            if round_ is not None and sender not in self.refusals:
+                self.refusals[sender] = f"{code}: {text}"
+                self.audit.partner_refused(sender, round_, code)
             return None
         return content
 
@@ -537,21 +568,14 @@ class Coordinator:
         messages = [
             _model_message(state, run, p.node_id, wire.EVALUATE) for p in state.partners.values()
         ]
-        n = loss = correct = 0.0
+        parts: list[list[float]] = []
         for reply in self._exchange(messages):
             ok = self._ok(reply, "final evaluation")
             if ok is None:
                 continue
             m = ok.metric_records[wire.METRICS]
-            n_test = wire.metric_float(m, "num-test")
-            n += n_test
-            loss += wire.metric_float(m, "eval-loss") * n_test
-            correct += wire.metric_float(m, "eval-accuracy") * n_test
-        final = {
-            "evaluated_round": state.round,
-            "eval_loss": loss / n if n else None,
-            "eval_accuracy": correct / n if n else None,
-        }
+            parts.append(wire.metric_floats(m, "eval-sums", sums_length(self.spec)))
+        final = {"evaluated_round": state.round, **summarise(self.spec, combine(parts))}
         self.store.set_final_metrics(self.run_id, final)
         return final
 
@@ -562,7 +586,11 @@ class Coordinator:
         lineage = {
             "run_id": self.run_id,
             "dataset": cfg.dataset,
+            "task": self.schema.task,
             "schema_hash": schema_hash(self.schema),
+            # The schema itself: the gateway, the HE plan and the console read
+            # raw columns through it (public: bounds, categories, classes).
+            "schema": json.loads(to_json(self.schema)),
             "partners": sorted(state.partners),
             "rounds_planned": cfg.rounds,
             "rounds_completed": state.round,

@@ -38,7 +38,7 @@ from fedvault.errors import (
     ConfigError,
     PayloadTooLargeError,
 )
-from fedvault.schema import BUILTIN_DATASETS, builtin_schema
+from fedvault.schema import lineage_schema
 from secure.he.engine import CompiledModel
 from secure.he.plan import compile_plan
 from secure.he.service import HEModel, HEService, context_size_limit
@@ -198,10 +198,13 @@ def registry_model_source(
         finally:
             store.close()
         plan = compile_plan(loaded.spec, loaded.params, loaded.scaler)
-        dataset = loaded.lineage.get("dataset")
-        if dataset in BUILTIN_DATASETS:
-            schema = builtin_schema(dataset)
-            features, classes = schema.feature_names, schema.classes
+        schema = lineage_schema(loaded.lineage)
+        if schema is not None:
+            from fedvault.encoding import encoding_for
+
+            # Under HE the caller sends the model's numeric input: one value
+            # per encoded column (one-hot categories, missing indicators).
+            features, classes = encoding_for(schema).names, schema.classes
         else:
             features = tuple(f"x{i}" for i in range(loaded.spec.n_features))
             classes = tuple(str(i) for i in range(loaded.spec.n_classes))

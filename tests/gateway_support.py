@@ -22,6 +22,7 @@ import numpy as np
 from fedvault.errors import UnavailableError
 from fedvault.modelspec import ModelSpec
 from fedvault.privacy import PrivacyCharge
+from fedvault.schema import DataSchema
 from secure.signed_note import generate_note_key
 from server.audit.log import AuditLog
 from server.audit.records import AuditRecord
@@ -231,3 +232,50 @@ def database_replica(
     )
     gw = build_gateway(config, log)
     return gw, stack.enter_context(live_server(create_rest_app(gw)))
+
+
+def register_schema_model(
+    h: Harness, name: str, schema: DataSchema, *, kind: str = "logreg", seed: int = 0
+) -> str:
+    """Register a model trained (here: initialised) on ``schema``'s encoded columns.
+
+    Its lineage carries the schema as a coordinator's run stores it, so the
+    gateway serves the schema's raw columns; the scaler standardises each
+    encoded input by its public bounds. Call ``h.gw.service.repository.load_all()``
+    afterwards to serve it.
+    """
+    import json
+
+    from fedvault.encoding import encoding_for
+    from fedvault.modelspec import init_parameters
+    from fedvault.schema import to_json
+    from fedvault.stats import Scaler
+
+    encoding = encoding_for(schema)
+    regression = schema.is_regression
+    spec = ModelSpec(
+        kind=kind,  # type: ignore[arg-type]
+        n_features=encoding.width,
+        n_classes=schema.n_outputs,
+        task="regression" if regression else "classification",
+        loss="squared" if regression else "cross-entropy",
+    )
+    params = [3.0 * p for p in init_parameters(spec, seed)]
+    scaler = Scaler(
+        mean=((encoding.lo + encoding.hi) / 2).astype(np.float32),
+        std=((encoding.hi - encoding.lo) / 4).astype(np.float32),
+    )
+    lineage = {
+        **LINEAGE,
+        "dataset": schema.name,
+        "task": schema.task,
+        "schema": json.loads(to_json(schema)),
+    }
+    store = FederationStore(h.home / "federation.db")
+    try:
+        registry = ModelRegistry(store, h.home / "registry", load_model_keys(h.home / "keys"))
+        return registry.register(
+            name=name, run_id="run-gw", spec=spec, params=params, scaler=scaler, lineage=lineage
+        )
+    finally:
+        store.close()

@@ -29,8 +29,8 @@ def _schema(**overrides: object) -> DataSchema:
     fields: dict[str, object] = {
         "name": "toy",
         "features": (
-            FeatureSpec(name="a", dtype="float", min=0, max=1),
-            FeatureSpec(name="b", dtype="int", min=-5, max=5),
+            FeatureSpec(name="a", type="float", min=0, max=1),
+            FeatureSpec(name="b", type="int", min=-5, max=5),
         ),
         "label": "y",
         "classes": ("no", "yes"),
@@ -41,28 +41,28 @@ def _schema(**overrides: object) -> DataSchema:
 
 def test_feature_spec_requires_min_below_max() -> None:
     with pytest.raises(ValidationError, match="min"):
-        FeatureSpec(name="a", dtype="float", min=1, max=1)
+        FeatureSpec(name="a", type="float", min=1, max=1)
     with pytest.raises(ValidationError):
-        FeatureSpec(name="a", dtype="float", min=2, max=1)
+        FeatureSpec(name="a", type="float", min=2, max=1)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_feature_spec_rejects_non_finite_bounds(bad: float) -> None:
     with pytest.raises(ValidationError):
-        FeatureSpec(name="a", dtype="float", min=bad, max=1)
+        FeatureSpec(name="a", type="float", min=bad, max=1)
 
 
 @pytest.mark.parametrize("name", ["", " a", "a\n", "x" * 129])
 def test_feature_spec_rejects_bad_names(name: str) -> None:
     with pytest.raises(ValidationError):
-        FeatureSpec(name=name, dtype="float", min=0, max=1)
+        FeatureSpec(name=name, type="float", min=0, max=1)
 
 
 def test_feature_spec_rejects_unknown_dtype_and_extra_fields() -> None:
     with pytest.raises(ValidationError):
-        FeatureSpec.model_validate({"name": "a", "dtype": "str", "min": 0, "max": 1})
+        FeatureSpec.model_validate({"name": "a", "type": "str", "min": 0, "max": 1})
     with pytest.raises(ValidationError):
-        FeatureSpec.model_validate({"name": "a", "dtype": "int", "min": 0, "max": 1, "x": 2})
+        FeatureSpec.model_validate({"name": "a", "type": "int", "min": 0, "max": 1, "x": 2})
 
 
 def test_models_are_frozen() -> None:
@@ -74,7 +74,7 @@ def test_models_are_frozen() -> None:
 
 
 def test_schema_validators() -> None:
-    a = FeatureSpec(name="a", dtype="float", min=0, max=1)
+    a = FeatureSpec(name="a", type="float", min=0, max=1)
     with pytest.raises(ValidationError, match="duplicate feature"):
         _schema(features=(a, a))
     with pytest.raises(ValidationError, match="also a feature"):
@@ -109,8 +109,8 @@ def test_json_round_trip() -> None:
 
 def test_from_json_reports_field_path() -> None:
     data = json.loads(to_json(_schema()))
-    data["features"][1]["dtype"] = "complex"
-    with pytest.raises(ConfigError, match=r"features\.1\.dtype"):
+    data["features"][1]["type"] = "complex"
+    with pytest.raises(ConfigError, match=r"features\.1\.type"):
         from_json(json.dumps(data))
     data = json.loads(to_json(_schema()))
     data["features"][0]["min"] = 7
@@ -125,7 +125,7 @@ def test_from_json_reports_field_path() -> None:
 def test_builtin_digits() -> None:
     schema = builtin_schema("digits")
     assert schema.feature_names == tuple(f"px_{i}" for i in range(64))
-    assert all(f.dtype == "int" and (f.min, f.max) == (0, 16) for f in schema.features)
+    assert all(f.type == "int" and (f.min, f.max) == (0, 16) for f in schema.features)
     assert schema.label == "digit"
     assert schema.classes == tuple(str(i) for i in range(10))
 
@@ -140,7 +140,7 @@ def test_builtin_breast_cancer_matches_sklearn_and_bounds_rule() -> None:
     assert schema.label == "diagnosis"
     assert schema.classes == tuple(bunch.target_names) == ("malignant", "benign")
     for spec, column in zip(schema.features, bunch.data.T, strict=True):
-        assert spec.dtype == "float"
+        assert spec.type == "float"
         assert spec.min == 0 <= column.min()
         assert spec.max == round_bound(math.ceil(column.max() * 1.5))
         assert column.max() * 1.5 <= spec.max

@@ -14,15 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.data import PartnerData, load_partner_csv
+from clients.arrow_csv import load_with_arrow
+from clients.data import CsvFormat, PartnerData, load_exact, load_partner_csv
 from fedvault.errors import DataError
 from fedvault.schema import DataSchema, FeatureSpec, builtin_schema
 
 SCHEMA = DataSchema(
     name="toy",
     features=(
-        FeatureSpec(name="a", dtype="float", min=0, max=1),
-        FeatureSpec(name="b", dtype="int", min=0, max=16),
+        FeatureSpec(name="a", type="float", min=0, max=1),
+        FeatureSpec(name="b", type="int", min=0, max=16),
     ),
     label="y",
     classes=("cat", "dog"),
@@ -235,6 +236,24 @@ def test_errors_are_never_raw_exceptions(tmp_path: Path) -> None:
             load_partner_csv(_write(tmp_path, blob), SCHEMA)
 
 
+def test_a_valid_file_takes_the_fast_path_and_both_paths_agree(tmp_path: Path) -> None:
+    from fedvault.datasets import split_dataset
+
+    for name in ("digits", "flchain", "diamonds", "penguins"):
+        split_dataset(name, tmp_path / name, partners=2, seed=3)
+        schema = builtin_schema(name)
+        path = tmp_path / name / "partner-0" / "train.csv"
+        fast = load_with_arrow(path, schema, "utf-8", None)
+        assert fast is not None, name
+        exact = load_exact(path, schema, CsvFormat())
+        np.testing.assert_array_equal(np.concatenate(fast[0]), exact.features)
+        np.testing.assert_array_equal(np.concatenate(fast[1]), exact.labels)
+    # A file the fast path doubts goes to the exact path, which names the problem.
+    bad = _write(tmp_path, "a,b,y\n0.5,1,cat\n0.5,nan,cat\n")
+    assert load_with_arrow(bad, SCHEMA, "utf-8", None) is None
+    assert (_error(bad).line, _error(bad).column) == (3, "b")
+
+
 def test_validates_10k_by_64_quickly(tmp_path: Path) -> None:
     schema = builtin_schema("digits")
     rng = np.random.default_rng(0)
@@ -273,7 +292,7 @@ def _tables(draw: st.DrawFn) -> tuple[DataSchema, list[str], list[Row]]:
         low = draw(st.integers(-1000, 1000))
         high = low + draw(st.integers(1, 1000))
         dtype = draw(st.sampled_from(["float", "int"]))
-        specs.append(FeatureSpec(name=f"f{j}", dtype=dtype, min=low, max=high))
+        specs.append(FeatureSpec(name=f"f{j}", type=dtype, min=low, max=high))
     classes = draw(
         st.lists(
             st.text(string.ascii_letters + string.digits, min_size=1, max_size=5),
@@ -287,7 +306,7 @@ def _tables(draw: st.DrawFn) -> tuple[DataSchema, list[str], list[Row]]:
     for _ in range(draw(st.integers(1, 25))):
         values: list[float | int] = [
             draw(st.integers(int(s.min), int(s.max)))
-            if s.dtype == "int"
+            if s.type == "int"
             else draw(st.floats(s.min, s.max, allow_nan=False))
             for s in specs
         ]
@@ -335,6 +354,13 @@ def test_property_round_trip_and_corruption(
         expected = np.array([v for v, _ in rows], dtype=np.float64).astype(np.float32)
         np.testing.assert_array_equal(loaded.features, expected)
         assert loaded.labels.tolist() == [label for _, label in rows]
+        # The fast (pyarrow) path, where it accepts the file, agrees with the exact one.
+        exact = load_exact(path, schema, CsvFormat())
+        np.testing.assert_array_equal(exact.features, expected)
+        fast = load_with_arrow(path, schema, "utf-8", None)
+        if fast is not None:
+            np.testing.assert_array_equal(np.concatenate(fast[0]), expected)
+            assert np.concatenate(fast[1]).tolist() == exact.labels.tolist()
 
         r = data.draw(st.integers(0, len(rows) - 1), label="row")
         name = data.draw(st.sampled_from(list(schema.feature_names)), label="column")

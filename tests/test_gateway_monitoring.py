@@ -84,7 +84,7 @@ def test_metrics_exposition_after_traffic(tmp_path: Path) -> None:
     ) in text
     assert 'code="400",endpoint="infer"' in text
     assert 'fedvault_drift_window_samples{model="bc-logreg",version="2"} 24.0' in text
-    assert 'fedvault_drift_psi{feature="x0",model="bc-logreg",version="2"}' in text
+    assert 'fedvault_drift_psi{feature="mean_radius",model="bc-logreg",version="2"}' in text
     assert (
         'fedvault_privacy_epsilon_spent{model="bc-logreg",partner="beta",version="2"} 2.75' in text
     )

@@ -319,3 +319,35 @@ def test_health_and_metrics_over_tls(operator: fed.FederationPaths, tmp_path: Pa
         assert resp.json()["data_valid"] is False
     finally:
         server.stop()
+
+
+def test_a_kit_carries_the_federations_schema_file(
+    operator: fed.FederationPaths, tmp_path: Path
+) -> None:
+    from fedvault.schema import load_schema, to_toml
+
+    schema = builtin_schema("flchain").model_copy(update={"name": "cohort"})
+    source = tmp_path / "cohort.toml"
+    source.write_text(to_toml(schema), encoding="utf-8")
+    result = run_cli(
+        "partner", "add", "sigma", "--superlink", "127.0.0.1:9092",
+        "--home", str(operator.home), "--schema", str(source), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    kit_dir = operator.home / "kits" / "sigma"
+    kit = kits.load_kit(kit_dir)
+    assert kit.config.node.dataset == "cohort"
+    assert kit.config.node.schema_file == Path("schema.toml")
+    assert load_schema(kit_dir / "schema.toml") == schema
+    assert kits.kit_schema(kit) == schema
+    # The node validates its data against that schema before it starts.
+    split_dataset("flchain", tmp_path / "parts", partners=1, seed=0)
+    copy = _kit(operator, "sigma", tmp_path)
+    (copy / "data").mkdir()
+    for part in ("train", "test"):
+        text = (tmp_path / "parts" / "partner-0" / f"{part}.csv").read_text(encoding="utf-8")
+        (copy / "data" / f"{part}.csv").write_text(text.replace(",M,", ",X,", 1))
+    result = run_cli("node", "start", "--kit", str(copy), timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert "unknown category 'X'" in result.stderr
+    assert "column 'sex'" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedvault.encoding import encoding_for
 from fedvault.schema import builtin_schema
 from fedvault.stats import (
     MIN_SCALED_STD,
@@ -15,8 +16,8 @@ from fedvault.stats import (
     sums_noise_std,
 )
 
-SCHEMA = builtin_schema("digits")
-D = len(SCHEMA.features)
+SCHEMA = encoding_for(builtin_schema("digits"))
+D = SCHEMA.width
 CENTRE, RADIUS = 8.0, 8.0  # digits pixels are bounded by [0, 16]
 
 

@@ -76,6 +76,8 @@ clientapp = "clients.app:app"
 fedvault-run-id = ""
 state-dir = ""
 training = ""
+# The run's data schema as JSON (read from the operator's schema.toml by the CLI).
+schema = ""
 resume = false
 poll-interval = 0.2
 # Simulation engine only (virtual nodes have no site config of their own):
@@ -553,7 +555,13 @@ def submit_run(
         "federation-store-password-file": str(federation_store_password_file or ""),
     }
     if config is not None:
+        from fedvault.schema import to_json
+        from fedvault.training_config import training_schema
+
         run_config["training"] = config.model_dump_json()
+        # The schema travels with the run: the coordinator never reads files
+        # of the operator's, and a resumed run keeps the schema it started with.
+        run_config["schema"] = to_json(training_schema(config))
     # `flwr run` reads the file when it submits and sends its values to the
     # SuperLink: it is needed only for that call, so it never outlives it.
     override = paths.home / "run-config" / f"{run_id}.toml"

@@ -80,6 +80,7 @@ KIT_NODE_PUB = "node_key.pub"
 KIT_TLS_CERT = "tls/server.pem"
 KIT_TLS_KEY = "tls/server.key"
 KIT_README = "README.md"
+KIT_SCHEMA = "schema.toml"  # the federation's data schema, for a table of its own
 # The only private keys a kit may hold; anything else that looks like one
 # (a CA key copied in by mistake, another partner's key) makes the kit invalid.
 _KIT_SECRETS = frozenset({KIT_NODE_KEY, KIT_TLS_KEY})
@@ -262,14 +263,20 @@ class KitFederation(BaseModel):
 
 
 class KitNode(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     partner: str
     dataset: DatasetName
+    # The federation's schema.toml for a table of its own (relative to the kit);
+    # without it, dataset names a built-in table.
+    schema_file: Path | None = Field(default=None, alias="schema")
     train_csv: Path
     test_csv: Path
     ledger: Path
     epsilon_cap: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     cap_delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    # How this site's CSV files are written (Parquet files need neither).
+    csv_delimiter: str | None = None
+    csv_encoding: str = "utf-8"
 
 
 class KitHealth(BaseModel):
@@ -330,6 +337,7 @@ def add_partner(
     epsilon_cap: float,
     metrics_hosts: list[str],
     created: fed.CreatedPaths | None = None,
+    schema_text: str | None = None,
 ) -> tuple[PartnerRecord, bool]:
     """Write ``partner``'s kit to ``out`` and register its key if the SuperLink is up.
 
@@ -341,7 +349,9 @@ def add_partner(
     Returns the record and whether the key was registered now (else at the
     next ``federation up``).
     """
-    config = _kit_config(paths, partner, superlink, dataset, epsilon_cap)
+    config = _kit_config(
+        paths, partner, superlink, dataset, epsilon_cap, has_schema=schema_text is not None
+    )
     hosts = _kit_cert_hosts(partner, metrics_hosts)
     records = load_partners(paths)
     existing = records.get(partner)
@@ -355,7 +365,7 @@ def add_partner(
     out = _check_kit_dir(out)
     try:
         with fed.undo_on_error(created) as undo:
-            _write_kit(paths, config, out, hosts, undo)
+            _write_kit(paths, config, out, hosts, undo, schema_text)
             public_key = (out / KIT_NODE_PUB).read_text().strip()
             pub = paths.node_dir(partner) / f"{fed.NODE_KEY_NAME}.pub"
             undo.will_create(pub)
@@ -391,6 +401,8 @@ def _kit_config(
     superlink: str,
     dataset: DatasetName,
     epsilon_cap: float,
+    *,
+    has_schema: bool = False,
 ) -> KitConfig:
     """The kit's node.toml, validated before anything is generated or written."""
     check_name(partner, "partner")
@@ -405,6 +417,7 @@ def _kit_config(
             node=KitNode(
                 partner=partner,
                 dataset=dataset,
+                schema=Path(KIT_SCHEMA) if has_schema else None,
                 train_csv=Path("data/train.csv"),
                 test_csv=Path("data/test.csv"),
                 ledger=Path("state/ledger.db"),
@@ -454,6 +467,7 @@ def _write_kit(
     out: Path,
     hosts: list[str],
     undo: fed.CreatedPaths,
+    schema_text: str | None = None,
 ) -> None:
     """Build the kit in a staging directory, then move it to ``out`` in one step.
 
@@ -475,6 +489,8 @@ def _write_kit(
     issue_server_cert(ca, staging / "tls", hosts=hosts)
     (staging / "tls").chmod(0o700)
     write_public_file(staging / KIT_CONFIG, render_config(config).encode())
+    if schema_text is not None:
+        write_public_file(staging / KIT_SCHEMA, schema_text.encode())
     write_public_file(staging / KIT_README, render_readme(config).encode())
     if staging.parent == out:
         for entry in sorted(staging.iterdir()):
@@ -566,6 +582,11 @@ def revoke_partner(paths: fed.FederationPaths, partner: str) -> PartnerRecord:
 def render_config(config: KitConfig) -> str:
     """``node.toml`` with comments for partner IT (only plain strings and numbers)."""
     f, n, h, c = config.federation, config.node, config.health, config.connection
+    schema_line = (
+        f"schema = {_q(str(n.schema_file))}          # the federation's schema file\n"
+        if n.schema_file is not None
+        else ""
+    )
     return f"""\
 # fedvault node configuration for partner {n.partner!r} in federation {f.name!r}.
 # Edit the [node] paths and cap to match this site; leave [federation] as issued.
@@ -579,7 +600,7 @@ superlink = {_q(f.superlink)}          # the operator's Fleet API (TLS, node aut
 [node]
 partner = {_q(n.partner)}
 dataset = {_q(n.dataset)}              # schema the local data must match
-train_csv = {_q(str(n.train_csv))}
+{schema_line}train_csv = {_q(str(n.train_csv))}
 test_csv = {_q(str(n.test_csv))}
 ledger = {_q(str(n.ledger))}          # this site's own privacy ledger (keep it; back it up)
 epsilon_cap = {n.epsilon_cap!r}              # lifetime ε this site allows on this dataset
@@ -795,7 +816,24 @@ def node_settings(kit: Kit, overrides: NodeOverrides) -> dict[str, Any]:
         "ledger": str(overrides.ledger or kit.resolve(n.ledger)),
         "epsilon-cap": n.epsilon_cap,
         "cap-delta": n.cap_delta,
+        "csv-delimiter": n.csv_delimiter or "",
+        "csv-encoding": n.csv_encoding,
     }
+
+
+def kit_schema(kit: Kit) -> Any:
+    """The schema this node's data must match: the kit's schema file, or a built-in table."""
+    from fedvault.schema import builtin_schema, load_schema
+
+    n = kit.config.node
+    if n.schema_file is None:
+        return builtin_schema(n.dataset)
+    schema = load_schema(kit.resolve(n.schema_file))
+    if schema.name != n.dataset:
+        raise ConfigError(
+            f"node.toml: dataset is {n.dataset!r} but the schema file describes {schema.name!r}"
+        )
+    return schema
 
 
 def start_kit_supernode(

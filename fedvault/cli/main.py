@@ -29,6 +29,7 @@ from .gateway import gateway_app, keys_app
 from .he import he_app
 from .partners import partner_app
 from .processes import ProcessGroup, free_port
+from .schemas import data_check, schema_app
 from .stores import store_app
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ app.add_typer(gateway_app, name="gateway")
 app.add_typer(keys_app, name="keys")
 app.add_typer(partner_app, name="partner")
 app.add_typer(store_app, name="store")
+app.add_typer(schema_app, name="schema")
+data_app.command("check")(data_check)
 
 # soft_wrap: messages name files and paths; never break them mid-word.
 # markup=False: messages carry user text (ids, paths, names), and Rich would
@@ -117,7 +120,10 @@ def _print_json(value: Any) -> None:
 @app.command()
 def demo(
     home: HomeOpt = None,
-    dataset: Annotated[str, typer.Option(help="breast-cancer or digits")] = "digits",
+    dataset: Annotated[
+        str,
+        typer.Option(help="Built-in table: digits, breast-cancer, flchain, diamonds or penguins."),
+    ] = "digits",
     model: Annotated[str, typer.Option(help="logreg or mlp")] = "logreg",
     rounds: Annotated[int | None, typer.Option(help="Training rounds.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Target ε per partner for the run.")] = None,
@@ -129,11 +135,15 @@ def demo(
     Everything runs as real processes (flower-superlink, 3 flower-supernodes);
     all of them stop when the demo ends, fails or is interrupted.
     """
-    from fedvault.datasets import split_dataset
+    from fedvault.datasets import DEMO_PRESETS, split_dataset
 
     settings = _settings(home)
+    preset = {} if config is not None else DEMO_PRESETS.get(dataset, {})
     cfg = load_training_config(
-        config, dataset=dataset, model=model, rounds=rounds, target_epsilon=epsilon
+        config,
+        **{**preset, "dataset": dataset, "model": model},
+        **({"rounds": rounds} if rounds is not None else {}),
+        target_epsilon=epsilon,
     )
     demo_home = settings.home / "demo"
     if demo_home.exists():
@@ -394,8 +404,12 @@ def node_start(
     superlink: Annotated[str | None, typer.Option(help="host:port of the SuperLink.")] = None,
     epsilon_cap: Annotated[float, typer.Option(help="Lifetime ε cap for this dataset.")] = 10.0,
     dataset: Annotated[
-        str, typer.Option(help="Schema to validate against before starting.")
+        str, typer.Option(help="Built-in table to validate against before starting.")
     ] = "digits",
+    schema_file: Annotated[
+        Path | None,
+        typer.Option("--schema", help="The federation's schema.toml (instead of --dataset)."),
+    ] = None,
 ) -> None:
     """Validate local data, then run this partner's SuperNode until Ctrl-C.
 
@@ -403,8 +417,8 @@ def node_start(
     certificate against the kit's CA, run the node and serve /healthz and
     /metrics; --train-csv/--test-csv/--ledger override the kit's node.toml.
     """
-    from clients.data import load_partner_csv
-    from fedvault.schema import builtin_schema
+    from clients.data import load_partner_data
+    from fedvault.schema import builtin_schema, load_schema
 
     if kit is not None:
         from .kits import NodeOverrides
@@ -418,11 +432,9 @@ def node_start(
         return
     if partner is None or train_csv is None or test_csv is None:
         raise ConfigError("give --kit DIR, or --partner, --train-csv and --test-csv")
-    if dataset not in ("digits", "breast-cancer"):
-        raise ConfigError(f"--dataset must be digits or breast-cancer, not {dataset!r}")
-    schema = builtin_schema(dataset)  # type: ignore[arg-type]
+    schema = load_schema(schema_file) if schema_file else builtin_schema(dataset)
     for path in (train_csv, test_csv):
-        rows = load_partner_csv(path, schema).n_rows
+        rows = load_partner_data(path, schema).n_rows
         out.print(f"{path}: {rows} rows valid against schema {schema.name!r}")
     paths = _paths(_settings(home))
     if not paths.node_key(partner).exists():
@@ -600,7 +612,10 @@ def models_show(model_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -
 # --------------------------------------------------------------------------- data
 @data_app.command("split")
 def data_split(
-    dataset: Annotated[DatasetName, typer.Option(help="breast-cancer or digits")],
+    dataset: Annotated[
+        DatasetName,
+        typer.Option(help="Built-in table: digits, breast-cancer, flchain, diamonds or penguins."),
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
     partners: int = 3,
     alpha: Annotated[float, typer.Option(help="Dirichlet α (smaller = more non-IID).")] = 1.0,

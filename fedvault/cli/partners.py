@@ -55,7 +55,13 @@ def partner_add(
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Kit directory (default HOME/kits/NAME).")
     ] = None,
-    dataset: Annotated[DatasetName, typer.Option(help="Schema of the partner's data.")] = "digits",
+    dataset: Annotated[
+        DatasetName, typer.Option(help="Built-in table the partner's data must match.")
+    ] = "digits",
+    schema_file: Annotated[
+        Path | None,
+        typer.Option("--schema", help="The federation's schema.toml (copied into the kit)."),
+    ] = None,
     epsilon_cap: Annotated[
         float, typer.Option(help="Default local lifetime ε cap in the node config.")
     ] = 10.0,
@@ -69,16 +75,20 @@ def partner_add(
     If the SuperLink is not running, the key is registered at the next
     `fedvault federation up`.
     """
+    from fedvault.schema import load_schema, to_toml
+
     paths = _paths(home)
     target = out_dir if out_dir is not None else paths.home / "kits" / name
+    schema = load_schema(schema_file) if schema_file is not None else None
     _, registered = kits.add_partner(
         paths,
         name,
         out=target,
         superlink=superlink,
-        dataset=dataset,
+        dataset=schema.name if schema is not None else dataset,
         epsilon_cap=epsilon_cap,
         metrics_hosts=metrics_host or [],
+        schema_text=to_toml(schema) if schema is not None else None,
     )
     when = "registered now" if registered else "registered at the next `fedvault federation up`"
     out.print(f"kit for {name} in {target} (node key {when}); hand it to the partner privately")
@@ -137,9 +147,8 @@ def fleet_proxy(
 
 def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOverrides) -> None:
     """What partner IT runs: check kit, validate data, check the SuperLink, run, report."""
-    from clients.data import load_partner_csv
+    from clients.data import CsvFormat, load_partner_data
     from clients.node_health import HealthServer, NodeMonitor, NodeWatch
-    from fedvault.schema import builtin_schema
 
     kit = kits.load_kit(kit_dir, config)
     node = kit.config.node
@@ -155,10 +164,11 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
         allow_zero=True,
     )
     settings = kits.node_settings(kit, overrides)
-    schema = builtin_schema(node.dataset)
+    schema = kits.kit_schema(kit)
+    fmt = CsvFormat(node.csv_delimiter, node.csv_encoding)
     train, test = Path(settings["train-csv"]), Path(settings["test-csv"])
     for path in (train, test):
-        rows = load_partner_csv(path, schema).n_rows
+        rows = load_partner_data(path, schema, fmt).n_rows
         console.print(f"{path}: {rows} rows valid against schema {schema.name!r}")
     address = kit.config.federation.superlink
     if kits.check_superlink_certificate(address, kit.ca_cert):
@@ -174,6 +184,7 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
             NodeWatch(
                 partner=node.partner,
                 schema=schema,
+                csv_format=fmt,
                 train_csv=train,
                 test_csv=test,
                 ledger=ledger,

@@ -69,8 +69,26 @@ def _round_info(store: FederationStore, run_id: str) -> str:
     if not rounds:
         return "stats + calibration"
     _, last = rounds[-1]
-    acc = last.get("eval_accuracy")
-    return f"acc(round {last['evaluated_round']})={acc:.3f}" if acc is not None else ""
+    shown = [
+        f"{label}={last[key]:.3f}"
+        for key, label in _HEADLINE
+        if isinstance(last.get(key), int | float)
+    ]
+    return f"round {last['evaluated_round']}: {' '.join(shown)}" if shown else ""
+
+
+# The metrics a progress line and the summary show, where a run reports them:
+# classification (accuracy, ROC AUC) or regression (R², RMSE in target units).
+_HEADLINE = (("eval_accuracy", "acc"), ("roc_auc", "auc"), ("r2", "R²"), ("rmse", "rmse"))
+_FINAL = (
+    ("eval_accuracy", "accuracy"),
+    ("balanced_accuracy", "balanced accuracy"),
+    ("roc_auc", "ROC AUC"),
+    ("eval_loss", "loss"),
+    ("r2", "R²"),
+    ("rmse", "RMSE"),
+    ("mae", "MAE"),
+)
 
 
 def run_summary(store: FederationStore, record: RunRecord) -> dict[str, Any]:
@@ -94,6 +112,11 @@ def run_summary(store: FederationStore, record: RunRecord) -> dict[str, Any]:
         "rounds_planned": record.config.get("rounds"),
         "accuracy_by_round": {str(k): v for k, v in sorted(accuracy.items()) if k > 0},
         "final_accuracy": (record.final_metrics or {}).get("eval_accuracy"),
+        "final_metrics": {
+            key: value
+            for key, value in (record.final_metrics or {}).items()
+            if key != "evaluated_round"
+        },
         "epsilon_by_partner": epsilon,
         "delta": record.config.get("delta"),
         "model_id": record.model_id,
@@ -104,7 +127,12 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"run {summary['run_id']} — {summary['status']}", show_header=False)
     table.add_row("rounds", f"{summary['rounds_completed']} of {summary['rounds_planned']}")
     for r, acc in summary["accuracy_by_round"].items():
-        table.add_row(f"accuracy after round {r}", "n/a" if acc is None else f"{acc:.4f}")
+        if acc is not None:
+            table.add_row(f"accuracy after round {r}", f"{acc:.4f}")
+    final = summary.get("final_metrics") or {}
+    for key, label in _FINAL:
+        if isinstance(final.get(key), int | float):
+            table.add_row(f"final {label}", f"{final[key]:.4f}")
     for partner, eps in sorted(summary["epsilon_by_partner"].items()):
         table.add_row(f"ε {partner}", f"{eps:.3f} (δ={summary['delta']:g})")
     table.add_row("model", summary["model_id"] or "none")

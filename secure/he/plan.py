@@ -87,6 +87,11 @@ def compile_plan(spec: ModelSpec, params: list[FloatArray], scaler: Scaler) -> H
         ConfigError: parameters do not match the spec or the scaler is unusable.
     """
     check_parameters(spec, params)
+    if spec.is_regression:
+        raise UnsupportedModelError(
+            "regression models are served in plaintext only for now: the HE protocol "
+            "returns class scores"
+        )
     if spec.kind == "mlp" and spec.activation not in ("square", "quad"):
         raise UnsupportedModelError(
             f"layer 'activation_1' (after dense layer 1 of {spec.kind}) is {spec.activation!r}, "

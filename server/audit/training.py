@@ -99,6 +99,20 @@ class TrainingAudit:
         records.append(self._record("train.round", f"run/{self.run_id}", outcome, round_=round_))
         self._append(records)
 
+    def partner_refused(self, partner: str, round_: int, code: str) -> None:
+        """A partner declined a round (its data, its budget, the request): who, when, why."""
+        self._append(
+            [
+                self._record(
+                    "train.partner.refused",
+                    f"run/{self.run_id}",
+                    code,
+                    round_=round_,
+                    partner=partner,
+                )
+            ]
+        )
+
     def model_registered(self, model_id: str) -> None:
         self._append([self._record("model.register", f"model/{model_id}", "registered")])
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedvault.schema import BUILTIN_DATASETS, builtin_schema
+from fedvault.schema import lineage_schema
 from server.audit.log import AuditLog, AuditSink
 from server.gateway.audit import AuditGate
 from server.gateway.auth import Authenticator, RateLimiter
@@ -134,10 +134,13 @@ def he_model_source(repository: ModelRepository) -> Callable[[str], Any]:
         except NotFoundError:
             served = repository.resolve(ref, None)
         plan = compile_plan(served.spec, served.params, served.scaler)
-        dataset = served.lineage.get("dataset")
-        if dataset in BUILTIN_DATASETS:
-            schema = builtin_schema(dataset)
-            features, classes = schema.feature_names, schema.classes
+        schema = lineage_schema(served.lineage)
+        if schema is not None:
+            from fedvault.encoding import encoding_for
+
+            # Under HE the caller sends the model's numeric input: one value
+            # per encoded column (one-hot categories, missing indicators).
+            features, classes = encoding_for(schema).names, schema.classes
         else:
             features = tuple(f"x{i}" for i in range(served.spec.n_features))
             classes = tuple(str(i) for i in range(served.spec.n_classes))

@@ -55,12 +55,16 @@ from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
 from server.gateway.rest import INLINE_ELEMENTS, GatewayApp, benchmark_principal
 from server.gateway.tensors import (
+    BYTES,
     DATATYPES,
+    BytesBudget,
     InferRequest,
     InferResponse,
     RequestedOutput,
     Tensor,
     _shape,
+    bytes_from_items,
+    check_datatype,
     from_bytes,
     from_list,
 )
@@ -101,18 +105,28 @@ class GrpcTLS:
 
 # ----------------------------------------------------------------------- serde
 def decode_infer_request(req: pb.ModelInferRequest) -> InferRequest:
-    """``ModelInferRequest`` → the transport-independent request (400s for malformations)."""
+    """``ModelInferRequest`` → the transport-independent request (400s for malformations).
+
+    BYTES inputs come as ``contents.bytes_contents`` (one entry per element)
+    or, like every datatype, as ``raw_input_contents`` (Triton's layout: per
+    element a 4-byte little-endian length, then the bytes).
+    """
     raw = list(req.raw_input_contents)
     if raw and len(raw) != len(req.inputs):
         raise InvalidRequestError(
             f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs: they must pair up"
         )
     inputs: list[Tensor] = []
+    budget = BytesBudget()
     for i, t in enumerate(req.inputs):
         name = t.name[:128]
         shape = _shape(name, list(t.shape))
+        if check_datatype(name, t.datatype) == BYTES:
+            budget.charge(name, shape)
         if raw:
             data = from_bytes(name, t.datatype, shape, raw[i])
+        elif t.datatype == BYTES:
+            data = bytes_from_items(name, shape, t.contents.bytes_contents)
         else:
             field = _CONTENTS_FIELD.get(t.datatype)
             if field is None:

@@ -76,9 +76,11 @@ class _ScrapeTimeCollector(Collector):
             window.add_metric([name, version], float(len(z)))
             if len(z) == 0:
                 continue
+            names = self._m.input_names.get((name, version), ())
             for j, (p, k) in enumerate(zip(psi_normal(z), ks_normal(z), strict=True)):
-                psi.add_metric([name, version, f"x{j}"], float(p))
-                ks.add_metric([name, version, f"x{j}"], float(k))
+                feature = names[j] if j < len(names) else f"x{j}"
+                psi.add_metric([name, version, feature], float(p))
+                ks.add_metric([name, version, feature], float(k))
         spent = GaugeMetricFamily(
             "fedvault_privacy_epsilon_spent",
             "Epsilon spent per partner for a served model, from its registry lineage.",
@@ -105,6 +107,9 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.repository = repository
         self.windows: dict[tuple[str, str], DriftWindow] = {}
+        # Drift labels per model version: the model's input names (``age``,
+        # ``sex=F``, ``creatinine__missing``) where its schema is known.
+        self.input_names: dict[tuple[str, str], tuple[str, ...]] = {}
         # Pre-bound (counter, histogram) children per label set: ``labels()`` costs a
         # lock and a label validation on every call.
         self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
@@ -172,6 +177,8 @@ class GatewayMetrics:
         win = self.windows.get(key)
         if win is None:
             win = self.windows.setdefault(key, DriftWindow(model.spec.n_features))
+            if model.raw is not None:
+                self.input_names[key] = model.raw.encoding.names
         return win
 
     def observe_request(

@@ -11,12 +11,27 @@ OIP names: a model's *name* is the registry name (``digits-logreg``), its
 the newest one that loaded, unless an admin rolled back: that choice is kept
 in the gateway database so a restart keeps it.
 
-Tensors (also the metadata the service returns):
+Tensors (also the metadata the service returns). A model trained on a data
+schema (stored in its lineage; the built-in tables' schemas for older models)
+takes the schema's *raw columns* and the gateway encodes them as training did
+(:mod:`fedvault.encoding`: ``log1p``, one-hot categories, missing values and
+their indicators), then standardises with the model's DP scaler:
 
-- input ``features`` FP32 ``[-1, n_features]``: raw features in the schema's
-  units; the model's scaler standardises them;
-- output ``logits`` FP32 ``[-1, n_classes]``, ``probabilities`` FP32
-  ``[-1, n_classes]`` (softmax), ``class`` INT64 ``[-1]`` (argmax).
+- inputs, one per schema feature, named after the column, shape ``[-1]``:
+  FP32 for ``float``/``int`` features, BOOL for ``boolean`` ones, BYTES for
+  ``categorical`` ones (any numeric datatype, or ``[-1, 1]``, is accepted too);
+- when no feature is categorical, also the single input ``features`` FP32
+  ``[-1, n_columns]``: the raw columns in schema order (NaN: missing). For a
+  schema of plain ``float``/``int`` features that refuse missing values (the
+  built-in breast-cancer and digits tables) the metadata advertises this
+  matrix, as it always did, and the per-column inputs are accepted as well;
+- a model without a known schema takes ``features`` FP32 ``[-1, n_features]``
+  (its numeric input before standardisation), as before schemas existed.
+
+Outputs: a classifier's ``logits`` FP32 ``[-1, n_classes]``, ``probabilities``
+FP32 ``[-1, n_classes]`` (softmax), ``class`` INT64 ``[-1]`` (argmax); a
+regression model's ``value`` FP32 ``[-1]``, the prediction in the target's
+units (clipped to its public range).
 """
 
 from __future__ import annotations
@@ -31,6 +46,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fedvault.encoding import Encoding, encoding_for
 from fedvault.errors import (
     ConflictError,
     FedvaultError,
@@ -38,6 +54,7 @@ from fedvault.errors import (
     UnavailableError,
 )
 from fedvault.modelspec import FloatArray, ModelSpec, forward
+from fedvault.schema import DataSchema, FeatureSpec, lineage_schema
 from fedvault.stats import Scaler
 from server.registry import ModelRegistry
 from server.store import FederationStore
@@ -45,7 +62,9 @@ from server.store import FederationStore
 __all__ = [
     "INPUT_NAME",
     "OUTPUTS",
+    "REGRESSION_OUTPUTS",
     "ModelRepository",
+    "RawColumns",
     "ServedModel",
     "TensorSpec",
 ]
@@ -54,7 +73,9 @@ _log = logging.getLogger(__name__)
 
 INPUT_NAME = "features"
 OUTPUTS = ("logits", "probabilities", "class")
+REGRESSION_OUTPUTS = ("value",)
 PLATFORM = "fedvault_numpy"
+_COLUMN_DATATYPE = {"float": "FP32", "int": "FP32", "boolean": "BOOL", "categorical": "BYTES"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +89,67 @@ class TensorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RawColumns:
+    """A model's schema: its raw-column inputs and how they become the model's input.
+
+    Precomputed once per loaded model; the service reads it on every request.
+    """
+
+    schema: DataSchema
+    encoding: Encoding
+    by_name: dict[str, FeatureSpec]
+    tensors: tuple[TensorSpec, ...]  # one per feature, in schema order
+    accepts_matrix: bool  # no categorical: ``features`` [-1, n_columns] is accepted
+    advertises_matrix: bool  # plain numeric columns, refuse missing: metadata shows ``features``
+    # The matrix *is* the model input (no log1p, boolean, imputation): a request
+    # is then checked against the bounds in one vectorised pass.
+    identity: bool
+    lo: NDArray[np.float64]
+    hi: NDArray[np.float64]
+    integral: NDArray[np.intp]  # columns of ``int`` features
+
+    @classmethod
+    def of(cls, schema: DataSchema) -> RawColumns:
+        features = schema.features
+        plain = all(f.numeric and f.missing == "refuse" for f in features)
+        accepts = schema.all_numeric and INPUT_NAME not in schema.feature_names
+        return cls(
+            schema=schema,
+            encoding=encoding_for(schema),
+            by_name={f.name: f for f in features},
+            tensors=tuple(TensorSpec(f.name, _COLUMN_DATATYPE[f.type], (-1,)) for f in features),
+            accepts_matrix=accepts,
+            advertises_matrix=accepts and plain,
+            identity=plain and not any(f.log1p for f in features),
+            lo=np.array([f.min if f.min is not None else -np.inf for f in features]),
+            hi=np.array([f.max if f.max is not None else np.inf for f in features]),
+            integral=np.array([i for i, f in enumerate(features) if f.type == "int"], np.intp),
+        )
+
+    @property
+    def matrix(self) -> TensorSpec:
+        return TensorSpec(INPUT_NAME, "FP32", (-1, len(self.schema.features)))
+
+
+def raw_columns(name: str, spec: ModelSpec, lineage: dict[str, Any]) -> RawColumns | None:
+    """The model's schema inputs, or None (served on its numeric input, as before
+    schemas travelled with models) when no schema is known or it does not fit."""
+    try:
+        schema = lineage_schema(lineage)
+        if schema is None:
+            return None
+        raw = RawColumns.of(schema)
+    except (FedvaultError, ValueError) as exc:  # a draft or unreadable stored schema
+        reason = type(exc).__name__
+    else:
+        if raw.encoding.width == spec.n_features and schema.is_regression == spec.is_regression:
+            return raw
+        reason = "schema does not match the model's input or task"
+    _log.warning(json.dumps({"event": "model_schema_ignored", "model": name, "reason": reason}))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class ServedModel:
     """One verified, decrypted model version, ready for plaintext inference."""
 
@@ -78,6 +160,7 @@ class ServedModel:
     params: list[FloatArray]
     scaler: Scaler
     lineage: dict[str, Any]
+    raw: RawColumns | None = None  # None: no known schema, served on ``features`` only
     # Precomputed for the request path: float32 scaler and transposed weights.
     _mean: NDArray[np.float32] = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
     _inv_std: NDArray[np.float32] = field(
@@ -103,16 +186,24 @@ class ServedModel:
             params,
             scaler,
             lineage,
+            raw_columns(name, spec, lineage),
             np.asarray(scaler.mean, np.float32),
             np.asarray(1.0 / scaler.std, np.float32),
         )
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec(INPUT_NAME, "FP32", (-1, self.spec.n_features)),)
+        """The inputs the metadata advertises (see the module docstring)."""
+        if self.raw is None:
+            return (TensorSpec(INPUT_NAME, "FP32", (-1, self.spec.n_features)),)
+        if self.raw.advertises_matrix:
+            return (self.raw.matrix,)
+        return self.raw.tensors
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
+        if self.spec.is_regression:
+            return tuple(TensorSpec(n, "FP32", (-1,)) for n in REGRESSION_OUTPUTS)
         k = self.spec.n_classes
         return (
             TensorSpec("logits", "FP32", (-1, k)),
@@ -125,12 +216,26 @@ class ServedModel:
         return frozenset(self.lineage.get("partners", ()))
 
     def standardise(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        return (x - self._mean) * self._inv_std
+        """Standardised inputs; a missing (NaN) entry becomes 0, the federation's DP
+        mean (the ``mean`` imputation, as :meth:`fedvault.stats.Scaler.apply`)."""
+        z = (x - self._mean) * self._inv_std
+        if self.raw is not None and self.raw.encoding.has_missing:  # else no NaN gets here
+            missing = np.isnan(z)
+            if missing.any():
+                z[missing] = 0.0
+        return z
 
     def predict(self, z: NDArray[np.float32], wanted: tuple[str, ...]) -> dict[str, NDArray[Any]]:
         """Outputs ``wanted`` for standardised rows ``z`` (the registry's own forward pass)."""
         logits = forward(self.spec, self.params, z)
         out: dict[str, NDArray[Any]] = {}
+        if self.spec.is_regression:
+            if "value" in wanted:
+                value: NDArray[Any] = logits[:, 0]
+                if self.raw is not None:  # the target rescaled into [-1, 1] → its units
+                    value = self.raw.encoding.decode_target(value)
+                out["value"] = value.astype(np.float32)
+            return out
         if "logits" in wanted:
             out["logits"] = logits
         if "probabilities" in wanted:

@@ -12,12 +12,20 @@ header of ``Inference-Header-Content-Length`` bytes followed by the raw
 little-endian data of every input whose ``parameters.binary_data_size`` is set,
 in input order; responses do the same for outputs asked for with
 ``parameters.binary_data`` (or request-level ``binary_data_output``).
+
+``BYTES`` tensors (inputs only: a model's categorical columns) become NumPy
+object arrays of :class:`bytes`. JSON ``data`` gives them as strings (stored
+UTF-8 encoded); binary data (REST extension, gRPC ``raw_input_contents``) as
+Triton lays them out: per element a 4-byte little-endian length, then its
+bytes. Whether the bytes are UTF-8 text is the service's check, which knows
+the row to name.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +36,17 @@ from numpy.typing import NDArray
 from fedvault.errors import InvalidRequestError
 
 __all__ = [
+    "BYTES",
     "DATATYPES",
+    "MAX_BYTES_ELEMENTS",
+    "MAX_BYTES_ITEM",
+    "BytesBudget",
     "InferRequest",
     "InferResponse",
     "RequestedOutput",
     "Tensor",
+    "bytes_from_items",
+    "check_datatype",
     "decode_rest_request",
     "encode_rest_response",
 ]
@@ -51,10 +65,22 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
 }
-"""Numeric OIP datatypes and their little-endian NumPy dtypes (BYTES is not served)."""
+"""Numeric OIP datatypes and their little-endian NumPy dtypes (BYTES is separate)."""
+
+BYTES = "BYTES"
+"""Variable-length byte strings (inputs only; held as an object array of ``bytes``)."""
 
 MAX_ELEMENTS = 16 * 1024 * 1024
 """Largest tensor accepted, in elements: a shape is checked before any allocation."""
+
+MAX_BYTES_ELEMENTS = 1024 * 1024
+"""Most BYTES elements in one request, all its BYTES tensors together: each is a
+Python object (~40 bytes), so the numeric cap would allow ~0.7 GB per request."""
+
+MAX_BYTES_ITEM = 4096
+"""Longest BYTES element accepted, in bytes (a category name is at most 128 characters)."""
+
+_LENGTH = struct.Struct("<I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +139,123 @@ def dtype_of(name: str, datatype: Any) -> np.dtype[Any]:
     return DATATYPES[datatype]
 
 
+def check_datatype(name: str, datatype: Any) -> str:
+    """A served OIP datatype (numeric or BYTES) as given; a client error otherwise."""
+    if datatype == BYTES:
+        return BYTES
+    dtype_of(name, datatype)
+    return str(datatype)
+
+
+class BytesBudget:
+    """Counts one request's BYTES elements against :data:`MAX_BYTES_ELEMENTS`,
+    from the shapes alone, before any element is read."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def charge(self, name: str, shape: tuple[int, ...]) -> None:
+        self.used += math.prod(shape)
+        if self.used > MAX_BYTES_ELEMENTS:
+            raise InvalidRequestError(
+                f"tensor {name!r}: more than {MAX_BYTES_ELEMENTS} BYTES elements in one request"
+            )
+
+
+def _bytes_item(name: str, index: int, value: bytes) -> bytes:
+    if len(value) > MAX_BYTES_ITEM:
+        raise InvalidRequestError(
+            f"tensor {name!r}: element {index + 1} is longer than {MAX_BYTES_ITEM} bytes"
+        )
+    return value
+
+
+def bytes_from_buffer(
+    name: str, shape: tuple[int, ...], raw: bytes | memoryview
+) -> NDArray[np.object_]:
+    """Triton's serialised BYTES (per element: uint32 LE length, then the bytes) → array."""
+    count = math.prod(shape)
+    view = memoryview(raw)
+    end = len(view)
+    out = np.empty(count, dtype=np.object_)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > end:
+            raise InvalidRequestError(
+                f"tensor {name!r}: BYTES data ends before element {i + 1} of {count}"
+            )
+        (size,) = _LENGTH.unpack_from(view, pos)
+        pos += 4
+        if size > MAX_BYTES_ITEM:
+            raise InvalidRequestError(
+                f"tensor {name!r}: element {i + 1} is longer than {MAX_BYTES_ITEM} bytes"
+            )
+        if pos + size > end:
+            raise InvalidRequestError(f"tensor {name!r}: BYTES data ends inside element {i + 1}")
+        out[i] = bytes(view[pos : pos + size])
+        pos += size
+    if pos != end:
+        raise InvalidRequestError(
+            f"tensor {name!r}: {end - pos} data bytes after its {count} BYTES elements"
+        )
+    return out.reshape(shape)
+
+
+def bytes_from_items(
+    name: str, shape: tuple[int, ...], items: Sequence[bytes]
+) -> NDArray[np.object_]:
+    """gRPC ``bytes_contents`` (one entry per element, row-major) → array of ``shape``."""
+    count = math.prod(shape)
+    if len(items) != count:
+        raise InvalidRequestError(
+            f"tensor {name!r}: {len(items)} data elements do not fill shape {list(shape)}"
+        )
+    out = np.empty(count, dtype=np.object_)
+    for i, item in enumerate(items):
+        out[i] = _bytes_item(name, i, bytes(item))
+    return out.reshape(shape)
+
+
+def bytes_from_list(name: str, shape: tuple[int, ...], data: Any) -> NDArray[np.object_]:
+    """JSON ``data`` of strings (flat or nested, row-major) → array of UTF-8 ``bytes``."""
+    if not isinstance(data, list):
+        raise InvalidRequestError(f"tensor {name!r}: data must be a list")
+    count = math.prod(shape)
+    out = np.empty(count, dtype=np.object_)
+    filled = 0
+    stack = [iter(data)]  # iterative: nesting depth is the client's choice
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, str):
+                raise InvalidRequestError(f"tensor {name!r}: BYTES data must be strings")
+            if filled == count:
+                raise InvalidRequestError(
+                    f"tensor {name!r}: more data elements than shape {list(shape)} holds"
+                )
+            try:
+                encoded = item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError(
+                    f"tensor {name!r}: element {filled + 1} is not valid Unicode text"
+                ) from None
+            out[filled] = _bytes_item(name, filled, encoded)
+            filled += 1
+        else:
+            stack.pop()
+    if filled != count:
+        raise InvalidRequestError(
+            f"tensor {name!r}: {filled} data elements do not fill shape {list(shape)}"
+        )
+    return out.reshape(shape)
+
+
 def from_bytes(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> NDArray[Any]:
     """Little-endian raw bytes → array of ``shape``; the size must match exactly."""
+    if datatype == BYTES:
+        return bytes_from_buffer(name, shape, raw)
     dtype = dtype_of(name, datatype)
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
@@ -127,6 +268,8 @@ def from_bytes(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> 
 
 def from_list(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> NDArray[Any]:
     """JSON ``data`` (flat or nested, row-major) → array of ``shape``."""
+    if datatype == BYTES:
+        return bytes_from_list(name, shape, data)
     dtype = dtype_of(name, datatype)
     if not isinstance(data, list):
         raise InvalidRequestError(f"tensor {name!r}: data must be a list")
@@ -173,7 +316,7 @@ def decode_rest_request(
         head, tail = body, memoryview(b"")
     try:
         doc = json.loads(head)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequestError("request body is not valid JSON") from None
     if not isinstance(doc, dict):
         raise InvalidRequestError("request body must be a JSON object")
@@ -182,14 +325,16 @@ def decode_rest_request(
         raise InvalidRequestError("request needs a non-empty 'inputs' list")
     inputs: list[Tensor] = []
     offset = 0
+    budget = BytesBudget()
     for i, item in enumerate(raw_inputs):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise InvalidRequestError(f"input {i}: needs a string 'name'")
         name = item["name"][:128]
         shape = _shape(name, item.get("shape"))
-        datatype = item.get("datatype")
-        dtype_of(name, datatype)  # an unknown or missing datatype is a 400 before any data
-        datatype = str(datatype)
+        # An unknown or missing datatype is a 400 before any data.
+        datatype = check_datatype(name, item.get("datatype"))
+        if datatype == BYTES:
+            budget.charge(name, shape)
         params = _parameters(f"input {name!r}", item.get("parameters"))
         size = params.get("binary_data_size")
         if size is not None:
@@ -203,7 +348,7 @@ def decode_rest_request(
             if "data" not in item:
                 raise InvalidRequestError(f"tensor {name!r}: needs 'data' or binary_data_size")
             data = from_list(name, datatype, shape, item["data"])
-        inputs.append(Tensor(name, str(datatype), shape, data, params))
+        inputs.append(Tensor(name, datatype, shape, data, params))
     if offset != len(tail):
         raise InvalidRequestError("binary data is longer than the inputs declare")
     outputs: list[RequestedOutput] | None = None
