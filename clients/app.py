@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.data import CsvFormat, PartnerData, load_partner_data
+from clients.data import CsvFormat, PartnerData, load_partner_data, without_cells
 from clients.ledger import NodeLedger, request_digest
 from fedvault import wire
 from fedvault.encoding import Encoding, encoding_for
@@ -41,7 +41,7 @@ from fedvault.privacy import (
     non_private_charge,
 )
 from fedvault.schema import DataSchema, from_json
-from fedvault.stats import Scaler, noisy_sums
+from fedvault.stats import NoisySums, Scaler, noisy_sums
 
 log = logging.getLogger("fedvault.node")
 
@@ -60,6 +60,7 @@ class NodeSettings:
     cap_delta: float
     allow_non_private: bool
     csv_format: CsvFormat = field(default_factory=CsvFormat)
+    dataset: str = ""  # the table this site holds ("" = not configured: no check)
 
     @classmethod
     def from_node_config(cls, config: dict[str, Any]) -> NodeSettings:
@@ -76,6 +77,7 @@ class NodeSettings:
                     delimiter=str(config["csv-delimiter"]) if config.get("csv-delimiter") else None,
                     encoding=str(config.get("csv-encoding") or "utf-8"),
                 ),
+                dataset=str(config.get("dataset", "")),
             )
         except KeyError as exc:
             raise ConfigError(f"node config lacks {exc.args[0]!r}") from None
@@ -148,7 +150,8 @@ def _handle(message: Message, context: Context, handler: Any) -> Message:
     except Refusal as exc:
         return _refusal(message, exc.code, str(exc), partner)
     except DataError as exc:
-        return _refusal(message, wire.REFUSE_DATA, str(exc), partner)
+        # The cell's value stays here: the coordinator learns where and what kind.
+        return _refusal(message, wire.REFUSE_DATA, without_cells(str(exc)), partner)
     except ConflictError as exc:
         return _refusal(message, wire.REFUSE_CONFLICT, str(exc), partner)
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
@@ -170,8 +173,25 @@ def _load(settings: NodeSettings, schema: DataSchema) -> tuple[PartnerData, Part
     )
 
 
-def _schema(run: ConfigRecord) -> tuple[DataSchema, Encoding]:
+def _run_schema(run: ConfigRecord, settings: NodeSettings) -> DataSchema:
+    """The run's schema, if it is for the table this site holds.
+
+    The node's ledger and lifetime cap are kept per table name, and the name
+    comes with the run: a site that knows its table (a kit's ``dataset``)
+    refuses a run under any other name, so no coordinator can start a fresh
+    budget on the same data by renaming it.
+    """
     schema = from_json(wire.config_str(run, "schema"))
+    if settings.dataset and schema.name != settings.dataset:
+        raise Refusal(
+            wire.REFUSE_REQUEST,
+            f"this site holds table {settings.dataset!r}; the run is for {schema.name!r}",
+        )
+    return schema
+
+
+def _schema(run: ConfigRecord, settings: NodeSettings) -> tuple[DataSchema, Encoding]:
+    schema = _run_schema(run, settings)
     return schema, encoding_for(schema)
 
 
@@ -281,7 +301,7 @@ def stats(message: Message, context: Context) -> Message:
 
 def _stats(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema, encoding = _schema(run)
+    schema, encoding = _schema(run, settings)
     train, test = _load(settings, schema)
     with NodeLedger(settings.ledger) as ledger:
         digest = _digest(message)
@@ -291,8 +311,21 @@ def _stats(message: Message, settings: NodeSettings) -> Message:
         sigma = wire.config_float(run, "stats-noise-multiplier")
         event = GaussianEvent(sigma, 1.0, 1)
         charge = _charge(ledger, settings, schema, run, 0, MECHANISM_GAUSSIAN_SUMS, event, 1.0)
-        rng = np.random.default_rng(_seed(run, settings.partner, 0))
-        sums = noisy_sums(train.features, encoding, sigma, rng)
+        if wire.config_bool(run, "secure-mode"):
+            # The OS CSPRNG: a seeded generator's noise is known to whoever
+            # knows the run's seed, the coordinator included.
+            from secure import csprng
+
+            exact = noisy_sums(train.features, encoding, 0.0, np.random.default_rng(0))
+            scale = sigma * float(np.sqrt(2 * encoding.width + 1))
+            noise = csprng.hardened_normal(scale, 2 * encoding.width + 1)
+            d = encoding.width
+            sums = NoisySums(
+                exact.sum + noise[:d], exact.sum_sq + noise[d : 2 * d], exact.count + noise[-1]
+            )
+        else:
+            rng = np.random.default_rng(_seed(run, settings.partner, 0))
+            sums = noisy_sums(train.features, encoding, sigma, rng)
         partner = {"name": settings.partner, "n-train": train.n_rows, "n-test": test.n_rows}
         return _cache_and_reply(
             message,
@@ -302,6 +335,58 @@ def _stats(message: Message, settings: NodeSettings) -> Message:
             digest,
             {wire.SUMS: [sums.sum, sums.sum_sq, np.array([sums.count])]},
             {wire.PARTNER: partner, wire.CHARGE: wire.charge_to_record(charge)},
+            {},
+        )
+
+
+@app.query("bounds")
+def bounds(message: Message, context: Context) -> Message:
+    """Release noisy histograms of numeric columns, for DP bounds (charged)."""
+    return _handle(message, context, _bounds)
+
+
+def _bounds(message: Message, settings: NodeSettings) -> Message:
+    from clients.data import column_histograms
+    from fedvault.bounds import MECHANISM_DP_HISTOGRAM
+
+    run = _run_record(message)
+    schema = _run_schema(run, settings)  # a draft: bounds are what is asked
+    columns = json.loads(wire.config_str(run, "columns"))
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        raise Refusal(wire.REFUSE_REQUEST, "columns must be a list of column names")
+    numeric = {f.name for f in schema.features if f.numeric} | (
+        {schema.label} if schema.is_regression else set()
+    )
+    if not columns or not set(columns) <= numeric:
+        raise Refusal(wire.REFUSE_REQUEST, "the bounds query names columns the schema has not")
+    histograms = column_histograms(
+        settings.train_csv, columns, schema.missing_values, settings.csv_format
+    )
+    with NodeLedger(settings.ledger) as ledger:
+        digest = _digest(message)
+        cached = ledger.cached_reply(schema.name, wire.config_str(run, "run-id"), 0, digest)
+        if cached is not None:
+            return _reply_from_cache(message, cached)
+        sigma = wire.config_float(run, "noise-multiplier")
+        if not sigma > 0:
+            raise Refusal(wire.REFUSE_REQUEST, "the bounds query must be noised (σ > 0)")
+        event = GaussianEvent(sigma, 1.0, 1)
+        charge = _charge(ledger, settings, schema, run, 0, MECHANISM_DP_HISTOGRAM, event, 1.0)
+        # Always the OS CSPRNG: nothing here needs to be reproducible, and a
+        # seeded generator's noise is known to whoever knows the seed.
+        from secure import csprng
+
+        counts = histograms + csprng.hardened_normal(
+            sigma * float(np.sqrt(len(columns))), histograms.size
+        ).reshape(histograms.shape)
+        return _cache_and_reply(
+            message,
+            ledger,
+            schema.name,
+            charge,
+            digest,
+            {wire.HISTOGRAMS: [counts]},
+            {wire.PARTNER: {"name": settings.partner}, wire.CHARGE: wire.charge_to_record(charge)},
             {},
         )
 
@@ -330,7 +415,7 @@ def train(message: Message, context: Context) -> Message:
 
 def _train(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema, encoding = _schema(run)
+    schema, encoding = _schema(run, settings)
     spec = ModelSpec.model_validate_json(wire.config_str(run, "model-spec"))
     if spec.n_features != encoding.width or spec.n_classes != schema.n_outputs:
         raise Refusal(wire.REFUSE_REQUEST, "the model does not fit the run's schema")
@@ -408,7 +493,7 @@ def evaluate_global(message: Message, context: Context) -> Message:
 
 def _evaluate(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
-    schema, encoding = _schema(run)
+    schema, encoding = _schema(run, settings)
     spec = ModelSpec.model_validate_json(wire.config_str(run, "model-spec"))
     test_data = load_partner_data(settings.test_csv, schema, settings.csv_format)
     params, scaler = _model_and_scaler(message, spec)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,3 +444,106 @@ def iter_problems(
                 return
     except DataError as exc:
         yield exc
+
+
+def column_histograms(
+    path: Path | str,
+    columns: list[str],
+    missing_values: tuple[str, ...],
+    fmt: CsvFormat | None = None,
+) -> npt.NDArray[np.float64]:
+    """Exact counts of ``columns``' values in the bounds grid, one row per column.
+
+    For the DP bounds query (:mod:`fedvault.bounds`; the node adds the noise).
+    No bounds are known yet (that is the point of the query), so a value is
+    only checked to be a finite number; a cell that is not one is a DataError
+    with its line and column, as in validation. Counts accumulate per block of
+    rows, so memory does not grow with the file.
+    """
+    from fedvault.bounds import N_BINS, histogram
+
+    path = Path(path)
+    shown = str(path)
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        from clients.parquet import parquet_histograms
+
+        return parquet_histograms(path, columns)
+    fmt = fmt or CsvFormat()
+    markers = frozenset(missing_values)
+    counts = np.zeros((len(columns), N_BINS))
+    positions: dict[str, int] | None = None
+    width = 0
+    block: list[list[float]] = [[] for _ in columns]
+
+    def flush() -> None:
+        for j, values in enumerate(block):
+            counts[j] += histogram(np.array(values, dtype=np.float64))
+            values.clear()
+
+    for item in _records(path, fmt, shown):
+        if isinstance(item, DataError):
+            raise item
+        start, row = item
+        if positions is None:
+            header = [name.strip() for name in row]
+            absent = [c for c in columns if c not in header]
+            if absent:
+                raise DataError(
+                    f"missing column(s) {_names(absent)}, asked for by the bounds query",
+                    path=shown,
+                    line=start,
+                    column=absent[0],
+                )
+            positions = {name: header.index(name) for name in columns}
+            width = len(header)
+            continue
+        if len(row) != width:
+            raise DataError(
+                f"expected {width} cells (one per header column), got {len(row)}",
+                path=shown,
+                line=start,
+            )
+        for out, name in zip(block, columns, strict=True):
+            text = row[positions[name]].strip()
+            if text in markers:
+                continue
+            try:
+                number = float(text) if text.isascii() and "_" not in text else np.nan
+            except ValueError:
+                number = np.nan
+            if not np.isfinite(number):
+                raise DataError(
+                    f"expected a finite number, got {_quote(text)}",
+                    path=shown,
+                    line=start,
+                    column=name,
+                )
+            out.append(number)
+        if len(block[0]) >= BLOCK_ROWS or any(len(b) >= BLOCK_ROWS for b in block):
+            flush()
+    if positions is None:
+        raise DataError("file is empty, expected a header line", path=shown, line=1)
+    flush()
+    return counts
+
+
+_REPR = r"""(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
+_CELL_PATTERNS = (
+    (re.compile(r"\bgot " + _REPR), "got another value"),
+    (re.compile(r"\bunknown category " + _REPR), "an undeclared category"),
+    (re.compile(r"\bunknown label " + _REPR), "an undeclared label"),
+    (re.compile(r"\btarget " + _REPR + " outside"), "a target outside"),
+    (re.compile(r"\bvalue \S+ outside"), "a value outside"),
+)
+
+
+def without_cells(message: str) -> str:
+    """A data error's message with the offending cell's value taken out.
+
+    What a node sends the coordinator when it refuses: the file, line, column
+    and kind of problem locate it for partner IT, the value itself stays at
+    the site (``fedvault data check`` shows it there).
+    """
+    for pattern, replacement in _CELL_PATTERNS:
+        message = pattern.sub(replacement, message)
+    return message

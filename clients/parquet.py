@@ -95,8 +95,13 @@ def _feature(spec: FeatureSpec, column: Any, missing: frozenset[str]) -> npt.NDA
             raise InvalidValue(0, f"expected a text column, Parquet type is {kind}")
         return parse_cells(spec, _as_text(column), missing)
     if pt.is_boolean(kind) or pt.is_integer(kind) or pt.is_floating(kind):
-        values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        return typed_values(spec, np.asarray(values, dtype=np.float64))
+        values = np.asarray(
+            column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64
+        )
+        nan = np.isnan(values) & ~np.asarray(column.is_null().to_numpy(zero_copy_only=False))
+        if nan.any():  # a stored NaN is not a null: refused as a CSV "nan" is
+            raise InvalidValue(int(np.argmax(nan)), "expected a finite float, got nan")
+        return typed_values(spec, values)
     raise InvalidValue(0, f"expected a numeric column, Parquet type is {kind}")
 
 
@@ -114,6 +119,9 @@ def _groups(path: Path, schema: DataSchema) -> Iterator[tuple[int, int, Any]]:
     handle = _open(path)
     shown = str(path)
     names = list(handle.schema_arrow.names)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"duplicate column(s) {', '.join(map(repr, twice))}", path=shown)
     _check_columns(names, schema, shown)
     first = 0
     for group in range(handle.num_row_groups):
@@ -209,3 +217,41 @@ def iter_parquet_problems(
                     )
     except DataError as exc:
         yield exc
+
+
+def parquet_histograms(path: Path, columns: list[str]) -> npt.NDArray[np.float64]:
+    """Exact counts of ``columns``' values in the bounds grid, one row group at a time."""
+    import pyarrow as pa
+    import pyarrow.types as pt
+
+    from fedvault.bounds import N_BINS, histogram
+
+    handle = _open(path)
+    shown = str(path)
+    names = list(handle.schema_arrow.names)
+    absent = [c for c in columns if c not in names]
+    if absent:
+        raise DataError(
+            f"missing column(s) {', '.join(map(repr, absent[:5]))}, asked for by the bounds query",
+            path=shown,
+            column=absent[0],
+        )
+    counts = np.zeros((len(columns), N_BINS))
+    for group in range(handle.num_row_groups):
+        try:
+            table = handle.read_row_group(group, columns=columns)
+        except Exception as exc:
+            raise DataError(
+                f"row group {group}: cannot be read ({_reason(exc)})", path=shown
+            ) from None
+        for j, name in enumerate(columns):
+            column = table.column(name)
+            if not (pt.is_integer(column.type) or pt.is_floating(column.type)):
+                raise DataError(
+                    f"expected a numeric column, Parquet type is {column.type}",
+                    path=shown,
+                    column=name,
+                )
+            values = np.asarray(column.cast(pa.float64()).to_numpy(), dtype=np.float64)
+            counts[j] += histogram(values)
+    return counts

@@ -34,7 +34,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fedvault.schema import FALSE_WORDS, TRUE_WORDS, DataSchema, FeatureSpec
+from fedvault.schema import (
+    DEFAULT_MISSING_VALUES,
+    FALSE_WORDS,
+    TRUE_WORDS,
+    DataSchema,
+    FeatureSpec,
+)
 
 __all__ = [
     "EncodedInput",
@@ -49,6 +55,7 @@ __all__ = [
 
 FloatArray = NDArray[np.float64]
 MISSING_SUFFIX = "__missing"
+_ENCODE_ROWS = 4096
 _QUOTE_LIMIT = 40
 
 
@@ -94,6 +101,20 @@ def _bounds(spec: FeatureSpec) -> tuple[float, float]:
     return spec.min, spec.max
 
 
+def _check_bounds(spec: FeatureSpec) -> tuple[float, float]:
+    """The range a value is refused outside of: none when the schema clips instead."""
+    if spec.out_of_range == "clip":
+        return -math.inf, math.inf
+    return _bounds(spec)
+
+
+def _clip(spec: FeatureSpec, values: NDArray[np.float64]) -> NDArray[np.float64]:
+    if spec.out_of_range == "clip":
+        lo, hi = _bounds(spec)
+        np.clip(values, lo, hi, out=values)  # NaN (missing) stays NaN
+    return values
+
+
 def _kind(spec: FeatureSpec) -> str:
     return "an integer" if spec.type == "int" else "a float"
 
@@ -120,7 +141,7 @@ def _value_problem(value: float, spec: FeatureSpec, text: str) -> str | None:
         return f"expected {finite}, got {quote(text)}"
     if spec.type == "int" and not value.is_integer():
         return f"expected an integer, got {quote(text)}"
-    lo, hi = _bounds(spec)
+    lo, hi = _check_bounds(spec)
     if value < lo or value > hi:
         shown = text if len(text) <= _QUOTE_LIMIT else text[:_QUOTE_LIMIT] + "..."
         return f"value {shown} outside the schema range [{fmt(lo)}, {fmt(hi)}]"
@@ -182,7 +203,7 @@ def parse_cells(
             )
         except ValueError:
             fast = False
-    lo, hi = _bounds(spec)
+    lo, hi = _check_bounds(spec)
     if fast:
         bad = present & (~np.isfinite(values) | (values < lo) | (values > hi))
         if spec.type == "int":
@@ -205,7 +226,7 @@ def parse_cells(
                 raise InvalidValue(row, problem)
             values[row] = float(text)
     apply_missing(spec, values, missing)
-    return values
+    return _clip(spec, values)
 
 
 def _categorical_cells(
@@ -254,12 +275,18 @@ def _boolean_cells(
     return values
 
 
-def typed_values(spec: FeatureSpec, values: NDArray[Any]) -> NDArray[Any]:
+def typed_values(
+    spec: FeatureSpec,
+    values: NDArray[Any],
+    missing_values: frozenset[str] = frozenset(DEFAULT_MISSING_VALUES),
+) -> NDArray[Any]:
     """Typed values of one feature from a tensor (the gateway's raw-column input).
 
     Numeric features take numbers (NaN is a missing value); booleans take
-    bools or 0/1; categoricals take strings (``bytes`` are UTF-8) where an
-    empty string or ``None`` is missing.
+    bools or 0/1; categoricals take strings (``bytes`` are UTF-8), stripped
+    and compared with the schema's missing markers exactly as file cells are,
+    ``None`` being missing too. A float32 value is compared with the bounds
+    rounded to float32: 0.1 sent as FP32 is the bound 0.1, not above it.
     """
     n = len(values)
     if spec.type == "categorical":
@@ -270,9 +297,9 @@ def typed_values(spec: FeatureSpec, values: NDArray[Any]) -> NDArray[Any]:
                 missing[i] = True
                 cells.append("")
                 continue
-            text = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+            text = (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)).strip()
             cells.append(text)
-            missing[i] = text == ""
+            missing[i] = text in missing_values
         return _categorical_cells(spec, cells, missing)
     if values.dtype.kind not in "biuf":
         kind = "true or false" if spec.type == "boolean" else _kind(spec)
@@ -286,7 +313,10 @@ def typed_values(spec: FeatureSpec, values: NDArray[Any]) -> NDArray[Any]:
             raise InvalidValue(row, f"expected true or false (1/0), got {fmt(float(numbers[row]))}")
         apply_missing(spec, numbers, missing)
         return numbers
-    lo, hi = _bounds(spec)
+    lo, hi = _check_bounds(spec)
+    if values.dtype == np.float32:
+        lo = float(np.nextafter(np.float32(lo), np.float32(-np.inf))) if np.isfinite(lo) else lo
+        hi = float(np.nextafter(np.float32(hi), np.float32(np.inf))) if np.isfinite(hi) else hi
     bad = np.zeros(n, dtype=bool)
     with np.errstate(invalid="ignore"):
         bad |= ~missing & (np.isinf(numbers) | (numbers < lo) | (numbers > hi))
@@ -300,7 +330,10 @@ def typed_values(spec: FeatureSpec, values: NDArray[Any]) -> NDArray[Any]:
         value = float(numbers[first_bad])
         raise InvalidValue(first_bad, _value_problem(value, spec, fmt(value)) or "invalid value")
     apply_missing(spec, numbers, missing)
-    return numbers
+    if values.dtype == np.float32 and spec.out_of_range == "refuse":
+        lo, hi = _bounds(spec)
+        np.clip(numbers, lo, hi, out=numbers)  # the float32 rounding of a bound, to the bound
+    return _clip(spec, numbers)
 
 
 def parse_labels(schema: DataSchema, cells: Sequence[str]) -> NDArray[Any]:
@@ -320,7 +353,9 @@ def parse_labels(schema: DataSchema, cells: Sequence[str]) -> NDArray[Any]:
                 value = math.nan
             if not math.isfinite(value):
                 raise InvalidValue(row, f"expected a finite number, got {quote(text)}")
-            if value < target.min or value > target.max:
+            if target.out_of_range == "clip":
+                value = min(max(value, target.min), target.max)
+            elif value < target.min or value > target.max:
                 raise InvalidValue(
                     row,
                     f"target {quote(text)} outside the schema range "
@@ -392,30 +427,41 @@ class Encoding:
     def encode(self, typed: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
         """The model input for typed values in schema feature order (NaN where imputed)."""
         n = len(typed[0]) if typed else 0
-        # Filled column by column: a column-major buffer keeps each write
-        # contiguous; one transposing copy at the end gives row-major rows.
-        out = np.zeros((self.width, n), dtype=np.float32).T
+        out = np.empty((n, self.width), dtype=np.float32)
+        # Row blocks small enough to stay in cache while every feature writes
+        # its (strided) columns: ~3x faster than whole columns into a
+        # row-major array, and no transposing copy (bench/data.py).
+        for start in range(0, n, _ENCODE_ROWS):
+            stop = min(start + _ENCODE_ROWS, n)
+            self._encode_block(typed, start, stop, out[start:stop])
+        return out
+
+    def _encode_block(
+        self, typed: Sequence[NDArray[Any]], start: int, stop: int, out: NDArray[np.float32]
+    ) -> None:
         col = 0
         for spec, values in zip(self.schema.features, typed, strict=True):
+            part = values[start:stop]
             if spec.type == "categorical":
                 k = len(spec.categories or ())
-                codes = np.asarray(values, dtype=np.int64)
+                codes = np.asarray(part, dtype=np.int64)
+                block = out[:, col : col + k]
+                block.fill(0.0)
                 rows = np.flatnonzero(codes >= 0)
-                out[rows, col + codes[rows]] = 1.0
+                block[rows, codes[rows]] = 1.0
                 if spec.missing == "mean":
                     gone = codes < 0
-                    out[gone, col : col + k] = np.nan
+                    block[gone] = np.nan
                     out[:, col + k] = gone
                 col += k
             else:
-                v = np.asarray(values, dtype=np.float64)
+                v = np.asarray(part, dtype=np.float64)
                 out[:, col] = np.log1p(v) if spec.log1p else v
                 if spec.missing == "mean":
                     out[:, col + 1] = np.isnan(v)
                 col += 1
             if spec.missing == "mean":
                 col += 1
-        return np.ascontiguousarray(out)
 
     def encode_target(self, y: NDArray[Any]) -> NDArray[Any]:
         """Regression targets rescaled into [-1, 1] by the public range; classes as they are."""

@@ -53,8 +53,11 @@ Task = Literal["binary", "multiclass", "regression"]
 FeatureType = Literal["float", "int", "categorical", "boolean"]
 MissingPolicy = Literal["refuse", "constant", "mean"]
 BoundsSource = Literal["domain", "dp", "placeholder"]
+OutOfRange = Literal["refuse", "clip"]
 
 DEFAULT_MISSING_VALUES: tuple[str, ...] = ("", "NA", "NaN", "null")
+# Class names a draft writes for the operator to replace.
+PLACEHOLDER_CLASS = "PLACEHOLDER-"
 _MAX_NAME_LEN = 128
 _MAX_CATEGORIES = 1000
 # Spelling of booleans accepted in data files (compared case-insensitively).
@@ -106,6 +109,10 @@ class FeatureSpec(BaseModel):
     missing: MissingPolicy = "refuse"
     fill: float | str | bool | None = None
     bounds: BoundsSource = "domain"
+    # A value outside [min, max]: an error, or clipped to the bound (the usual
+    # choice for bounds from the federation's DP quantiles, which leave out
+    # the extreme ~0.5 % at each end).
+    out_of_range: OutOfRange = "refuse"
 
     @field_validator("name")
     @classmethod
@@ -122,6 +129,8 @@ class FeatureSpec(BaseModel):
                 raise ValueError(f"min/max apply to numeric features, not {self.type!r}")
             if self.log1p:
                 raise ValueError(f"log1p applies to numeric features, not {self.type!r}")
+            if self.out_of_range != "refuse":
+                raise ValueError(f"out_of_range applies to numeric features, not {self.type!r}")
         if self.type == "categorical":
             self._check_categorical()
         elif self.categories is not None or self.other is not None:
@@ -139,6 +148,10 @@ class FeatureSpec(BaseModel):
             )
         if not self.min < self.max:
             raise ValueError(f"min ({self.min}) must be less than max ({self.max})")
+        if not math.isfinite(self.max - self.min):
+            raise ValueError("max - min must be a finite number (the range is rescaled by it)")
+        if self.type == "int" and math.floor(self.max) < math.ceil(self.min):
+            raise ValueError(f"no integer lies in [{self.min}, {self.max}]")
         if self.log1p and self.min <= -1:
             raise ValueError(f"log1p needs min > -1, got {self.min}")
 
@@ -191,6 +204,17 @@ class FeatureSpec(BaseModel):
         return self.bounds == "placeholder"
 
 
+def _input_names(feature: FeatureSpec) -> list[str]:
+    """The model-input names a feature encodes to (see fedvault.encoding)."""
+    if feature.type == "categorical":
+        names = [f"{feature.name}={c}" for c in feature.categories or ()]
+    else:
+        names = [feature.name]
+    if feature.missing == "mean":
+        names.append(feature.name + "__missing")
+    return names
+
+
 class TargetSpec(BaseModel):
     """A regression target's public range: predictions are clipped to it and
     the model learns the target rescaled into [-1, 1] by it."""
@@ -200,11 +224,14 @@ class TargetSpec(BaseModel):
     min: float = Field(allow_inf_nan=False)
     max: float = Field(allow_inf_nan=False)
     bounds: BoundsSource = "domain"
+    out_of_range: OutOfRange = "refuse"
 
     @model_validator(mode="after")
     def _min_below_max(self) -> Self:
         if not self.min < self.max:
             raise ValueError(f"target min ({self.min}) must be less than max ({self.max})")
+        if not math.isfinite(self.max - self.min):
+            raise ValueError("target max - min must be a finite number")
         return self
 
 
@@ -266,6 +293,24 @@ class DataSchema(BaseModel):
         clash = sorted(set(self.ignore) & {*names, self.label})
         if clash:
             raise ValueError(f"ignored column(s) {', '.join(map(repr, clash))} are also used")
+        markers = set(self.missing_values)
+        for feature in self.features:
+            hidden = sorted(markers & set(feature.categories or ()))
+            if hidden:
+                raise ValueError(
+                    f"feature {feature.name!r}: categor(ies) {', '.join(map(repr, hidden))} "
+                    "are also missing-value markers, so no cell could ever be one"
+                )
+        hidden = sorted(markers & set(self.classes))
+        if hidden:
+            raise ValueError(f"class(es) {', '.join(map(repr, hidden))} are missing-value markers")
+        inputs = [name for f in self.features for name in _input_names(f)]
+        dupes = _duplicates(inputs)
+        if dupes:
+            raise ValueError(
+                f"model input name(s) {', '.join(map(repr, dupes))} would repeat "
+                "(a feature named like another's category or missing indicator)"
+            )
         return self
 
     def _check_classes(self) -> None:
@@ -309,6 +354,8 @@ class DataSchema(BaseModel):
         """Features whose bounds or categories a draft left for the operator."""
         names = [f.name for f in self.features if f.is_placeholder]
         if self.target is not None and self.target.bounds == "placeholder":
+            names.append(self.label)
+        if any(c.startswith(PLACEHOLDER_CLASS) for c in self.classes):
             names.append(self.label)
         return tuple(names)
 

@@ -22,6 +22,7 @@ from fedvault.privacy import PrivacyCharge
 
 # Message actions (Flower message types are "<category>.<action>").
 QUERY_STATS = "query.stats"
+QUERY_BOUNDS = "query.bounds"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
@@ -30,6 +31,7 @@ RUN = "run"  # ConfigRecord: run id, round, hyperparameters
 MODEL = "model"  # ArrayRecord: parameters in ModelSpec order
 SCALER = "scaler"  # ArrayRecord: mean, std
 SUMS = "sums"  # ArrayRecord: noisy Σs, Σs², count
+HISTOGRAMS = "histograms"  # ArrayRecord: noisy counts per (column, bin) of the bounds query
 PARTNER = "partner"  # ConfigRecord: partner name and example counts
 CHARGE = "charge"  # ConfigRecord: the PrivacyCharge this reply paid
 METRICS = "metrics"  # MetricRecord

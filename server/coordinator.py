@@ -131,6 +131,26 @@ def _charges(rows: list[LedgerRow]) -> list[Charge]:
     ]
 
 
+def exchange(grid: Grid, messages: list[Message], timeout_s: float, poll_s: float) -> list[Message]:
+    """Push, then poll at our own interval until every reply or the timeout.
+
+    ``Grid.send_and_receive`` polls every 3 s; pulling ourselves through the
+    same public API cuts that idle wait per round.
+    """
+    ids = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    while ids and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(ids)):
+            ids.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+        if ids:
+            time.sleep(poll_s)
+    if ids:
+        log.warning("round timed out waiting for %d reply(ies)", len(ids))
+    return replies
+
+
 class RunAborted(FedvaultError):
     """The run cannot continue (too few partners, budget, failures)."""
 
@@ -155,6 +175,11 @@ def main(grid: Grid, context: Context) -> None:
             password_file=_optional_path(run_config.get("audit-store-password-file", "")),
         ) as audit,
     ):
+        if str(run_config.get("job", "")) == "dp-bounds":
+            from server.bounds_job import BoundsQuery
+
+            BoundsQuery(grid, store, audit, run_id, run_config).run()
+            return
         Coordinator(grid, store, state_dir, run_id, run_config, audit).run()
 
 
@@ -339,23 +364,7 @@ class Coordinator:
         )
 
     def _exchange(self, messages: list[Message]) -> list[Message]:
-        """Push, then poll at our own interval until every reply or the timeout.
-
-        ``Grid.send_and_receive`` polls every 3 s; pulling ourselves through
-        the same public API cuts that idle wait per round.
-        """
-        ids = set(self.grid.push_messages(messages))
-        replies: list[Message] = []
-        deadline = time.monotonic() + self.config.round_timeout_s
-        while ids and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(ids)):
-                ids.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-            if ids:
-                time.sleep(self.poll_interval)
-        if ids:
-            log.warning("round timed out waiting for %d reply(ies)", len(ids))
-        return replies
+        return exchange(self.grid, messages, self.config.round_timeout_s, self.poll_interval)
 
     def _stats_round(self, nodes: list[int]) -> tuple[dict[str, PartnerState], NoisySums]:
         run = self._run_record(0, **{"stats-noise-multiplier": self.config.stats_noise_multiplier})
@@ -373,14 +382,15 @@ class Coordinator:
             info = ok.config_records[wire.PARTNER]
             name = wire.config_str(info, "name")
             n_train = wire.config_int(info, "n-train")
-            partners[name] = PartnerState(name, reply.metadata.src_node_id, n_train)
+            # Its charge is recorded whatever follows: its own ledger has it.
             charges.append(
                 LedgerRow(name, wire.charge_from_record(dict(ok.config_records[wire.CHARGE])))
             )
             s, s2, count = ok.array_records[wire.SUMS].to_numpy_ndarrays()
-            if s.shape != (self.encoding.width,) or s2.shape != s.shape:
+            if s.shape != (self.encoding.width,) or s2.shape != s.shape or count.shape != (1,):
                 log.warning("stats: partner %s sent sums of the wrong shape; ignored", name)
                 continue
+            partners[name] = PartnerState(name, reply.metadata.src_node_id, n_train)
             sums = NoisySums(s, s2, float(count[0]))
             total = sums if total is None else total + sums
         if total is None or len(partners) < self.config.min_partners:

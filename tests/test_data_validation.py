@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from clients.arrow_csv import load_with_arrow
 from clients.data import CsvFormat, PartnerData, load_exact, load_partner_csv
 from fedvault.errors import DataError
-from fedvault.schema import DataSchema, FeatureSpec, builtin_schema
+from fedvault.schema import DEFAULT_MISSING_VALUES, DataSchema, FeatureSpec, builtin_schema
 
 SCHEMA = DataSchema(
     name="toy",
@@ -295,7 +295,9 @@ def _tables(draw: st.DrawFn) -> tuple[DataSchema, list[str], list[Row]]:
         specs.append(FeatureSpec(name=f"f{j}", type=dtype, min=low, max=high))
     classes = draw(
         st.lists(
-            st.text(string.ascii_letters + string.digits, min_size=1, max_size=5),
+            st.text(string.ascii_letters + string.digits, min_size=1, max_size=5).filter(
+                lambda c: c not in DEFAULT_MISSING_VALUES
+            ),
             min_size=2,
             max_size=4,
             unique=True,

@@ -425,3 +425,202 @@ def test_flchain_keeps_its_gaps_and_leaves_out_leaking_columns(tmp_path: Path) -
     diamonds = load_table("diamonds")
     assert len(diamonds.rows) == 53940
     assert len(diamonds.strata_names) == 5  # quantile bins of the price
+
+
+def test_a_draft_copies_no_value_and_is_refused_until_filled(tmp_path: Path) -> None:
+    from fedvault.cli.schemas import draft_schema, render_draft
+
+    header = ["patient_id", "age", "ward", "smoker", "crp", "outcome"]
+    rows = [["p17", "43", "B7", "yes", "13.25", "yes"], ["p18", "71", "C2", "no", "NA", "no"]]
+    schema, gaps = draft_schema(header, rows, name="clinic", label="outcome")
+    text = render_draft(schema, gaps, [])
+    for private in ("43", "71", "B7", "C2", "13.25", "p17"):
+        assert private not in text
+    assert [f.type for f in schema.features] == [
+        "categorical",
+        "int",
+        "categorical",
+        "boolean",
+        "float",
+    ]
+    assert gaps == ["crp"]
+    path = tmp_path / "draft.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="is a draft"):
+        load_schema(path)
+    draft = load_schema(path, allow_draft=True)
+    assert set(draft.placeholders) == {"patient_id", "age", "ward", "crp", "outcome"}
+    with pytest.raises(ConfigError, match="column 1 has no name"):
+        draft_schema(["", "age", "outcome"], [], name="x", label="outcome")
+
+
+def test_dp_bounds_cover_the_bulk_and_cost_what_is_charged() -> None:
+    from fedvault.bounds import EDGES, bounds_from_counts, noisy_histograms, summed_noise_std
+
+    rng = np.random.default_rng(5)
+    ages = rng.integers(50, 102, size=6000).astype(np.float64)
+    ages[:50] = np.nan  # missing values are not counted
+    parts = [noisy_histograms([ages[i::3]], 2.0, rng) for i in range(3)]
+    found = bounds_from_counts(sum(parts)[0], summed_noise_std([2.0] * 3, 1), integer=True)
+    assert found is not None
+    assert found.min <= np.nanquantile(ages, 0.005)
+    assert found.max >= np.nanquantile(ages, 0.995)
+    assert found.min >= 40
+    assert found.max <= 135
+    assert found.count == pytest.approx(5950, abs=100)
+    # The noise is σ·√c per bin: for 4 columns, twice that of one.
+    zeros = [np.zeros(0)] * 4
+    spread = np.std([noisy_histograms(zeros, 1.0, rng)[0, 10] for _ in range(4000)])
+    assert spread == pytest.approx(2.0, rel=0.06)
+    assert len(EDGES) == 259
+
+
+def test_out_of_range_clip_is_a_policy(tmp_path: Path) -> None:
+    schema = _clinic(tmp_path, CLINIC.replace("max = 120\n", 'max = 120\nout_of_range = "clip"\n'))
+    data = load_partner_csv(
+        _write(tmp_path, "outcome,age,ward,smoker,crp\nyes,140,A,1,1\nno,-3,A,1,1\n"), schema
+    )
+    assert data.features[:, 0].tolist() == [120, 0]
+    with pytest.raises(ConfigError, match="out_of_range applies to numeric"):
+        _clinic(
+            tmp_path, CLINIC.replace('other = "other"', 'other = "other"\nout_of_range = "clip"')
+        )
+
+
+def test_an_mlp_learns_a_regression_target_and_he_refuses_it() -> None:
+    from fedvault.errors import FedvaultError
+    from fedvault.stats import Scaler
+    from secure.he.plan import compile_plan
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3000, 3)).astype(np.float32)
+    y = np.clip(0.4 * x[:, 0] * x[:, 1] + 0.2 * x[:, 2], -1, 1).astype(np.float32)
+    spec = ModelSpec(
+        kind="mlp",
+        n_features=3,
+        n_classes=1,
+        task="regression",
+        loss="huber",
+        hidden=16,
+        activation="quad",
+        quad_alpha=0.5,
+    )
+    plan = FusedPlan(
+        learning_rate=0.1,
+        momentum=0.9,
+        batch_size=100,
+        steps=1500,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        private=False,
+        secure_mode=False,
+        sample_rate=1 / 30,
+    )
+    params, _ = train_fused(spec, init_parameters(spec, 0), x, y, plan, seed=0)
+    metrics = summarise(spec, partner_sums(spec, params, x, y))
+    assert metrics["r2"] is not None
+    assert metrics["r2"] > 0.8
+    with pytest.raises(FedvaultError, match="plaintext only"):
+        compile_plan(spec, params, Scaler(np.zeros(3), np.ones(3)))
+
+
+def test_quoting_pyarrow_would_forgive_goes_to_the_exact_path(tmp_path: Path) -> None:
+    from clients.arrow_csv import load_with_arrow
+
+    schema = _clinic(tmp_path)
+    path = _write(tmp_path, 'outcome,age,ward,smoker,crp\nyes,"1"2,A,1,1\n')
+    assert load_with_arrow(path, schema, "utf-8", None) is None
+    with pytest.raises(DataError, match="malformed CSV") as info:
+        load_partner_csv(path, schema)
+    assert info.value.line == 2
+
+
+def test_gateway_values_follow_the_file_rules(tmp_path: Path) -> None:
+    schema = _clinic(tmp_path, CLINIC.replace('other = "other"\n', 'missing = "mean"\n'))
+    ward = schema.features[1]
+    markers = frozenset(schema.missing_values)
+    codes = typed_values(ward, np.array([" B ", "NA", None, "A"], dtype=object), markers)
+    assert codes.tolist() == [1, -1, -1, 0]  # stripped; NA and None are missing, as in files
+    tight = schema.features[0].model_copy(update={"min": 0.0, "max": 0.1, "type": "float"})
+    # 0.1 sent as FP32 is the bound itself, not a value above it.
+    assert typed_values(tight, np.array([0.1], dtype=np.float32)).tolist() == [0.1]
+    with pytest.raises(InvalidValue, match="outside"):
+        typed_values(tight, np.array([0.1001], dtype=np.float32))
+
+
+def test_a_refusal_carries_no_cell_value() -> None:
+    from clients.data import without_cells
+
+    text = (
+        "file a.csv, line 9, column 'ward': unknown category 'HIV+ ward', expected one of 'A', 'B'"
+    )
+    assert "HIV+" not in without_cells(text)
+    assert "line 9, column 'ward'" in without_cells(text)
+    assert "250" not in without_cells("value 250 outside the schema range [0, 120]")
+    assert "abc" not in without_cells("expected an integer, got 'abc'")
+
+
+def test_a_site_refuses_a_run_for_another_table(tmp_path: Path) -> None:
+    from flwr.app import ConfigRecord
+
+    from clients.app import NodeSettings, Refusal, _run_schema
+    from fedvault.schema import to_json
+
+    settings = NodeSettings.from_node_config(
+        {
+            "partner": "alpha",
+            "train-csv": "t.csv",
+            "test-csv": "s.csv",
+            "ledger": "l.db",
+            "epsilon-cap": 3.0,
+            "dataset": "flchain",
+        }
+    )
+    run = ConfigRecord({"schema": to_json(builtin_schema("flchain"))})
+    assert _run_schema(run, settings).name == "flchain"
+    renamed = builtin_schema("flchain").model_copy(update={"name": "flchain-again"})
+    with pytest.raises(Refusal, match="holds table 'flchain'"):
+        _run_schema(ConfigRecord({"schema": to_json(renamed)}), settings)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("min = 0\nmax = 500", "min = -1e308\nmax = 1e308"), "must be a finite number"),
+        (('categories = ["A", "B", "other"]', 'categories = ["A", "NA", "other"]'), "markers"),
+        (('name = "crp"', 'name = "ward=A"'), "would repeat"),
+        (("min = 0\nmax = 120", "min = 0.2\nmax = 0.8"), "no integer"),
+    ],
+)
+def test_schemas_that_would_break_later_are_refused_now(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    text = CLINIC.replace(*change)
+    assert text != CLINIC
+    with pytest.raises(ConfigError, match=message):
+        _clinic(tmp_path, text)
+
+
+def test_one_row_moves_the_stats_release_by_at_most_its_sensitivity() -> None:
+    """Add/remove one row of a mixed table (one-hot, indicators, gaps, values
+    beyond the bounds): the release's L2 change is at most √(2d + 1)."""
+    schema = builtin_schema("flchain")
+    enc = encoding_for(schema)
+    rng = np.random.default_rng(9)
+    n = 200
+    typed = [
+        rng.uniform(-100, 300, n),  # far outside [40, 110]: the release clips
+        np.where(rng.random(n) < 0.5, 0, 1),
+        rng.uniform(1990, 2005, n),
+        rng.uniform(0, 50, n),
+        rng.uniform(0, 50, n),
+        rng.integers(1, 11, n).astype(np.float64),
+        np.where(rng.random(n) < 0.3, np.nan, rng.uniform(0, 15, n)),
+        rng.integers(0, 2, n).astype(np.float64),
+    ]
+    x = enc.encode(typed)
+    bound = math.sqrt(2 * enc.width + 1)
+    for row in x:
+        one = noisy_sums(row[None, :], enc, 0.0, rng)
+        vector = np.concatenate([one.sum, one.sum_sq, [one.count]])
+        assert np.linalg.norm(vector) <= bound + 1e-9

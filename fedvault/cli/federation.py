@@ -78,6 +78,9 @@ state-dir = ""
 training = ""
 # The run's data schema as JSON (read from the operator's schema.toml by the CLI).
 schema = ""
+# "" trains; "dp-bounds" runs the DP bounds query described by `bounds` (JSON).
+job = ""
+bounds = ""
 resume = false
 poll-interval = 0.2
 # Simulation engine only (virtual nodes have no site config of their own):
@@ -539,8 +542,11 @@ def submit_run(
     audit_store_password_file: Path | None = None,
     federation_store: str | None = None,
     federation_store_password_file: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """Submit the coordinator for ``run_id`` to the SuperLink; return Flower's run id.
+
+    ``extra``: more run-config values (a job other than training sets ``job``).
 
     The audit and federation stores are URLs without password (settings refuse
     one) and paths to the password files: none is a secret in the run config.
@@ -562,6 +568,7 @@ def submit_run(
         # The schema travels with the run: the coordinator never reads files
         # of the operator's, and a resumed run keeps the schema it started with.
         run_config["schema"] = to_json(training_schema(config))
+    run_config.update(extra or {})
     # `flwr run` reads the file when it submits and sends its values to the
     # SuperLink: it is needed only for that call, so it never outlives it.
     override = paths.home / "run-config" / f"{run_id}.toml"

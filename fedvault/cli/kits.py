@@ -816,6 +816,7 @@ def node_settings(kit: Kit, overrides: NodeOverrides) -> dict[str, Any]:
         "ledger": str(overrides.ledger or kit.resolve(n.ledger)),
         "epsilon-cap": n.epsilon_cap,
         "cap-delta": n.cap_delta,
+        "dataset": n.dataset,
         "csv-delimiter": n.csv_delimiter or "",
         "csv-encoding": n.csv_encoding,
     }

@@ -167,7 +167,7 @@ def demo(
                 partner,
                 superlink=f"127.0.0.1:{port}",
                 node_config=_node_config(
-                    paths, partner, data / "train.csv", data / "test.csv", 10.0
+                    paths, partner, data / "train.csv", data / "test.csv", 10.0, cfg.dataset
                 ),
                 port=free_port(),
             )
@@ -178,10 +178,16 @@ def demo(
 
 
 def _node_config(
-    paths: fed.FederationPaths, partner: str, train: Path, test: Path, cap: float
+    paths: fed.FederationPaths,
+    partner: str,
+    train: Path,
+    test: Path,
+    cap: float,
+    dataset: str = "",
 ) -> dict[str, Any]:
     return {
         "partner": partner,
+        "dataset": dataset,
         "train-csv": str(train.resolve()),
         "test-csv": str(test.resolve()),
         "ledger": str((paths.node_dir(partner) / "ledger.db").resolve()),
@@ -446,7 +452,7 @@ def node_start(
             paths,
             partner,
             superlink=address,
-            node_config=_node_config(paths, partner, train_csv, test_csv, epsilon_cap),
+            node_config=_node_config(paths, partner, train_csv, test_csv, epsilon_cap, schema.name),
             port=free_port(),
         )
         out.print(f"node {partner} connecting to {address} (log: {proc.log_path}); Ctrl-C to stop")
@@ -554,15 +560,23 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json([{k: v for k, v in m.items() if k != "lineage"} for m in models])
         return
-    table = Table("model", "name", "version", "run", "accuracy", "created")
+    table = Table("model", "name", "version", "run", "task", "final metric", "created")
     for m in models:
-        acc = m["lineage"].get("metrics", {}).get("final", {}).get("eval_accuracy")
+        final = m["lineage"].get("metrics", {}).get("final", {})
+        task = str(m["lineage"].get("task", "classification"))
+        # A classifier's accuracy (and ROC AUC where reported), a regressor's R².
+        shown = [
+            f"{label} {final[key]:.4f}"
+            for key, label in (("eval_accuracy", "acc"), ("roc_auc", "auc"), ("r2", "R²"))
+            if isinstance(final.get(key), int | float)
+        ]
         table.add_row(
             m["model_id"],
             m["name"],
             str(m["version"]),
             m["run_id"],
-            f"{acc:.4f}" if acc is not None else "",
+            task,
+            ", ".join(shown),
             m["created_at"],
         )
     out.print(table)

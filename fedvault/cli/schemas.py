@@ -19,7 +19,17 @@ import typer
 from rich.console import Console
 
 from fedvault.errors import ConfigError, DataError
-from fedvault.schema import DEFAULT_MISSING_VALUES, FALSE_WORDS, TRUE_WORDS
+from fedvault.schema import (
+    DEFAULT_MISSING_VALUES,
+    FALSE_WORDS,
+    PLACEHOLDER_CLASS,
+    TRUE_WORDS,
+    DataSchema,
+    FeatureSpec,
+    TargetSpec,
+    to_json,
+    to_toml,
+)
 
 schema_app = typer.Typer(
     help="Write and check the federation's data schema (schema.toml).", no_args_is_help=True
@@ -86,77 +96,80 @@ def _shape(cells: list[str], missing: frozenset[str]) -> str:
     return "float"
 
 
-def _q(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
+def draft_schema(
+    header: list[str], rows: list[list[str]], *, name: str, label: str
+) -> tuple[DataSchema, list[str]]:
+    """A draft schema for columns ``header`` sampled by ``rows``, and the columns with gaps.
 
-
-def draft_schema(header: list[str], rows: list[list[str]], *, name: str, label: str) -> str:
-    """The text of a draft schema.toml for columns ``header`` sampled by ``rows``."""
+    Types come from the cells' form; every bound, category list and class
+    name is a placeholder.
+    """
     if label not in header:
         raise ConfigError(f"--label {label!r} is not a column of the file")
+    for position, column in enumerate(header, start=1):
+        if not column:
+            raise ConfigError(
+                f"column {position} has no name (a row-id column written by R or pandas?); "
+                "name it or remove it, then draft again"
+            )
     missing = frozenset(DEFAULT_MISSING_VALUES)
     columns = list(zip(*rows, strict=False)) if rows else [() for _ in header]
     shapes = {h: _shape(list(col), missing) for h, col in zip(header, columns, strict=False)}
-    gaps = {
-        h for h, col in zip(header, columns, strict=False) if any(c.strip() in missing for c in col)
-    }
-    label_shape = shapes.get(label, "categorical")
+    gaps = [
+        h
+        for h, col in zip(header, columns, strict=False)
+        if h != label and any(c.strip() in missing for c in col)
+    ]
+    features = [
+        FeatureSpec(name=column, type=shapes.get(column, "float"), bounds="placeholder")  # type: ignore[arg-type]
+        if shapes.get(column, "float") != "boolean"
+        else FeatureSpec(name=column, type="boolean")
+        for column in header
+        if column != label
+    ]
+    if shapes.get(label) in ("float", "int"):
+        schema = DataSchema(
+            name=name,
+            task="regression",
+            label=label,
+            target=TargetSpec(min=0, max=1, bounds="placeholder"),
+            features=tuple(features),
+        )
+    else:
+        schema = DataSchema(
+            name=name,
+            task="binary",
+            label=label,
+            classes=(f"{PLACEHOLDER_CLASS}1", f"{PLACEHOLDER_CLASS}2"),
+            features=tuple(features),
+        )
+    return schema, gaps
+
+
+def render_draft(schema: DataSchema, gaps: list[str], provenance: list[str]) -> str:
+    """The draft as a commented schema.toml."""
     lines = [
         "# Draft schema written by `fedvault schema draft`. Column types were guessed from",
         "# the form of the cells; no value of the file was copied. Before training:",
-        "#  - set each placeholder's public bounds (min/max) or categories from domain",
-        '#    knowledge, and change its bounds to "domain";',
+        '#  - give each feature marked bounds = "placeholder" its public bounds (min, max)',
+        '#    or categories from domain knowledge, and mark it bounds = "domain";',
+    ]
+    if schema.is_regression:
+        lines.append("#  - set [target] min and max (the target's public range);")
+    else:
+        lines.append("#  - set task (binary or multiclass) and the declared class names;")
+    lines += [
         "#  - choose each column's missing-value policy (refuse, constant + fill, mean);",
         "#  - list row ids, free text and columns that leak the outcome under ignore.",
-        f"name = {_q(name)}",
+        "# Check it with `fedvault schema check schema.toml`; training refuses a draft.",
     ]
-    if label_shape in ("float", "int"):
-        lines += [
-            'task = "regression"',
-            f"label = {_q(label)}",
-            "ignore = []",
-            "",
-            "[target]  # the target's public range",
-            "min = 0  # placeholder",
-            "max = 1  # placeholder",
-            'bounds = "placeholder"',
-        ]
-    else:
-        lines += [
-            'task = "binary"  # or "multiclass"',
-            f"label = {_q(label)}",
-            'classes = ["PLACEHOLDER-1", "PLACEHOLDER-2"]  # the declared class names, in order',
-            "ignore = []",
-        ]
-    for column in header:
-        if column == label:
-            continue
-        kind = shapes.get(column, "float")
-        lines += ["", "[[features]]", f"name = {_q(column)}", f"type = {_q(kind)}"]
-        if kind in ("int", "float"):
-            lines += ["# min = ?  max = ?   (public bounds)", 'bounds = "placeholder"']
-        elif kind == "categorical":
-            lines += ['# categories = ["...", "..."]', 'bounds = "placeholder"']
-        if column in gaps:
-            lines.append(
-                'missing = "refuse"  # the sample has gaps: choose refuse, constant or mean'
-            )
-    return "\n".join(lines) + "\n"
+    if gaps:
+        lines.append(f"# Columns with gaps in the sample: {', '.join(gaps)}.")
+    lines += [f"# {line}" for line in provenance]
+    return "\n".join(lines) + "\n" + to_toml(schema)
 
 
-@schema_app.command("draft")
-def schema_draft(
-    csv_file: Annotated[Path, typer.Option("--csv", help="A partner's CSV to read the shape of.")],
-    label: Annotated[str, typer.Option(help="The column to predict.")],
-    out_file: Annotated[Path, typer.Option("--out", help="Where to write the draft.")] = Path(
-        "schema.toml"
-    ),
-    name: Annotated[str | None, typer.Option(help="The table's name.")] = None,
-    overwrite: bool = False,
-) -> None:
-    """Propose a schema.toml from a CSV's header and cell types, with placeholders."""
-    if out_file.exists() and not overwrite:
-        raise ConfigError(f"{out_file} exists; pass --overwrite to replace it")
+def _sample(csv_file: Path) -> tuple[list[str], list[list[str]]]:
     try:
         with csv_file.open(encoding="utf-8-sig", newline="") as handle:
             sample = handle.read(1 << 20)
@@ -175,13 +188,141 @@ def schema_draft(
         ]
     except (StopIteration, csv.Error):
         raise DataError("no readable CSV header", path=str(csv_file), line=1) from None
-    text = draft_schema(header, rows, name=name or csv_file.stem, label=label)
-    out_file.write_text(text, encoding="utf-8")
+    return header, rows
+
+
+@schema_app.command("draft")
+def schema_draft(
+    csv_file: Annotated[Path, typer.Option("--csv", help="A partner's CSV to read the shape of.")],
+    label: Annotated[str, typer.Option(help="The column to predict.")],
+    out_file: Annotated[Path, typer.Option("--out", help="Where to write the draft.")] = Path(
+        "schema.toml"
+    ),
+    name: Annotated[str | None, typer.Option(help="The table's name.")] = None,
+    overwrite: bool = False,
+    dp_bounds: Annotated[
+        bool,
+        typer.Option(
+            "--dp-bounds",
+            help="Ask the running federation for DP bounds of the numeric columns "
+            "(charged to every partner's ledger).",
+        ),
+    ] = False,
+    epsilon: Annotated[
+        float, typer.Option(help="ε the bounds query spends per partner (with --dp-bounds).")
+    ] = 0.5,
+    delta: Annotated[float, typer.Option(help="δ of that ε.")] = 1e-5,
+    min_partners: Annotated[int, typer.Option(help="Partners that must answer.")] = 2,
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="Federation state directory (with --dp-bounds)."),
+    ] = None,
+) -> None:
+    """Propose a schema.toml from a CSV's header and cell types, with placeholders.
+
+    With --dp-bounds the numeric columns' bounds come from the federation: each
+    partner releases noisy histograms of its own values (a Gaussian mechanism
+    charged to its ledger); the bounds are the 0.5 % and 99.5 % quantiles of
+    their sum, marked bounds = "dp", and values beyond them are clipped.
+    """
+    if out_file.exists() and not overwrite:
+        raise ConfigError(f"{out_file} exists; pass --overwrite to replace it")
+    header, rows = _sample(csv_file)
+    schema, gaps = draft_schema(header, rows, name=name or csv_file.stem, label=label)
+    provenance: list[str] = []
+    if dp_bounds:
+        schema, provenance = _with_dp_bounds(
+            schema, home=home, epsilon=epsilon, delta=delta, min_partners=min_partners
+        )
+    out_file.write_text(render_draft(schema, gaps, provenance), encoding="utf-8")
     console.print(
-        f"wrote draft {out_file}: column types only. Fill in every placeholder (bounds, "
-        "categories, classes) from domain knowledge, not from the data: training refuses "
-        "a draft. Check it with `fedvault schema check`."
+        f"wrote draft {out_file}: column types"
+        + (", DP bounds" if dp_bounds else "")
+        + ". Fill in every placeholder (bounds, categories, classes) from domain knowledge, "
+        "not from the data: training refuses a draft. Check it with `fedvault schema check`."
     )
+
+
+def _with_dp_bounds(
+    schema: DataSchema, *, home: Path | None, epsilon: float, delta: float, min_partners: int
+) -> tuple[DataSchema, list[str]]:
+    """The schema with the federation's DP bounds filled in, and a note of their cost."""
+    import time
+
+    from fedvault.privacy import GaussianEvent, calibrate_noise_multiplier
+    from fedvault.settings import load_settings
+    from server.bounds_job import BoundsJob
+    from server.store import FINISHED, FederationStore
+
+    from . import federation as fed
+    from .watch import wait_for_run
+
+    settings = load_settings(home=home)
+    paths = fed.FederationPaths(
+        settings.home,
+        connect_retries=settings.connect_retries,
+        connect_backoff_s=settings.connect_backoff_s,
+    )
+    fed.read_address(paths)
+    columns = [f.name for f in schema.features if f.numeric]
+    if schema.is_regression:
+        columns.append(schema.label)
+    if not columns:
+        raise ConfigError("the file has no numeric column to ask bounds for")
+    sigma = calibrate_noise_multiplier(epsilon, delta, [GaussianEvent(1.0, 1.0, 1)])
+    job = BoundsJob(
+        columns=columns,
+        target_epsilon=epsilon,
+        delta=delta,
+        noise_multiplier=sigma,
+        min_partners=min_partners,
+    )
+    run_id = fed.new_run_id()
+    fed.submit_run(
+        paths,
+        run_id=run_id,
+        config=None,
+        audit_store=settings.audit_store,
+        audit_store_password_file=settings.audit_store_password_file,
+        federation_store=settings.federation_store,
+        federation_store_password_file=settings.federation_store_password_file,
+        extra={"job": "dp-bounds", "bounds": job.model_dump_json(), "schema": to_json(schema)},
+    )
+    console.print(f"submitted bounds query {run_id} (ε = {epsilon:g} per partner, δ = {delta:g})")
+    deadline = time.monotonic() + 60
+    while settings.federation_store is None and not paths.db.exists():
+        if time.monotonic() > deadline:
+            raise ConfigError("the coordinator did not start the bounds query")
+        time.sleep(0.2)
+    with FederationStore(
+        settings.federation_location, password_file=settings.federation_store_password_file
+    ) as store:
+        record = wait_for_run(store, run_id, rounds=1, console=console, show_progress=False)
+    if record.status != FINISHED:
+        raise DataError(f"bounds query {run_id} {record.status}: {record.message}")
+    found = (record.final_metrics or {}).get("bounds", {})
+    features = []
+    for spec in schema.features:
+        if spec.name in found:
+            lo, hi, _ = found[spec.name]
+            spec = spec.model_copy(
+                update={"min": lo, "max": hi, "bounds": "dp", "out_of_range": "clip"}
+            )
+            spec = FeatureSpec.model_validate(spec.model_dump())
+        features.append(spec)
+    update: dict[str, object] = {"features": tuple(features)}
+    if schema.is_regression and schema.label in found:
+        lo, hi, _ = found[schema.label]
+        update["target"] = TargetSpec(min=lo, max=hi, bounds="dp", out_of_range="clip")
+    filled = DataSchema.model_validate({**schema.model_dump(), **update})
+    partners = ", ".join((record.final_metrics or {}).get("partners", []))
+    note = [
+        f'Bounds marked bounds = "dp" come from bounds query {run_id}: noisy histograms',
+        f"released by {partners} (Gaussian, σ = {sigma:.3f}, ε = {epsilon:g} at δ = {delta:g}",
+        "per partner, in every ledger); each is the 0.5 %-99.5 % quantile range, rounded",
+        'out to a 1/8-decade grid; values beyond are clipped (out_of_range = "clip").',
+    ]
+    return filled, note
 
 
 def data_check(

@@ -201,9 +201,11 @@ def _numeric_input(model: ServedModel, inputs: Sequence[Tensor]) -> NDArray[np.f
     return x
 
 
-def _typed(spec: FeatureSpec, values: NDArray[Any], where: str) -> NDArray[Any]:
+def _typed(
+    spec: FeatureSpec, values: NDArray[Any], where: str, markers: frozenset[str]
+) -> NDArray[Any]:
     try:
-        return typed_values(spec, values)
+        return typed_values(spec, values, markers)
     except InvalidValue as exc:
         raise InvalidRequestError(f"{where}, row {exc.row + 1}: {exc.message}") from None
 
@@ -214,14 +216,22 @@ def _from_matrix(raw: RawColumns, tensor: Tensor) -> NDArray[np.float32]:
     x: NDArray[np.float32] = tensor.data
     if raw.identity:  # the usual case, in one pass; the column walk below names a bad value
         with np.errstate(invalid="ignore"):
-            ok = bool((x >= raw.lo).all() and (x <= raw.hi).all())
+            # Bounds as float32 (the input's type): a bound sent as FP32 is inside.
+            ok = bool(
+                (x >= raw.lo.astype(np.float32)).all() and (x <= raw.hi.astype(np.float32)).all()
+            )
             if ok and raw.integral.size:
                 ints = x[:, raw.integral]
                 ok = bool((ints == np.floor(ints)).all())
         if ok:
             return x
     typed = [
-        _typed(spec, x[:, j], f"input {INPUT_NAME!r}, column {j + 1} ({spec.name!r})")
+        _typed(
+            spec,
+            x[:, j],
+            f"input {INPUT_NAME!r}, column {j + 1} ({spec.name!r})",
+            frozenset(raw.schema.missing_values),
+        )
         for j, spec in enumerate(raw.schema.features)
     ]
     return raw.encoding.encode(typed)
@@ -287,7 +297,9 @@ def _from_columns(
                 f"input {spec.name!r} must be {accepted} (such as FP32, FP64, INT32, INT64), "
                 f"got {datatype[:16]}"
             )
-        typed.append(_typed(spec, values, f"input {spec.name!r}"))
+        typed.append(
+            _typed(spec, values, f"input {spec.name!r}", frozenset(raw.schema.missing_values))
+        )
     return raw.encoding.encode(typed)
 
 

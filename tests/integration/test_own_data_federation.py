@@ -90,6 +90,43 @@ def test_a_schema_file_trains_and_a_mismatched_partner_is_refused(own_data: Fede
     assert lineage["schema"]["features"][1]["categories"] == ["F", "M"]
 
 
+def test_dp_bounds_come_from_the_federation_and_are_charged(
+    own_data: Federation, tmp_path: Path
+) -> None:
+    from fedvault.schema import load_schema
+
+    sample = own_data.data / "partner-0" / "train.csv"
+    out = tmp_path / "drafted.toml"
+    result = own_data.cli(
+        "schema", "draft", "--csv", str(sample), "--label", "death", "--name", "cohort",
+        "--dp-bounds", "--epsilon", "0.5", "--out", str(out), timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    draft = load_schema(out, allow_draft=True)
+    age = next(f for f in draft.features if f.name == "age")
+    assert (age.bounds, age.out_of_range) == ("dp", "clip")
+    assert age.min is not None
+    assert age.max is not None
+    assert 30 <= age.min <= 51
+    assert 100 <= age.max <= 140
+    assert "ε = 0.5" in out.read_text(encoding="utf-8")
+    # gamma's file lacks creatinine: it refuses; alpha and beta are charged,
+    # in the federation's ledger and each in its own.
+    store = FederationStore(own_data.paths.db)
+    try:
+        run = next(r for r in store.runs() if r.config.get("job") == "dp-bounds")
+        rows = store.ledger(run.run_id)
+    finally:
+        store.close()
+    assert sorted(r.partner for r in rows) == ["alpha", "beta"]
+    assert all(r.charge.mechanism == "gaussian-histogram" for r in rows)
+    assert all(abs(r.charge.epsilon_after - 0.5) < 0.01 for r in rows)
+    assert "gamma (data-invalid" in run.message
+    shown = own_data.cli("ledger", "show", run.run_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "views agree" in shown.stdout
+
+
 def test_a_regression_run_trains_where_the_files_fit(own_data: Federation) -> None:
     """Three more sites hold diamonds files: a diamonds run trains on them, and
     the flchain sites each refuse the schema their files do not match."""
