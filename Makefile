@@ -39,6 +39,8 @@ bench: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/dp_overhead.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/dp_utility.py
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/audit.py
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/data.py --part throughput
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/data.py --part utility
 
 # Regenerate the gRPC stubs from proto/ (checked in; tests fail if they drift).
 proto: $(STAMP)

@@ -205,7 +205,8 @@ def _has_quotes(path: Path) -> bool:
 
 def _batches(
     path: Path, schema: DataSchema, encoding: str, delimiter: str | None
-) -> Iterator[Any] | None:
+) -> tuple[Iterator[Any], int | None] | None:
+    """Record batches of the file and, when it is read whole, their row count."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
@@ -237,12 +238,14 @@ def _batches(
         quoted_strings_can_be_null=True,
     )
     batches: Iterator[Any]
+    total: int | None = None
     try:
         if path.stat().st_size <= WHOLE_FILE_BYTES:
             table = pacsv.read_csv(
                 path, read_options=read, parse_options=parse, convert_options=convert
             )
-            batches = iter(table.combine_chunks().to_batches())
+            batches = iter(table.to_batches())
+            total = table.num_rows
         else:
             batches = iter(
                 pacsv.open_csv(
@@ -251,7 +254,7 @@ def _batches(
             )
     except (pa.ArrowException, OSError):  # any pyarrow complaint: the exact path decides
         return None
-    return batches
+    return batches, total
 
 
 def load_with_arrow(
@@ -264,13 +267,18 @@ def load_with_arrow(
         return None
     if any(spec.is_placeholder for spec in schema.features):
         return None
-    batches = _batches(path, schema, encoding, delimiter)
-    if batches is None:
+    found = _batches(path, schema, encoding, delimiter)
+    if found is None:
         return None
+    batches, total = found
     enc = encoding_for(schema)
     markers = frozenset(schema.missing_values)
     features: list[npt.NDArray[np.float32]] = []
     labels: list[npt.NDArray[Any]] = []
+    # A file read whole has a known row count: its batches are encoded into
+    # one preallocated array (no concatenating copy at the end).
+    whole = np.empty((total, enc.width), dtype=np.float32) if total is not None else None
+    done = 0
     try:
         for batch in batches:
             if batch.num_rows == 0:
@@ -283,11 +291,17 @@ def load_with_arrow(
                 else:
                     typed.append(_text_feature(spec, column, markers))
             labels.append(_labels(schema, batch.column(schema.label), markers))
-            features.append(enc.encode(typed))
+            if whole is None:
+                features.append(enc.encode(typed))
+            else:
+                enc.encode(typed, whole[done : done + batch.num_rows])
+            done += batch.num_rows
     except (_Doubt, InvalidValue):
         return None
     except (pyarrow.ArrowException, OSError):  # parse/convert errors: the exact path names them
         return None
-    if not features:
+    if whole is not None:
+        features = [whole[:done]]
+    if done == 0:
         return None  # no rows: the exact path says so with a line number
     return features, labels

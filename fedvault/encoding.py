@@ -424,10 +424,17 @@ class Encoding:
         """True when some input can be NaN (a ``mean``-imputed feature)."""
         return bool((self.indicator >= 0).any())
 
-    def encode(self, typed: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
-        """The model input for typed values in schema feature order (NaN where imputed)."""
+    def encode(
+        self, typed: Sequence[NDArray[Any]], out: NDArray[np.float32] | None = None
+    ) -> NDArray[np.float32]:
+        """The model input for typed values in schema feature order (NaN where imputed).
+
+        ``out``: a (rows, width) float32 array to fill, e.g. a slice of a
+        whole table's preallocated input, saving a concatenating copy.
+        """
         n = len(typed[0]) if typed else 0
-        out = np.empty((n, self.width), dtype=np.float32)
+        if out is None:
+            out = np.empty((n, self.width), dtype=np.float32)
         # Row blocks small enough to stay in cache while every feature writes
         # its (strided) columns: ~3x faster than whole columns into a
         # row-major array, and no transposing copy (bench/data.py).

@@ -624,3 +624,14 @@ def test_one_row_moves_the_stats_release_by_at_most_its_sensitivity() -> None:
         one = noisy_sums(row[None, :], enc, 0.0, rng)
         vector = np.concatenate([one.sum, one.sum_sq, [one.count]])
         assert np.linalg.norm(vector) <= bound + 1e-9
+
+
+def test_a_lone_noisy_bin_far_from_the_data_does_not_move_a_bound() -> None:
+    from fedvault.bounds import N_BINS, bounds_from_counts
+
+    counts = np.zeros(N_BINS)
+    counts[192:196] = [1500.0, 2800.0, 1000.0, 40.0]  # the bulk: ages 42-133
+    counts[160] = 145.0  # one empty bin's noise past the threshold, near 0.004
+    found = bounds_from_counts(counts, 26.6, integer=True)
+    assert found is not None
+    assert (found.min, found.max) == (42.0, 100.0)  # the 40 in [100, 133) is below 5σ
