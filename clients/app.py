@@ -41,7 +41,7 @@ from fedvault.privacy import (
     non_private_charge,
 )
 from fedvault.schema import DataSchema, from_json
-from fedvault.stats import NoisySums, Scaler, noisy_sums
+from fedvault.stats import Scaler, clipped_sums, noisy_sums, release_std
 
 log = logging.getLogger("fedvault.node")
 
@@ -316,13 +316,10 @@ def _stats(message: Message, settings: NodeSettings) -> Message:
             # knows the run's seed, the coordinator included.
             from secure import csprng
 
-            exact = noisy_sums(train.features, encoding, 0.0, np.random.default_rng(0))
-            scale = sigma * float(np.sqrt(2 * encoding.width + 1))
-            noise = csprng.hardened_normal(scale, 2 * encoding.width + 1)
-            d = encoding.width
-            sums = NoisySums(
-                exact.sum + noise[:d], exact.sum_sq + noise[d : 2 * d], exact.count + noise[-1]
+            noise = csprng.hardened_normal(
+                release_std(sigma, encoding.width), 2 * encoding.width + 1
             )
+            sums = clipped_sums(train.features, encoding).plus(noise)
         else:
             rng = np.random.default_rng(_seed(run, settings.partner, 0))
             sums = noisy_sums(train.features, encoding, sigma, rng)
@@ -347,7 +344,7 @@ def bounds(message: Message, context: Context) -> Message:
 
 def _bounds(message: Message, settings: NodeSettings) -> Message:
     from clients.data import column_histograms
-    from fedvault.bounds import MECHANISM_DP_HISTOGRAM
+    from fedvault.bounds import MECHANISM_DP_HISTOGRAM, summed_noise_std
 
     run = _run_record(message)
     schema = _run_schema(run, settings)  # a draft: bounds are what is asked
@@ -377,7 +374,7 @@ def _bounds(message: Message, settings: NodeSettings) -> Message:
         from secure import csprng
 
         counts = histograms + csprng.hardened_normal(
-            sigma * float(np.sqrt(len(columns))), histograms.size
+            summed_noise_std([sigma], len(columns)), histograms.size
         ).reshape(histograms.shape)
         return _cache_and_reply(
             message,

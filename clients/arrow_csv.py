@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from clients.data import detect_delimiter
 from fedvault.encoding import InvalidValue, apply_missing, encoding_for
 from fedvault.schema import FALSE_WORDS, TRUE_WORDS, DataSchema, FeatureSpec
 
@@ -60,8 +61,7 @@ def _header(path: Path, encoding: str, delimiter: str | None) -> tuple[list[str]
     except (OSError, UnicodeDecodeError, LookupError):
         return None
     if delimiter is None:
-        counts = {d: line.count(d) for d in (",", ";", "\t", "|")}
-        delimiter = max(counts, key=lambda d: counts[d]) if any(counts.values()) else ","
+        delimiter = detect_delimiter(line)
     try:
         cells = next(csv.reader(io.StringIO(line, newline=""), delimiter=delimiter, strict=True))
     except (csv.Error, StopIteration):

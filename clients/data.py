@@ -211,7 +211,8 @@ def _text_lines(path: Path, fmt: CsvFormat, shown: str) -> Iterator[str]:
             yield from lines
 
 
-def _detect_delimiter(first: str) -> str:
+def detect_delimiter(first: str) -> str:
+    """The delimiter of a header line: the most frequent of ``, ; tab |`` (``,`` if none)."""
     counts = {d: first.count(d) for d in _DELIMITERS}
     best = max(_DELIMITERS, key=lambda d: counts[d])
     return best if counts[best] else ","
@@ -229,7 +230,7 @@ def _records(path: Path, fmt: CsvFormat, shown: str) -> Iterator[tuple[int, list
             break
     if first is None:
         return
-    delimiter = fmt.delimiter or _detect_delimiter(first)
+    delimiter = fmt.delimiter or detect_delimiter(first)
 
     def replay() -> Iterator[str]:
         yield from pending

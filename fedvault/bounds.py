@@ -89,7 +89,7 @@ def noisy_histograms(
 ) -> NDArray[np.float64]:
     """Partner side: each column's counts plus Gaussian noise of std ``σ·√c``."""
     counts = np.stack([histogram(c) for c in columns]) if columns else np.zeros((0, N_BINS))
-    scale = noise_multiplier * math.sqrt(max(len(columns), 1))
+    scale = summed_noise_std([noise_multiplier], len(columns))
     noisy: NDArray[np.float64] = counts + rng.normal(0.0, scale, size=counts.shape)
     return noisy
 

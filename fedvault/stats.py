@@ -45,21 +45,43 @@ class NoisySums:
     def __add__(self, other: NoisySums) -> NoisySums:
         return NoisySums(self.sum + other.sum, self.sum_sq + other.sum_sq, self.count + other.count)
 
+    def plus(self, noise: FloatArray) -> NoisySums:
+        """These sums plus ``noise`` laid out as ``(Σ s, Σ s², n)`` (2d + 1 values)."""
+        d = len(self.sum)
+        return NoisySums(
+            self.sum + noise[:d], self.sum_sq + noise[d : 2 * d], self.count + noise[-1]
+        )
 
-def noisy_sums(
-    x: NDArray[np.float32], encoding: Encoding, noise_multiplier: float, rng: np.random.Generator
-) -> NoisySums:
-    """Partner side: clipped, rescaled sums plus calibrated Gaussian noise."""
+
+def clipped_sums(x: NDArray[np.float32], encoding: Encoding) -> NoisySums:
+    """Partner side: the exact ``(Σ s, Σ s², n)`` before noise (never released as is)."""
     centre, radius = _centre_and_radius(encoding)
     s = np.clip((x.astype(np.float64) - centre) / radius, -1.0, 1.0)
     if encoding.has_missing:
         s = np.nan_to_num(s, nan=0.0)
-    d = s.shape[1]
-    scale = noise_multiplier * np.sqrt(2 * d + 1)
+    return NoisySums(s.sum(axis=0), (s * s).sum(axis=0), float(s.shape[0]))
+
+
+def release_std(noise_multiplier: float, width: int) -> float:
+    """Per-coordinate noise std of one partner's release: σ times its sensitivity √(2d+1)."""
+    return float(noise_multiplier * np.sqrt(2 * width + 1))
+
+
+def noisy_sums(
+    x: NDArray[np.float32], encoding: Encoding, noise_multiplier: float, rng: np.random.Generator
+) -> NoisySums:
+    """Partner side: clipped, rescaled sums plus calibrated Gaussian noise from ``rng``.
+
+    (A node in secure mode adds OS-CSPRNG noise to :func:`clipped_sums`
+    instead, with :meth:`NoisySums.plus`.)
+    """
+    exact = clipped_sums(x, encoding)
+    d = encoding.width
+    scale = release_std(noise_multiplier, d)
     return NoisySums(
-        sum=s.sum(axis=0) + rng.normal(0.0, scale, size=d),
-        sum_sq=(s * s).sum(axis=0) + rng.normal(0.0, scale, size=d),
-        count=float(s.shape[0]) + float(rng.normal(0.0, scale)),
+        sum=exact.sum + rng.normal(0.0, scale, size=d),
+        sum_sq=exact.sum_sq + rng.normal(0.0, scale, size=d),
+        count=exact.count + float(rng.normal(0.0, scale)),
     )
 
 

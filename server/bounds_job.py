@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ from fedvault.bounds import N_BINS, bounds_from_counts, summed_noise_std
 from fedvault.errors import ConfigError, FedvaultError
 from fedvault.schema import DataSchema, from_json, to_json
 from server.audit.training import Charge, TrainingAudit
-from server.coordinator import exchange
+from server.coordinator import exchange, wait_for_nodes
 from server.store import FAILED, FINISHED, STOPPED, FederationStore, LedgerRow
 
 log = logging.getLogger("fedvault.bounds")
@@ -132,14 +131,6 @@ class BoundsQuery:
         finally:
             self.store.set_status(self.run_id, status, message)
 
-    def _nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.job.round_timeout_s
-        while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.job.min_partners or time.monotonic() > deadline:
-                return nodes
-            time.sleep(self.poll_interval)
-
     def _ask(self) -> list[_Reply]:
         job = self.job
         record = ConfigRecord(
@@ -156,7 +147,9 @@ class BoundsQuery:
         )
         messages = [
             Message(RecordDict({wire.RUN: record}), dst_node_id=n, message_type=wire.QUERY_BOUNDS)
-            for n in self._nodes()
+            for n in wait_for_nodes(
+                self.grid, job.min_partners, job.round_timeout_s, self.poll_interval
+            )
         ]
         replies: list[_Reply] = []
         for reply in exchange(self.grid, messages, job.round_timeout_s, self.poll_interval):

@@ -151,6 +151,16 @@ def exchange(grid: Grid, messages: list[Message], timeout_s: float, poll_s: floa
     return replies
 
 
+def wait_for_nodes(grid: Grid, minimum: int, timeout_s: float, poll_s: float) -> list[int]:
+    """The connected nodes once ``minimum`` are there, or whoever is at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum or time.monotonic() > deadline:
+            return nodes
+        time.sleep(poll_s)
+
+
 class RunAborted(FedvaultError):
     """The run cannot continue (too few partners, budget, failures)."""
 
@@ -334,12 +344,8 @@ class Coordinator:
 
     # -- phases -------------------------------------------------------------
     def _wait_for_nodes(self) -> list[int]:
-        deadline = time.monotonic() + self.config.round_timeout_s
-        while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.config.min_partners or time.monotonic() > deadline:
-                break
-            time.sleep(self.poll_interval)
+        cfg = self.config
+        nodes = wait_for_nodes(self.grid, cfg.min_partners, cfg.round_timeout_s, self.poll_interval)
         if len(nodes) < self.config.min_partners:
             raise RunAborted(
                 f"only {len(nodes)} partner node(s) connected, "

@@ -170,6 +170,8 @@ def render_draft(schema: DataSchema, gaps: list[str], provenance: list[str]) -> 
 
 
 def _sample(csv_file: Path) -> tuple[list[str], list[list[str]]]:
+    from clients.data import detect_delimiter
+
     try:
         with csv_file.open(encoding="utf-8-sig", newline="") as handle:
             sample = handle.read(1 << 20)
@@ -179,7 +181,7 @@ def _sample(csv_file: Path) -> tuple[list[str], list[list[str]]]:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise DataError(f"cannot read the file ({reason})", path=str(csv_file)) from None
     first = sample.splitlines()[0] if sample else ""
-    delimiter = max((",", ";", "\t", "|"), key=first.count) if first else ","
+    delimiter = detect_delimiter(first)
     reader = csv.reader(io.StringIO(sample, newline=""), delimiter=delimiter)
     try:
         header = [h.strip() for h in next(reader)]
