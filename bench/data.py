@@ -5,10 +5,12 @@ Two parts, each printing one JSON object on stdout (progress on stderr):
 ``--part throughput`` (default rows 1,000,000): a generated partner table of
 20 numeric and 5 categorical columns with 2 % missing cells, written as CSV.
 Baseline in the same run: ``pyarrow.csv.read_csv`` parsing the same file (no
-validation). Reported: rows/s of ``clients.data.load_partner_csv`` (parse,
-validate against the schema, encode), the ratio to pyarrow's rate (target
-≥ 0.5), and the loader's peak RSS measured in a child process (target ≤ 1 GB
-on a 2 GB file: ``--rows 10000000`` writes about 2 GB).
+validation). Reported: rows/s of ``clients.data.count_valid_rows`` (parse,
+validate against the schema, encode: what ``node start`` and ``data check``
+do), the ratio to pyarrow's rate (target ≥ 0.5), and the peak RSS of one
+node round (load with the node's memory budget, DP sums, 50 DP-SGD steps,
+evaluation) in a fresh process (target ≤ 1 GB on a 2 GB file:
+``--rows 12000000`` writes about 2 GB).
 
 ``--part utility``: DP utility on flchain (binary, ROC AUC and accuracy),
 diamonds (regression, R²) and penguins (multiclass, accuracy), 3 partners
@@ -22,7 +24,7 @@ the report seeds (0..) whose numbers are printed.
 
 Usage::
 
-    python bench/data.py --part throughput [--rows N]
+    python bench/data.py --part throughput [--rows N]   # --rows 12000000: a 2 GB file
     python bench/data.py --part utility [--seeds 3]
     python bench/data.py --part tune
 """
@@ -95,28 +97,110 @@ def write_table(path: Path, rows: int, seed: int = 0) -> None:
             writer.writerows(np.concatenate([cells, labels[:, None]], axis=1).tolist())
 
 
-def _peak_rss_of_load(path: Path) -> float:
-    """Peak RSS (MiB) of a fresh process that loads and validates ``path``."""
-    code = (
-        "import resource, sys; sys.path.insert(0, 'bench');"
-        "from data import _throughput_schema;"
-        "from clients.data import load_partner_csv;"
-        f"d = load_partner_csv({str(path)!r}, _throughput_schema());"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+def node_round(path: str, spill_dir: str) -> None:
+    """What a node does with its table in one round, with the node's memory budget.
+
+    Run in a fresh child process (``--part node-round``) so that its peak RSS
+    is the node's own: the ClientApp's imports (Flower), loading with the
+    node's storage (spilling past ``NODE_MEMORY_BYTES``), the DP statistics
+    sums, one round of fused DP-SGD (50 Poisson steps) and the evaluation
+    sums, all through the functions ``clients.app`` calls.
+    """
+    from clients.app import _eval_sums
+    from clients.data import load_partner_data
+    from clients.rows import NODE_MEMORY_BYTES, Storage
+    from clients.training import LocalPlan, model_input, train_local
+    from fedvault.encoding import encoding_for
+    from fedvault.modelspec import ModelSpec, init_parameters
+    from fedvault.stats import clipped_sums_of, scaler_from_sums
+
+    schema = _throughput_schema()
+    enc = encoding_for(schema)
+    storage = Storage(memory_bytes=NODE_MEMORY_BYTES, spill_dir=Path(spill_dir))
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data = load_partner_data(path, schema, None, storage)
+    times["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scaler = scaler_from_sums(clipped_sums_of(data.rows.blocks(), enc), enc)
+    times["stats_s"] = time.perf_counter() - t0
+    spec = ModelSpec(kind="logreg", n_features=enc.width, n_classes=2)
+    plan = LocalPlan(
+        learning_rate=0.5,
+        momentum=0.0,
+        batch_size=1024,
+        steps=50,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
     )
+    t0 = time.perf_counter()
+    result = train_local(
+        spec,
+        init_parameters(spec, 0),
+        model_input(data.rows, scaler),
+        enc.encode_target(data.labels),
+        plan,
+        seed=0,
+    )
+    times["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sums = _eval_sums(spec, enc, result.params, scaler, data)
+    times["eval_s"] = time.perf_counter() - t0
+    report = {
+        "rows": data.n_rows,
+        "storage": type(data.rows).__name__,
+        "encoded_mib": data.n_rows * enc.width * 4 / 2**20,
+        "evaluated_rows": sums[0],
+        **times,
+        "peak_rss_mib": _vm_hwm_mib(),
+    }
+    print(json.dumps(report))
+
+
+def _vm_hwm_mib() -> float:
+    """This process's peak resident set (MiB) since its exec.
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries the parent's peak at fork
+    time into a child's across exec, so a child started by a large benchmark
+    process would report the parent's size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _node_round_in_child(path: Path) -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=root
-    )
-    return float(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory(prefix="fedvault-bench-spill-", dir=path.parent) as spill:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--part",
+                "node-round",
+                "--file",
+                str(path),
+                "--spill",
+                spill,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=root,
+        )
+    report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return report
 
 
 def throughput(rows: int) -> dict[str, Any]:
     import pyarrow.csv as pacsv
 
-    from clients.data import load_partner_csv
+    from clients.data import count_valid_rows
 
     schema = _throughput_schema()
+    # The file and the node's spill go under TMPDIR: point it at a disk where
+    # /tmp is a tmpfs (a 2 GB table spills 3.8 GB, which a tmpfs keeps in RAM).
     with tempfile.TemporaryDirectory(prefix="fedvault-bench-data-") as tmp:
         path = Path(tmp) / "partner.csv"
         log(f"writing {rows} rows ...")
@@ -125,16 +209,17 @@ def throughput(rows: int) -> dict[str, Any]:
         runs = []
         for attempt in range(3):
             t0 = time.perf_counter()
-            pacsv.read_csv(path)
+            table = pacsv.read_csv(path)
             arrow_s = time.perf_counter() - t0
+            del table
             t0 = time.perf_counter()
-            data = load_partner_csv(path, schema)
+            valid = count_valid_rows(path, schema)
             ours_s = time.perf_counter() - t0
-            assert data.n_rows == rows
-            del data
+            assert valid == rows
             runs.append({"pyarrow_s": arrow_s, "fedvault_s": ours_s, "ratio": arrow_s / ours_s})
             log(f"run {attempt}: pyarrow {arrow_s:.2f}s, fedvault {ours_s:.2f}s")
-        rss = _peak_rss_of_load(path)
+        log("one node round in a fresh process ...")
+        node = _node_round_in_child(path)
     ratios = [r["ratio"] for r in runs]
     return {
         "rows": rows,
@@ -148,7 +233,8 @@ def throughput(rows: int) -> dict[str, Any]:
             "max": max(ratios),
         },
         "target_ratio": 0.5,
-        "peak_rss_mib": rss,
+        "node_round": node,
+        "peak_rss_mib": node["peak_rss_mib"],
         "peak_rss_target_mib_on_2gb": 1024,
     }
 
@@ -368,11 +454,17 @@ def tune() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("throughput", "utility", "tune"), default="throughput")
+    parts = ("throughput", "utility", "tune", "node-round")
+    parser.add_argument("--part", choices=parts, default="throughput")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--file", help="node-round: the partner file (internal)")
+    parser.add_argument("--spill", help="node-round: the spill directory (internal)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.part == "node-round":
+        node_round(args.file, args.spill)
+        return
     if args.part == "throughput":
         result = throughput(args.rows)
     elif args.part == "utility":

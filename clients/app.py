@@ -25,10 +25,11 @@ from flwr.clientapp import ClientApp
 
 from clients.data import CsvFormat, PartnerData, load_partner_data, without_cells
 from clients.ledger import NodeLedger, request_digest
+from clients.rows import NODE_MEMORY_BYTES, Storage
 from fedvault import wire
 from fedvault.encoding import Encoding, encoding_for
 from fedvault.errors import ConfigError, ConflictError, DataError, FedvaultError
-from fedvault.metrics import partner_sums
+from fedvault.metrics import combine, partner_sums
 from fedvault.modelspec import ModelSpec, check_parameters
 from fedvault.privacy import (
     ACCOUNTANT_NAME,
@@ -41,7 +42,7 @@ from fedvault.privacy import (
     non_private_charge,
 )
 from fedvault.schema import DataSchema, from_json
-from fedvault.stats import Scaler, clipped_sums, noisy_sums, release_std
+from fedvault.stats import Scaler, clipped_sums_of, release_std, with_gaussian_noise
 
 log = logging.getLogger("fedvault.node")
 
@@ -61,6 +62,13 @@ class NodeSettings:
     allow_non_private: bool
     csv_format: CsvFormat = field(default_factory=CsvFormat)
     dataset: str = ""  # the table this site holds ("" = not configured: no check)
+    memory_bytes: int = NODE_MEMORY_BYTES  # per encoded table, before it spills
+
+    @property
+    def storage(self) -> Storage:
+        """Encoded tables past the node's memory budget spill into its state
+        directory (beside the ledger, on the site's own disk; see clients.rows)."""
+        return Storage(memory_bytes=self.memory_bytes, spill_dir=self.ledger.parent)
 
     @classmethod
     def from_node_config(cls, config: dict[str, Any]) -> NodeSettings:
@@ -78,6 +86,7 @@ class NodeSettings:
                     encoding=str(config.get("csv-encoding") or "utf-8"),
                 ),
                 dataset=str(config.get("dataset", "")),
+                memory_bytes=_memory_bytes(config.get("memory-mb", NODE_MEMORY_BYTES >> 20)),
             )
         except KeyError as exc:
             raise ConfigError(f"node config lacks {exc.args[0]!r}") from None
@@ -125,6 +134,15 @@ class NodeSettings:
         )
 
 
+def _memory_bytes(value: Any) -> int:
+    """The node config's ``memory-mb`` (MiB per encoded table) in bytes."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 20:
+        raise ConfigError(
+            f"node config: memory-mb must be a whole number of MiB from 1 to 1048576, got {value!r}"
+        )
+    return value << 20
+
+
 class Refusal(FedvaultError):
     """Raised inside a handler to answer with a typed refusal."""
 
@@ -166,10 +184,10 @@ def _run_record(message: Message) -> ConfigRecord:
 
 
 def _load(settings: NodeSettings, schema: DataSchema) -> tuple[PartnerData, PartnerData]:
-    fmt = settings.csv_format
+    fmt, storage = settings.csv_format, settings.storage
     return (
-        load_partner_data(settings.train_csv, schema, fmt),
-        load_partner_data(settings.test_csv, schema, fmt),
+        load_partner_data(settings.train_csv, schema, fmt, storage),
+        load_partner_data(settings.test_csv, schema, fmt, storage),
     )
 
 
@@ -198,13 +216,23 @@ def _schema(run: ConfigRecord, settings: NodeSettings) -> tuple[DataSchema, Enco
 def _eval_sums(
     spec: ModelSpec, encoding: Encoding, params: list[Any], scaler: Scaler, data: PartnerData
 ) -> list[float]:
-    return partner_sums(
-        spec,
-        params,
-        scaler.apply(data.features),
-        encoding.encode_target(data.labels),
-        target_scale=encoding.target_scale,
-    )
+    """The held-out split's metric sums, block by block (they add up)."""
+    targets = encoding.encode_target(data.labels)
+    parts: list[list[float]] = []
+    start = 0
+    for block in data.rows.blocks():
+        stop = start + len(block)
+        parts.append(
+            partner_sums(
+                spec,
+                params,
+                scaler.apply(block),
+                targets[start:stop],
+                target_scale=encoding.target_scale,
+            )
+        )
+        start = stop
+    return combine(parts)
 
 
 def _seed(run: ConfigRecord, partner: str, round_: int) -> int:
@@ -319,10 +347,11 @@ def _stats(message: Message, settings: NodeSettings) -> Message:
             noise = csprng.hardened_normal(
                 release_std(sigma, encoding.width), 2 * encoding.width + 1
             )
-            sums = clipped_sums(train.features, encoding).plus(noise)
+            sums = clipped_sums_of(train.rows.blocks(), encoding).plus(noise)
         else:
             rng = np.random.default_rng(_seed(run, settings.partner, 0))
-            sums = noisy_sums(train.features, encoding, sigma, rng)
+            exact = clipped_sums_of(train.rows.blocks(), encoding)
+            sums = with_gaussian_noise(exact, encoding, sigma, rng)
         partner = {"name": settings.partner, "n-train": train.n_rows, "n-test": test.n_rows}
         return _cache_and_reply(
             message,
@@ -426,7 +455,7 @@ def _train(message: Message, settings: NodeSettings) -> Message:
         cached = ledger.cached_reply(schema.name, wire.config_str(run, "run-id"), round_, digest)
         if cached is not None:
             return _reply_from_cache(message, cached)
-        from clients.training import LocalPlan, sample_rate, train_local
+        from clients.training import LocalPlan, model_input, sample_rate, train_local
 
         plan = LocalPlan(
             learning_rate=wire.config_float(run, "learning-rate"),
@@ -459,7 +488,7 @@ def _train(message: Message, settings: NodeSettings) -> Message:
         result = train_local(
             spec,
             params,
-            scaler.apply(train_data.features),
+            model_input(train_data.rows, scaler),
             encoding.encode_target(train_data.labels),
             plan,
             seed=_seed(run, settings.partner, round_),
@@ -492,7 +521,7 @@ def _evaluate(message: Message, settings: NodeSettings) -> Message:
     run = _run_record(message)
     schema, encoding = _schema(run, settings)
     spec = ModelSpec.model_validate_json(wire.config_str(run, "model-spec"))
-    test_data = load_partner_data(settings.test_csv, schema, settings.csv_format)
+    test_data = load_partner_data(settings.test_csv, schema, settings.csv_format, settings.storage)
     params, scaler = _model_and_scaler(message, spec)
     sums = _eval_sums(spec, encoding, params, scaler, test_data)
     metrics = MetricRecord({"num-test": test_data.n_rows, "eval-sums": sums})

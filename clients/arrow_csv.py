@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import csv
 import io
+import queue
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from clients.data import detect_delimiter
+from clients.rows import IN_MEMORY, RowSink, Storage
 from fedvault.encoding import InvalidValue, apply_missing, encoding_for
 from fedvault.schema import FALSE_WORDS, TRUE_WORDS, DataSchema, FeatureSpec
 
@@ -40,9 +43,12 @@ __all__ = ["load_with_arrow"]
 
 _BLOCK_BYTES = 1 << 24
 # Up to this size a file is parsed whole by pyarrow's multithreaded reader
-# (2.4× the streaming reader's rate on 2 cores, bench/data.py); larger files
-# stream block by block so memory stays bounded.
-WHOLE_FILE_BYTES = 256 << 20
+# (2.4× the streaming reader's rate on 2 cores, bench/data.py).
+WHOLE_FILE_BYTES = 32 << 20
+# Larger files are parsed in chunks of whole lines of about this size (see
+# _chunked_batches); memory holds one chunk's text and table at a time.
+_CHUNK_BYTES = 32 << 20
+_HEAD_LIMIT = 1 << 20
 
 
 class _Doubt(Exception):
@@ -246,6 +252,11 @@ def _batches(
             )
             batches = iter(table.to_batches())
             total = table.num_rows
+        elif _splits_at_newlines(encoding):
+            head = _head_bytes(path)
+            if head is None:
+                return None
+            batches = _chunked_batches(path, head, read, parse, convert)
         else:
             batches = iter(
                 pacsv.open_csv(
@@ -257,10 +268,122 @@ def _batches(
     return batches, total
 
 
+def _splits_at_newlines(encoding: str) -> bool:
+    """Whether byte 0x0A is always a line end in this encoding (UTF-8, Latin-1,
+    cp1252, ...: any ASCII-compatible one), so the file can be cut there."""
+    try:
+        return ",;\t|\r\n".encode(encoding) == b",;\t|\r\n" and "\n".encode(encoding) == b"\n"
+    except (LookupError, UnicodeError):
+        return False
+
+
+def _head_bytes(path: Path) -> bytes | None:
+    """The file's bytes up to and including its header line (blank lines before it too)."""
+    with path.open("rb") as handle:
+        start = handle.read(_HEAD_LIMIT)
+    end = 0
+    while True:
+        cut = start.find(b"\n", end)
+        if cut < 0:
+            return None  # a header longer than the limit: the exact path reads it
+        line = start[end:cut].strip().removeprefix(b"\xef\xbb\xbf")
+        end = cut + 1
+        if line.strip():
+            return start[:end]
+
+
+def _chunks(path: Path, head: bytes) -> Iterator[bytes]:
+    """The file after its header in chunks of whole lines, each with the header before it."""
+    with path.open("rb") as handle:
+        handle.seek(len(head))
+        leftover = b""
+        while True:
+            data = handle.read(_CHUNK_BYTES)
+            if data:
+                data = leftover + data
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    leftover = data
+                    continue
+                leftover, data = data[cut:], data[:cut]
+            elif leftover.strip():
+                data, leftover = leftover, b""  # a last line without a newline
+            else:
+                return
+            yield head + data
+
+
+def _chunked_batches(path: Path, head: bytes, read: Any, parse: Any, convert: Any) -> Iterator[Any]:
+    """Record batches of a large file, parsed a chunk of whole lines at a time.
+
+    Why not ``pyarrow.csv.open_csv``: its reader reads ahead of the consumer
+    without bound (measured here: the whole 400 MB file buffered before the
+    fifth batch was used, with or without threads), so a node's memory would
+    grow with its file. Here one thread parses the next chunk with the
+    multithreaded ``read_csv`` (which releases the GIL) while the caller
+    encodes the current one: at most two chunks' tables exist at once. The
+    cut at a newline is safe because files with quotes (where a newline may
+    sit inside a value) never take this path, and only encodings where byte
+    0x0A is a newline do.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in _chunks(path, head):
+                table = pacsv.read_csv(
+                    pa.BufferReader(chunk),
+                    read_options=read,
+                    parse_options=parse,
+                    convert_options=convert,
+                )
+                del chunk
+                while not stop.is_set():
+                    try:
+                        ready.put(table, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            ready.put(exc)
+
+    worker = threading.Thread(target=produce, name="fedvault-csv-chunks", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item.to_batches()
+            del item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                ready.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        worker.join()
+
+
 def load_with_arrow(
-    path: Path, schema: DataSchema, encoding: str, delimiter: str | None
-) -> tuple[list[npt.NDArray[np.float32]], list[npt.NDArray[Any]]] | None:
-    """Encoded blocks of a *valid* file, or None when the exact path must decide."""
+    path: Path,
+    schema: DataSchema,
+    encoding: str,
+    delimiter: str | None,
+    storage: Storage = IN_MEMORY,
+) -> tuple[RowSink, list[npt.NDArray[Any]]] | None:
+    """Encoded rows and label blocks of a *valid* file, or None when the exact path
+    must decide (then nothing of the file is kept)."""
     try:
         import pyarrow
     except ImportError:  # pragma: no cover - a dependency of fedvault
@@ -273,12 +396,10 @@ def load_with_arrow(
     batches, total = found
     enc = encoding_for(schema)
     markers = frozenset(schema.missing_values)
-    features: list[npt.NDArray[np.float32]] = []
+    # A file read whole has a known row count: within the memory budget its
+    # batches are encoded into one preallocated array (no concatenating copy).
+    sink = storage.sink(enc.width, expected_rows=total)
     labels: list[npt.NDArray[Any]] = []
-    # A file read whole has a known row count: its batches are encoded into
-    # one preallocated array (no concatenating copy at the end).
-    whole = np.empty((total, enc.width), dtype=np.float32) if total is not None else None
-    done = 0
     try:
         for batch in batches:
             if batch.num_rows == 0:
@@ -291,17 +412,14 @@ def load_with_arrow(
                 else:
                     typed.append(_text_feature(spec, column, markers))
             labels.append(_labels(schema, batch.column(schema.label), markers))
-            if whole is None:
-                features.append(enc.encode(typed))
-            else:
-                enc.encode(typed, whole[done : done + batch.num_rows])
-            done += batch.num_rows
-    except (_Doubt, InvalidValue):
+            sink.commit(enc.encode(typed, sink.buffer(batch.num_rows)))
+    except (_Doubt, InvalidValue, pyarrow.ArrowException, OSError):
+        # Parse/convert errors and doubts: the exact path names the problem.
+        sink.discard()
         return None
-    except (pyarrow.ArrowException, OSError):  # parse/convert errors: the exact path names them
-        return None
-    if whole is not None:
-        features = [whole[:done]]
-    if done == 0:
+    except BaseException:
+        sink.discard()
+        raise
+    if sink.rows == 0:
         return None  # no rows: the exact path says so with a line number
-    return features, labels
+    return sink, labels

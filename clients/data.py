@@ -22,8 +22,10 @@ CSV files:
 * blank lines are skipped (they still count for line numbers).
 
 Validation streams: rows are read, checked and encoded in blocks of
-:data:`BLOCK_ROWS`, so memory holds one block of text plus the encoded
-float32 result, never the whole file's text.
+:data:`BLOCK_ROWS`, so memory holds one block of text, never the whole
+file's text; the encoded blocks go where the caller's
+:class:`~clients.rows.Storage` says (memory, a spill file past a budget,
+or nowhere when only validating).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from clients.rows import BLOCK_ROWS, IN_MEMORY, VALIDATE_ONLY, EncodedRows, RowSink, Storage
 from fedvault.encoding import Encoding, InvalidValue, encoding_for, parse_cells, parse_labels
 from fedvault.encoding import quote as _quote
 from fedvault.errors import ConfigError, DataError
@@ -50,12 +53,12 @@ __all__ = [
     "PARQUET_SUFFIXES",
     "CsvFormat",
     "PartnerData",
+    "count_valid_rows",
     "iter_problems",
     "load_partner_csv",
     "load_partner_data",
 ]
 
-BLOCK_ROWS = 65_536
 _READ_BYTES = 1 << 22
 _LIST_LIMIT = 5
 PARQUET_SUFFIXES = frozenset({".parquet", ".pq"})
@@ -82,20 +85,28 @@ class CsvFormat:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PartnerData:
-    """A validated partner table: read-only arrays, encoded in schema order.
+    """A validated partner table, encoded in schema order.
 
-    ``features`` is the model input (:class:`~fedvault.encoding.Encoding`),
-    NaN where a ``mean``-imputed value is missing; ``labels`` are class
-    indices (``int64``) or regression targets in their units (``float64``).
+    ``rows`` is the model input (:class:`~fedvault.encoding.Encoding`), NaN
+    where a ``mean``-imputed value is missing, in memory or spilled to the
+    node's disk (:mod:`clients.rows`); ``labels`` are class indices
+    (``int64``) or regression targets in their units (``float64``), always in
+    memory. Loaded with ``VALIDATE_ONLY`` storage, ``rows`` is empty and only
+    ``labels`` and ``n_rows`` say what the file held.
     """
 
-    features: npt.NDArray[np.float32]
+    rows: EncodedRows
     labels: npt.NDArray[Any]
     path: Path
 
     @property
     def n_rows(self) -> int:
-        return int(self.features.shape[0])
+        return int(self.labels.shape[0])
+
+    @property
+    def features(self) -> npt.NDArray[np.float32]:
+        """The whole encoded table as one array (a spilled one is read back)."""
+        return self.rows.array()
 
 
 def _names(names: list[str] | tuple[str, ...]) -> str:
@@ -370,54 +381,67 @@ def _csv_blocks(
 
 
 def load_partner_csv(
-    path: Path | str, schema: DataSchema, fmt: CsvFormat | None = None
+    path: Path | str,
+    schema: DataSchema,
+    fmt: CsvFormat | None = None,
+    storage: Storage = IN_MEMORY,
 ) -> PartnerData:
     """Load and fully validate a partner CSV; raise DataError at the first problem."""
     path = Path(path)
     fmt = fmt or CsvFormat()
     from clients.arrow_csv import load_with_arrow
 
-    fast = load_with_arrow(path, schema, fmt.encoding, fmt.delimiter)
+    fast = load_with_arrow(path, schema, fmt.encoding, fmt.delimiter, storage)
     if fast is not None:
         return finish(*fast, path)
-    return load_exact(path, schema, fmt)
+    return load_exact(path, schema, fmt, storage)
 
 
-def load_exact(path: Path, schema: DataSchema, fmt: CsvFormat) -> PartnerData:
-    """The exact path: Python's csv module, every problem located by line."""
-    features: list[npt.NDArray[np.float32]] = []
-    labels: list[npt.NDArray[Any]] = []
-    for validator, block, error in _csv_blocks(path, schema, fmt):
-        if block.rows:
-            x, y = validator.block(block)
-            features.append(x)
-            labels.append(y)
-        if error is not None:
-            raise error
-    return finish(features, labels, path)
-
-
-def finish(
-    features: list[npt.NDArray[np.float32]], labels: list[npt.NDArray[Any]], path: Path
+def load_exact(
+    path: Path, schema: DataSchema, fmt: CsvFormat, storage: Storage = IN_MEMORY
 ) -> PartnerData:
-    """One read-only table from encoded blocks."""
-    x = features[0] if len(features) == 1 else np.concatenate(features)
+    """The exact path: Python's csv module, every problem located by line."""
+    sink = storage.sink(encoding_for(schema).width)
+    labels: list[npt.NDArray[Any]] = []
+    try:
+        for validator, block, error in _csv_blocks(path, schema, fmt):
+            if block.rows:
+                x, y = validator.block(block)
+                sink.commit(x)
+                labels.append(y)
+            if error is not None:
+                raise error
+    except BaseException:
+        sink.discard()
+        raise
+    return finish(sink, labels, path)
+
+
+def finish(sink: RowSink, labels: list[npt.NDArray[Any]], path: Path) -> PartnerData:
+    """One read-only table from a sink's rows and the labels' blocks."""
     y = labels[0] if len(labels) == 1 else np.concatenate(labels)
-    x.flags.writeable = False
     y.flags.writeable = False
-    return PartnerData(features=x, labels=y, path=path)
+    return PartnerData(rows=sink.finish(), labels=y, path=path)
 
 
 def load_partner_data(
-    path: Path | str, schema: DataSchema, fmt: CsvFormat | None = None
+    path: Path | str,
+    schema: DataSchema,
+    fmt: CsvFormat | None = None,
+    storage: Storage = IN_MEMORY,
 ) -> PartnerData:
     """Load a partner's CSV or Parquet file (by its suffix) and validate it."""
     path = Path(path)
     if path.suffix.lower() in PARQUET_SUFFIXES:
         from clients.parquet import load_partner_parquet
 
-        return load_partner_parquet(path, schema)
-    return load_partner_csv(path, schema, fmt)
+        return load_partner_parquet(path, schema, storage)
+    return load_partner_csv(path, schema, fmt, storage)
+
+
+def count_valid_rows(path: Path | str, schema: DataSchema, fmt: CsvFormat | None = None) -> int:
+    """Validate a file and count its rows, keeping none of them (memory stays bounded)."""
+    return load_partner_data(path, schema, fmt, VALIDATE_ONLY).n_rows
 
 
 def iter_problems(

@@ -29,8 +29,9 @@ floating-point hardening; otherwise from a seeded PCG64 generator
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -41,6 +42,13 @@ from secure import csprng
 CLIP_EPSILON = 1e-6  # Opacus' guard in the clip factor (DPOptimizer.clip_and_accumulate)
 IndexArray = NDArray[np.intp]
 _LOGIT_FLOOR = np.float32(-69.0)
+
+
+class RowSource(Protocol):
+    """Model input rows gathered by index: a table too large for memory
+    (:mod:`clients.rows`), standardised batch by batch."""
+
+    def take(self, indices: IndexArray) -> FloatArray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +189,7 @@ def _clip_factor(squared_norms: FloatArray, max_grad_norm: float) -> FloatArray:
 def train_fused(
     spec: ModelSpec,
     params: list[FloatArray],
-    x: NDArray[np.float32],
+    x: NDArray[np.float32] | RowSource,
     y: NDArray[np.generic],
     plan: FusedPlan,
     *,
@@ -204,18 +212,29 @@ def train_fused(
 def run_steps(
     spec: ModelSpec,
     params: list[FloatArray],
-    x_in: NDArray[np.float32],
+    x_in: NDArray[np.float32] | RowSource,
     y_in: NDArray[np.generic],
     batches: Iterable[IndexArray],
     plan: FusedPlan,
     rng: np.random.Generator,
 ) -> tuple[list[FloatArray], float]:
-    """One SGD step per batch of indices (the core, separate so tests can fix batches)."""
+    """One SGD step per batch of indices (the core, separate so tests can fix batches).
+
+    ``x_in`` is the whole input in memory, or a :class:`RowSource` that
+    reads each batch's rows (a spilled table: only the batch is in memory).
+    """
     model = _FlatModel(spec, params)
-    x = np.ascontiguousarray(x_in, dtype=np.float32)
+    x_norm_sq: FloatArray | None = None
+    gather: Callable[[IndexArray], FloatArray]
+    if isinstance(x_in, np.ndarray):
+        x = np.ascontiguousarray(x_in, dtype=np.float32)
+        gather = x.__getitem__
+        # ‖(x_i, 1)‖² is fixed per example: computed once, not once per step.
+        if plan.private:
+            x_norm_sq = np.vecdot(x, x) + np.float32(1.0)
+    else:
+        gather = x_in.take
     y = np.ascontiguousarray(y_in, dtype=np.float32 if spec.is_regression else np.int64)
-    # ‖(x_i, 1)‖² is fixed per example: computed once, not once per step.
-    x_norm_sq = np.vecdot(x, x) + np.float32(1.0) if plan.private else None
     velocity = np.zeros_like(model.flat) if plan.momentum else None
     noise_std = plan.noise_multiplier * plan.max_grad_norm
     expected_batch = int(len(y) * plan.sample_rate)
@@ -237,8 +256,13 @@ def run_steps(
         else:
             continue
         if size:
-            norms = None if x_norm_sq is None else x_norm_sq[batch]
-            total_loss += model.accumulate(x[batch], y[batch], norms, plan.max_grad_norm)
+            xb = gather(batch)
+            norms: FloatArray | None = None
+            if x_norm_sq is not None:
+                norms = x_norm_sq[batch]
+            elif plan.private:
+                norms = np.vecdot(xb, xb) + np.float32(1.0)
+            total_loss += model.accumulate(xb, y[batch], norms, plan.max_grad_norm)
             seen += size
         # An empty Poisson batch is still a step: the noise-only update is what
         # the accountant charged for.

@@ -35,7 +35,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import generate_latest
 
-from clients.data import CsvFormat, load_partner_data
+from clients.data import CsvFormat, count_valid_rows
 from clients.ledger import NodeLedger
 from fedvault.errors import FedvaultError
 from fedvault.schema import DataSchema
@@ -129,7 +129,7 @@ class NodeMonitor:
             return self.data_ok
         try:
             for path in (self.watch.train_csv, self.watch.test_csv):
-                load_partner_data(path, self.watch.schema, self.watch.csv_format)
+                count_valid_rows(path, self.watch.schema, self.watch.csv_format)
         except FedvaultError as exc:
             self.data_ok = False
             self.last_error = str(exc)

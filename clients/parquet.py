@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from clients.data import PartnerData, finish
+from clients.rows import IN_MEMORY, RowSink, Storage
 from fedvault.encoding import InvalidValue, encoding_for, parse_cells, parse_labels, typed_values
 from fedvault.errors import DataError
 from fedvault.schema import DataSchema, FeatureSpec
@@ -139,14 +140,28 @@ def _where(group: int, first: int, row: int) -> str:
     return f"row {first + row + 1} (row group {group}, row {row + 1} in it)"
 
 
-def load_partner_parquet(path: Path | str, schema: DataSchema) -> PartnerData:
+def load_partner_parquet(
+    path: Path | str, schema: DataSchema, storage: Storage = IN_MEMORY
+) -> PartnerData:
     """Load and fully validate a partner Parquet file; DataError at the first problem."""
     path = Path(path)
+    encoding = encoding_for(schema)
+    sink = storage.sink(encoding.width)
+    labels: list[npt.NDArray[Any]] = []
+    try:
+        _load_groups(path, schema, sink, labels)
+    except BaseException:
+        sink.discard()
+        raise
+    return finish(sink, labels, path)
+
+
+def _load_groups(
+    path: Path, schema: DataSchema, sink: RowSink, labels: list[npt.NDArray[Any]]
+) -> None:
     shown = str(path)
     encoding = encoding_for(schema)
     missing = frozenset(schema.missing_values)
-    features: list[npt.NDArray[np.float32]] = []
-    labels: list[npt.NDArray[Any]] = []
     for group, first, table in _groups(path, schema):
         if table.num_rows == 0:
             continue
@@ -177,11 +192,10 @@ def load_partner_parquet(path: Path | str, schema: DataSchema) -> PartnerData:
             )
         if found:
             raise min(found, key=lambda item: item[:2])[2]
-        features.append(encoding.encode(typed))
+        sink.commit(encoding.encode(typed, sink.buffer(table.num_rows)))
         labels.append(y)
-    if not features:
+    if not labels:
         raise DataError("no data rows, expected at least one row", path=shown)
-    return finish(features, labels, path)
 
 
 def iter_parquet_problems(

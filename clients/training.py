@@ -23,10 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from clients.fused_dp import FusedPlan, train_fused
+from clients.fused_dp import FusedPlan, IndexArray, RowSource, train_fused
+from clients.rows import EncodedRows
 from fedvault.errors import ConfigError
 from fedvault.modelspec import FloatArray, ModelSpec
 from fedvault.privacy import poisson_sample_rate
+from fedvault.stats import Scaler
 
 OPACUS_MODES = frozenset({"ghost", "hooks", "ew", "functorch"})
 
@@ -54,6 +56,27 @@ class LocalResult:
     mean_loss: float
 
 
+@dataclass(frozen=True, slots=True)
+class StandardisedRows:
+    """A spilled table's rows, standardised as each batch is read (see :mod:`clients.rows`)."""
+
+    rows: EncodedRows
+    scaler: Scaler
+
+    def take(self, indices: IndexArray) -> FloatArray:
+        return self.scaler.apply(self.rows.take(indices))
+
+
+def model_input(rows: EncodedRows, scaler: Scaler) -> NDArray[np.float32] | RowSource:
+    """What training reads: the standardised table in memory, or batch by batch
+    when the table was spilled (standardising it whole would need its size again)."""
+    from clients.rows import MemoryRows
+
+    if isinstance(rows, MemoryRows):
+        return scaler.apply(rows.array())
+    return StandardisedRows(rows, scaler)
+
+
 def sample_rate(batch_size: int, n: int) -> float:
     """Poisson sampling probability of a step (see :func:`poisson_sample_rate`)."""
     if n < 1:
@@ -64,7 +87,7 @@ def sample_rate(batch_size: int, n: int) -> float:
 def train_local(
     spec: ModelSpec,
     params: list[FloatArray],
-    x: NDArray[np.float32],
+    x: NDArray[np.float32] | RowSource,
     y: NDArray[np.generic],
     plan: LocalPlan,
     *,
@@ -96,6 +119,11 @@ def train_local(
         raise ConfigError(
             f"grad_sample_mode must be 'fused' or one of {sorted(OPACUS_MODES)}, "
             f"got {plan.grad_sample_mode!r}"
+        )
+    if not isinstance(x, np.ndarray):
+        raise ConfigError(
+            f"grad_sample_mode {plan.grad_sample_mode!r} needs the table in memory, and this "
+            "one was spilled to disk; train it with grad_sample_mode 'fused'"
         )
     # Imported here: torch and Opacus cost ~2 s per ClientApp process, and
     # the default (fused) path needs neither.

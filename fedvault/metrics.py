@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from fedvault.modelspec import FloatArray, ModelSpec, forward, regression_loss
 
-__all__ = ["AUC_BINS", "combine", "partner_sums", "summarise", "sums_length"]
+__all__ = ["AUC_BINS", "combine", "headline", "partner_sums", "summarise", "sums_length"]
 
 AUC_BINS = 50
 
@@ -150,3 +150,16 @@ def sums_length(spec: ModelSpec) -> int:
         return 6
     k = spec.n_classes
     return 3 + k * k + k * AUC_BINS * 2
+
+
+_HEADLINE = (("eval_accuracy", "acc"), ("roc_auc", "auc"), ("r2", "R²"))
+
+
+def headline(final: dict[str, Any]) -> str:
+    """A model's final metrics in one line: a classifier's accuracy (and ROC AUC
+    where reported), a regressor's R² (what ``models list`` and the console show)."""
+    return ", ".join(
+        f"{label} {final[key]:.4f}"
+        for key, label in _HEADLINE
+        if isinstance(final.get(key), int | float) and not isinstance(final.get(key), bool)
+    )

@@ -13,7 +13,7 @@ only ever sees the sum of these noisy sums over partners.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,15 +67,27 @@ def release_std(noise_multiplier: float, width: int) -> float:
     return float(noise_multiplier * np.sqrt(2 * width + 1))
 
 
-def noisy_sums(
-    x: NDArray[np.float32], encoding: Encoding, noise_multiplier: float, rng: np.random.Generator
-) -> NoisySums:
-    """Partner side: clipped, rescaled sums plus calibrated Gaussian noise from ``rng``.
+def clipped_sums_of(blocks: Iterable[NDArray[np.float32]], encoding: Encoding) -> NoisySums:
+    """:func:`clipped_sums` of a table given in blocks of rows.
 
-    (A node in secure mode adds OS-CSPRNG noise to :func:`clipped_sums`
-    instead, with :meth:`NoisySums.plus`.)
+    The sums add up, so a table larger than memory (spilled by the node, see
+    :mod:`clients.rows`) costs one block's float64 copy at a time.
     """
-    exact = clipped_sums(x, encoding)
+    d = encoding.width
+    total = NoisySums(np.zeros(d), np.zeros(d), 0.0)
+    for block in blocks:
+        total = total + clipped_sums(block, encoding)
+    return total
+
+
+def with_gaussian_noise(
+    exact: NoisySums, encoding: Encoding, noise_multiplier: float, rng: np.random.Generator
+) -> NoisySums:
+    """Exact sums plus the release's calibrated Gaussian noise, drawn from ``rng``.
+
+    (A node in secure mode adds OS-CSPRNG noise with :meth:`NoisySums.plus`
+    instead.)
+    """
     d = encoding.width
     scale = release_std(noise_multiplier, d)
     return NoisySums(
@@ -83,6 +95,13 @@ def noisy_sums(
         sum_sq=exact.sum_sq + rng.normal(0.0, scale, size=d),
         count=exact.count + float(rng.normal(0.0, scale)),
     )
+
+
+def noisy_sums(
+    x: NDArray[np.float32], encoding: Encoding, noise_multiplier: float, rng: np.random.Generator
+) -> NoisySums:
+    """Partner side: clipped, rescaled sums of ``x`` plus calibrated Gaussian noise."""
+    return with_gaussian_noise(clipped_sums(x, encoding), encoding, noise_multiplier, rng)
 
 
 @dataclass(frozen=True, slots=True)

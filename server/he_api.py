@@ -7,7 +7,9 @@ over gRPC as ``fedvault.EncryptedInferenceService``
 
 Endpoints (JSON; ciphertexts are standard base64 of TenSEAL's serialisation):
 
-- ``GET  /v2/models/{model_id}/he``            parameters, keys, layouts, features, outputs
+- ``GET  /v2/models/{model_id}/he``            parameters, keys, layouts, features, outputs,
+  and for a model with a schema that schema and the DP imputation means, so a
+  caller encodes raw rows itself (:mod:`secure.client`)
 - ``POST /v2/models/{model_id}/he/contexts``   body: the raw bytes of
   ``context.serialize(save_secret_key=False)`` (``application/octet-stream``)
   → ``{"context_id", "expires_in_s", "layouts"}``
@@ -38,10 +40,8 @@ from fedvault.errors import (
     ConfigError,
     PayloadTooLargeError,
 )
-from fedvault.schema import lineage_schema
-from secure.he.engine import CompiledModel
-from secure.he.plan import compile_plan
 from secure.he.service import HEModel, HEService, context_size_limit
+from server.gateway.repository import raw_columns
 from server.problem import install_problem_handlers, problem_responses
 from server.registry import ModelRegistry
 from server.store import FederationStore
@@ -197,17 +197,15 @@ def registry_model_source(
             loaded = registry.load(model_id)  # NotFoundError / IntegrityError propagate
         finally:
             store.close()
-        plan = compile_plan(loaded.spec, loaded.params, loaded.scaler)
-        schema = lineage_schema(loaded.lineage)
-        if schema is not None:
-            from fedvault.encoding import encoding_for
-
-            # Under HE the caller sends the model's numeric input: one value
-            # per encoded column (one-hot categories, missing indicators).
-            features, classes = encoding_for(schema).names, schema.classes
-        else:
-            features = tuple(f"x{i}" for i in range(loaded.spec.n_features))
-            classes = tuple(str(i) for i in range(loaded.spec.n_classes))
-        return HEModel(model_id, CompiledModel(plan), features, classes)
+        # The schema the gateway would serve the raw columns with (None when unknown
+        # or not matching the model): its metadata lets callers encode raw rows.
+        raw = raw_columns(model_id, loaded.spec, loaded.lineage)
+        return HEModel.build(
+            model_id,
+            loaded.spec,
+            loaded.params,
+            loaded.scaler,
+            None if raw is None else raw.schema,
+        )
 
     return load

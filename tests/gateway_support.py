@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -235,14 +236,21 @@ def database_replica(
 
 
 def register_schema_model(
-    h: Harness, name: str, schema: DataSchema, *, kind: str = "logreg", seed: int = 0
+    h: Harness,
+    name: str,
+    schema: DataSchema,
+    *,
+    kind: str = "logreg",
+    seed: int = 0,
+    lineage: dict[str, Any] | None = None,
 ) -> str:
     """Register a model trained (here: initialised) on ``schema``'s encoded columns.
 
     Its lineage carries the schema as a coordinator's run stores it, so the
     gateway serves the schema's raw columns; the scaler standardises each
-    encoded input by its public bounds. Call ``h.gw.service.repository.load_all()``
-    afterwards to serve it.
+    encoded input by its public bounds; ``lineage`` adds to (or overrides) the
+    lineage's entries, e.g. held-out metrics. Call
+    ``h.gw.service.repository.load_all()`` afterwards to serve it.
     """
     import json
 
@@ -265,17 +273,18 @@ def register_schema_model(
         mean=((encoding.lo + encoding.hi) / 2).astype(np.float32),
         std=((encoding.hi - encoding.lo) / 4).astype(np.float32),
     )
-    lineage = {
+    recorded = {
         **LINEAGE,
         "dataset": schema.name,
         "task": schema.task,
         "schema": json.loads(to_json(schema)),
+        **(lineage or {}),
     }
     store = FederationStore(h.home / "federation.db")
     try:
         registry = ModelRegistry(store, h.home / "registry", load_model_keys(h.home / "keys"))
         return registry.register(
-            name=name, run_id="run-gw", spec=spec, params=params, scaler=scaler, lineage=lineage
+            name=name, run_id="run-gw", spec=spec, params=params, scaler=scaler, lineage=recorded
         )
     finally:
         store.close()

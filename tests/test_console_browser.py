@@ -196,6 +196,21 @@ def test_narrow_window_and_keyboard(browser: Any, url: str, harness: Harness, sh
     page.context.close()
 
 
+def test_model_schema_and_metrics_fit_a_narrow_window(
+    browser: Any, url: str, harness: Harness, shots: Shots
+) -> None:
+    page = sign_in(browser, url, harness.tokens["admin"], NARROW)
+    page.goto(f"{url}/console/models")
+    page.locator("details.schema summary").first.click()
+    table = page.locator("details.schema table.schema-features").first
+    assert table.is_visible()
+    assert "mean_radius" in table.inner_text()  # the built-in schema of a legacy lineage
+    page.evaluate("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    assert not overflows(page)  # wide tables scroll inside their own box
+    shots(page, "narrow-admin-models-open")
+    page.context.close()
+
+
 def test_rollback_without_csrf_token_is_refused(
     browser: Any, url: str, harness: Harness, shots: Shots
 ) -> None:

@@ -246,7 +246,7 @@ def test_a_valid_file_takes_the_fast_path_and_both_paths_agree(tmp_path: Path) -
         fast = load_with_arrow(path, schema, "utf-8", None)
         assert fast is not None, name
         exact = load_exact(path, schema, CsvFormat())
-        np.testing.assert_array_equal(np.concatenate(fast[0]), exact.features)
+        np.testing.assert_array_equal(fast[0].finish().array(), exact.features)
         np.testing.assert_array_equal(np.concatenate(fast[1]), exact.labels)
     # A file the fast path doubts goes to the exact path, which names the problem.
     bad = _write(tmp_path, "a,b,y\n0.5,1,cat\n0.5,nan,cat\n")
@@ -361,7 +361,7 @@ def test_property_round_trip_and_corruption(
         np.testing.assert_array_equal(exact.features, expected)
         fast = load_with_arrow(path, schema, "utf-8", None)
         if fast is not None:
-            np.testing.assert_array_equal(np.concatenate(fast[0]), expected)
+            np.testing.assert_array_equal(fast[0].finish().array(), expected)
             assert np.concatenate(fast[1]).tolist() == exact.labels.tolist()
 
         r = data.draw(st.integers(0, len(rows) - 1), label="row")

@@ -276,6 +276,42 @@ def test_diamonds_regression_returns_value(harness: Harness, url: str) -> None:
     assert "outputs are ['value']" in r.json()["detail"]
 
 
+def test_the_sdk_sends_a_dataframe_or_dicts_as_the_metadata_says(
+    harness: Harness, url: str
+) -> None:
+    from fedvault.errors import DataError, InvalidRequestError
+    from fedvault.gateway_client import GatewayClient
+
+    df = frame(FLCHAIN, FL_ROWS)
+    want = expected(harness, FL, FLCHAIN, FL_ROWS)
+    with GatewayClient(url, api_key=harness.tokens["columns"]) as gw:
+        out = gw.infer(FL, df)  # two rows lack creatinine (NaN): imputed
+        np.testing.assert_allclose(out["logits"], want, rtol=1e-5, atol=1e-5)
+        assert out["class"].tolist() == want.argmax(axis=1).tolist()  # class indices
+        # The same rows as dicts, extra columns ignored, None for a gap.
+        records = [
+            {**{k: (None if pd.isna(v) else v) for k, v in row.items()}, "id": i}
+            for i, row in enumerate(df.to_dict("records"))
+        ]
+        np.testing.assert_allclose(gw.infer(FL, records)["logits"], want, rtol=1e-5, atol=1e-5)
+        value = gw.infer(DIA, frame(DIAMONDS, DIA_ROWS))["value"]
+        np.testing.assert_allclose(
+            value, expected(harness, DIA, DIAMONDS, DIA_ROWS), rtol=1e-4, atol=0.5
+        )
+        # A numeric-matrix model still takes its (n, d) array.
+        x = features(3)
+        np.testing.assert_allclose(
+            gw.infer(MODEL, x)["logits"], expected_logits(harness, "2", x), rtol=1e-5, atol=1e-5
+        )
+        # The gateway's refusal comes back typed, naming the column and the row.
+        df.loc[2, "sex"] = "Q"
+        with pytest.raises(InvalidRequestError, match=r"input 'sex', row 3: unknown category"):
+            gw.infer(FL, df)
+        with pytest.raises(DataError, match="row 1 has no value") as info:
+            gw.infer(FL, [{"age": 70}])
+        assert info.value.column == "sex"
+
+
 def test_legacy_features_matrix_still_serves_breast_cancer(harness: Harness, url: str) -> None:
     x = features(4)
     body = {

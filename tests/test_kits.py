@@ -138,6 +138,12 @@ def test_kit_config_round_trips_and_names_federation(operator: fed.FederationPat
     settings = kits.node_settings(kit, kits.NodeOverrides(ledger=Path("/x/l.db")))
     assert settings["ledger"] == "/x/l.db"
     assert settings["train-csv"].endswith("kits/beta/data/train.csv")
+    # The issued node.toml states the table memory budget; the node reads it.
+    assert "memory_mb = 128" in (operator.home / "kits" / "beta" / "node.toml").read_text()
+    assert settings["memory-mb"] == 128
+    from clients.app import NodeSettings
+
+    assert NodeSettings.from_node_config(settings).memory_bytes == 128 << 20
 
 
 def test_loose_key_permissions_refused(operator: fed.FederationPaths, tmp_path: Path) -> None:

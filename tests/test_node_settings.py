@@ -65,3 +65,15 @@ def test_site_missing_a_key_names_it() -> None:
     node = {k: v for k, v in SITE.items() if k != "ledger"}
     with pytest.raises(ConfigError, match="'ledger'"):
         NodeSettings.from_context(_context(node, {}))
+
+
+def test_a_site_sets_its_table_memory_budget() -> None:
+    settings = NodeSettings.from_context(_context({**SITE, "memory-mb": 64}, {}))
+    assert settings.memory_bytes == 64 << 20
+    assert settings.storage.memory_bytes == 64 << 20
+    assert settings.storage.spill_dir == Path("/var/fedvault")  # beside the ledger
+    default = NodeSettings.from_context(_context(SITE, {}))
+    assert default.memory_bytes == 128 << 20
+    for bad in (0, -5, "lots"):
+        with pytest.raises(ConfigError, match="memory-mb"):
+            NodeSettings.from_context(_context({**SITE, "memory-mb": bad}, {}))

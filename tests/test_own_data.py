@@ -487,8 +487,8 @@ def test_out_of_range_clip_is_a_policy(tmp_path: Path) -> None:
         )
 
 
-def test_an_mlp_learns_a_regression_target_and_he_refuses_it() -> None:
-    from fedvault.errors import FedvaultError
+def test_an_mlp_learns_a_regression_target_and_compiles_for_he() -> None:
+    from fedvault.modelspec import forward
     from fedvault.stats import Scaler
     from secure.he.plan import compile_plan
 
@@ -520,8 +520,13 @@ def test_an_mlp_learns_a_regression_target_and_he_refuses_it() -> None:
     metrics = summarise(spec, partner_sums(spec, params, x, y))
     assert metrics["r2"] is not None
     assert metrics["r2"] > 0.8
-    with pytest.raises(FedvaultError, match="plaintext only"):
-        compile_plan(spec, params, Scaler(np.zeros(3), np.ones(3)))
+    # Under HE the plan's single output is the rescaled target, as the plaintext forward pass.
+    scaler = Scaler(np.array([0.1, -0.2, 0.3]), np.array([1.5, 0.5, 2.0]))
+    he_plan = compile_plan(spec, params, scaler)
+    assert he_plan.n_outputs == 1
+    np.testing.assert_allclose(
+        he_plan.forward(x[:50]), forward(spec, params, scaler.apply(x[:50])), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_quoting_pyarrow_would_forgive_goes_to_the_exact_path(tmp_path: Path) -> None:

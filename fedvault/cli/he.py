@@ -2,9 +2,15 @@
 
 ``serve`` runs the thin HE endpoint (``server.he_api``) over the federation's
 model registry until the gateway absorbs it; ``predict`` is the caller's side:
-it reads raw features from a CSV, encrypts them with keys made in memory (or
-kept in a 0600 key file), calls the endpoint and prints decrypted predictions.
-The server never sees features, logits or the secret key.
+it reads rows from a CSV, encodes them, encrypts them with keys made in memory
+(or kept in a 0600 key file), calls the endpoint and prints decrypted
+predictions (a class, or a regression's value in the target's units). The
+server never sees features, outputs or the secret key.
+
+The CSV holds either the model's raw schema columns (``sex`` = ``F``, an
+empty or ``NA`` cell for a missing value), checked and encoded here exactly as
+a partner's file is (:class:`secure.client.RawEncoder`), or its encoded
+numeric inputs (``sex=F``, ``sex=M``, …), as the metadata's ``features`` name them.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import typer
@@ -24,7 +30,7 @@ from fedvault.settings import load_settings
 from fedvault.urls import bearer_token, check_service_url
 
 if TYPE_CHECKING:
-    from secure.client import HEKeys
+    from secure.client import HEKeys, RawEncoder
 
 he_app = typer.Typer(help="Encrypted inference (CKKS via TenSEAL).", no_args_is_help=True)
 
@@ -128,6 +134,44 @@ def _features(
     return np.asarray(values, dtype=np.float64)
 
 
+def _raw_columns(table: _Table, encoder: RawEncoder) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """Rows of raw schema columns, checked and encoded as a partner's node reads its file."""
+    path = str(table.path)
+    index = {name: table.header.index(name) for name in encoder.columns}
+    width = max(index.values()) + 1
+    for line, row in table.rows:
+        if len(row) < width:
+            raise DataError(
+                f"row has {len(row)} fields, the header names {len(table.header)}",
+                path=path,
+                line=line,
+            )
+    cells = {name: [row[c] for _, row in table.rows] for name, c in index.items()}
+    return encoder.encode_cells(cells, path=path, lines=[line for line, _ in table.rows])
+
+
+def _model_input(table: _Table, meta: dict[str, Any]) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """The model's numeric input for the CSV: raw columns when the header has them all
+    (and the model publishes its schema), else the encoded columns of ``features``."""
+    from secure.client import RawEncoder
+
+    encoder = RawEncoder.from_metadata(meta)
+    features = list(meta["features"])
+    if encoder is not None:
+        absent = [c for c in encoder.columns if c not in table.header]
+        if not absent:
+            return _raw_columns(table, encoder)
+        if any(f not in table.header for f in features):
+            raise DataError(
+                f"missing columns {absent[:5]}{'...' if len(absent) > 5 else ''} (the model's "
+                "raw columns; a CSV of its encoded inputs, as its HE metadata lists them, "
+                "works too)",
+                path=str(table.path),
+                line=1,
+            )
+    return _features(table, features)
+
+
 API_KEY_ENV = "FEDVAULT_API_KEY"
 
 
@@ -154,7 +198,12 @@ def _existing_keys(key_file: Path | None) -> HEKeys | None:
 @he_app.command("predict")
 def predict(
     model: Annotated[str, typer.Option("--model", help="Model id.")],
-    csv_path: Annotated[Path, typer.Option("--csv", help="CSV with a header of feature names.")],
+    csv_path: Annotated[
+        Path,
+        typer.Option(
+            "--csv", help="CSV with a header: the model's raw columns, or its encoded features."
+        ),
+    ],
     url: Annotated[
         str, typer.Option("--url", help="HE endpoint base URL.")
     ] = "http://127.0.0.1:8080",
@@ -180,7 +229,7 @@ def predict(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
 ) -> None:
-    """Encrypt a CSV's rows, infer under encryption, decrypt and print predictions.
+    """Encode and encrypt a CSV's rows, infer under encryption, decrypt and print predictions.
 
     Every local input (options, URL, CSV, API key, key file) is checked before
     the first request: a typo is then a usage error, not a round trip.
@@ -198,7 +247,7 @@ def predict(
     keys = _existing_keys(key_file)
     with HEClient(base_url, api_key=api_key, caller=None if api_key else caller) as client:
         meta = client.metadata(model)
-        x = _features(table, list(meta["features"]))
+        x = _model_input(table, meta)  # a bad cell stops here, before any key is sent
         if key_file is not None and keys is None:
             keys = HEKeys.create(
                 params_from_metadata(meta),
@@ -207,12 +256,21 @@ def predict(
             )
             keys.save(key_file)
         result = client.predict(model, x, layout=chosen, keys=keys)
-    records = [
-        {"row": i, "class": cls, "logits": [round(float(v), 6) for v in logits]}
-        for i, (cls, logits) in enumerate(zip(result.classes, result.logits, strict=True))
-    ]
+    records: list[dict[str, Any]]
+    if result.values is not None:  # regression: the value in the target's units
+        records = [
+            {"row": i, "value": round(float(v), 6), "output": round(float(out[0]), 6)}
+            for i, (v, out) in enumerate(zip(result.values, result.logits, strict=True))
+        ]
+        lines = [f"{r['row']}\t{r['value']}" for r in records]
+    else:
+        records = [
+            {"row": i, "class": cls, "logits": [round(float(v), 6) for v in logits]}
+            for i, (cls, logits) in enumerate(zip(result.classes, result.logits, strict=True))
+        ]
+        lines = [f"{r['row']}\t{r['class']}" for r in records]
     if as_json:
         typer.echo(json.dumps({"model_id": model, "layout": result.layout, "predictions": records}))
         return
-    for record in records:
-        typer.echo(f"{record['row']}\t{record['class']}")
+    for line in lines:
+        typer.echo(line)

@@ -277,6 +277,8 @@ class KitNode(BaseModel):
     # How this site's CSV files are written (Parquet files need neither).
     csv_delimiter: str | None = None
     csv_encoding: str = "utf-8"
+    # Memory for each encoded table before it spills to the ledger's directory.
+    memory_mb: Annotated[int, Field(ge=1, le=1 << 20)] = 128
 
 
 class KitHealth(BaseModel):
@@ -605,6 +607,7 @@ test_csv = {_q(str(n.test_csv))}
 ledger = {_q(str(n.ledger))}          # this site's own privacy ledger (keep it; back it up)
 epsilon_cap = {n.epsilon_cap!r}              # lifetime ε this site allows on this dataset
 cap_delta = {n.cap_delta!r}
+memory_mb = {n.memory_mb}              # per table in memory; larger tables spill beside the ledger
 
 [health]
 host = {_q(h.host)}              # /healthz and /metrics; 0.0.0.0 to let Prometheus scrape
@@ -819,6 +822,7 @@ def node_settings(kit: Kit, overrides: NodeOverrides) -> dict[str, Any]:
         "dataset": n.dataset,
         "csv-delimiter": n.csv_delimiter or "",
         "csv-encoding": n.csv_encoding,
+        "memory-mb": n.memory_mb,
     }
 
 

@@ -423,7 +423,7 @@ def node_start(
     certificate against the kit's CA, run the node and serve /healthz and
     /metrics; --train-csv/--test-csv/--ledger override the kit's node.toml.
     """
-    from clients.data import load_partner_data
+    from clients.data import count_valid_rows
     from fedvault.schema import builtin_schema, load_schema
 
     if kit is not None:
@@ -440,7 +440,7 @@ def node_start(
         raise ConfigError("give --kit DIR, or --partner, --train-csv and --test-csv")
     schema = load_schema(schema_file) if schema_file else builtin_schema(dataset)
     for path in (train_csv, test_csv):
-        rows = load_partner_data(path, schema).n_rows
+        rows = count_valid_rows(path, schema)
         out.print(f"{path}: {rows} rows valid against schema {schema.name!r}")
     paths = _paths(_settings(home))
     if not paths.node_key(partner).exists():
@@ -555,6 +555,8 @@ def _registry(home: Path | None) -> Any:
 def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Registered model versions."""
 
+    from fedvault.metrics import headline
+
     with _federation_store(_settings(home), existing=True) as store:
         models = store.models()
     if as_json:
@@ -564,19 +566,13 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     for m in models:
         final = m["lineage"].get("metrics", {}).get("final", {})
         task = str(m["lineage"].get("task", "classification"))
-        # A classifier's accuracy (and ROC AUC where reported), a regressor's R².
-        shown = [
-            f"{label} {final[key]:.4f}"
-            for key, label in (("eval_accuracy", "acc"), ("roc_auc", "auc"), ("r2", "R²"))
-            if isinstance(final.get(key), int | float)
-        ]
         table.add_row(
             m["model_id"],
             m["name"],
             str(m["version"]),
             m["run_id"],
             task,
-            ", ".join(shown),
+            headline(final),
             m["created_at"],
         )
     out.print(table)

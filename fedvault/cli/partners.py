@@ -147,7 +147,7 @@ def fleet_proxy(
 
 def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOverrides) -> None:
     """What partner IT runs: check kit, validate data, check the SuperLink, run, report."""
-    from clients.data import CsvFormat, load_partner_data
+    from clients.data import CsvFormat, count_valid_rows
     from clients.node_health import HealthServer, NodeMonitor, NodeWatch
 
     kit = kits.load_kit(kit_dir, config)
@@ -168,7 +168,7 @@ def run_node_from_kit(kit_dir: Path, config: Path | None, overrides: kits.NodeOv
     fmt = CsvFormat(node.csv_delimiter, node.csv_encoding)
     train, test = Path(settings["train-csv"]), Path(settings["test-csv"])
     for path in (train, test):
-        rows = load_partner_data(path, schema, fmt).n_rows
+        rows = count_valid_rows(path, schema, fmt)
         console.print(f"{path}: {rows} rows valid against schema {schema.name!r}")
     address = kit.config.federation.superlink
     if kits.check_superlink_certificate(address, kit.ca_cert):

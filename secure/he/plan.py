@@ -4,7 +4,11 @@ A plan is the model rewritten for encrypted evaluation:
 
 - the stored standardisation ``(x - mean) / std`` is folded into the first
   layer (``W' = W / std``, ``b' = b - W' · mean``) so that callers encrypt
-  their *raw* features and never need the scaler;
+  the model's numeric input before standardisation (raw numeric values,
+  one-hot categories, missing indicators: :mod:`fedvault.encoding`). The one
+  place a caller needs the scaler is an imputed cell: the plaintext gateway
+  standardises it to 0, which is the input ``mean``, so the caller encrypts
+  that mean (the HE metadata publishes it, see :mod:`secure.he.service`);
 - each activation must be a polynomial (CKKS evaluates only additions and
   multiplications); ``square`` costs one multiplicative level. ``quad``
   (``z + α·z²``) is compiled to the same square plan, exactly: since
@@ -15,6 +19,13 @@ A plan is the model rewritten for encrypted evaluation:
   silently change the model's predictions;
 - ``depth`` counts the rescales one evaluation consumes, which fixes the CKKS
   parameters (:mod:`secure.he.params`).
+
+Classifiers output one logit per class. A regression model has one output,
+the target rescaled into [-1, 1] by its public range (what training fits);
+the plan leaves it so, because the rescaling back to target units ends in a
+clip to that range, which CKKS cannot evaluate: the caller decodes after
+decrypting (:meth:`fedvault.encoding.Encoding.decode_target`, the plaintext
+gateway's own decoding).
 """
 
 from __future__ import annotations
@@ -70,7 +81,8 @@ class HEPlan:
         return len(self.layers) + len(self.activations)
 
     def forward(self, x_raw: NDArray[np.floating]) -> F64:
-        """Reference logits in float64 for raw features of shape (n, d)."""
+        """Reference outputs (logits, or a regression's rescaled target) in float64
+        for inputs of shape (n, d) before standardisation."""
         h = np.asarray(x_raw, dtype=np.float64)
         for i, layer in enumerate(self.layers):
             h = h @ layer.weight.T + layer.bias
@@ -87,11 +99,6 @@ def compile_plan(spec: ModelSpec, params: list[FloatArray], scaler: Scaler) -> H
         ConfigError: parameters do not match the spec or the scaler is unusable.
     """
     check_parameters(spec, params)
-    if spec.is_regression:
-        raise UnsupportedModelError(
-            "regression models are served in plaintext only for now: the HE protocol "
-            "returns class scores"
-        )
     if spec.kind == "mlp" and spec.activation not in ("square", "quad"):
         raise UnsupportedModelError(
             f"layer 'activation_1' (after dense layer 1 of {spec.kind}) is {spec.activation!r}, "

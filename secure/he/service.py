@@ -51,8 +51,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 import tenseal as ts
 
+from fedvault.encoding import encoding_for
 from fedvault.errors import (
     ConfigError,
     ExpiredError,
@@ -60,21 +62,80 @@ from fedvault.errors import (
     PayloadTooLargeError,
     PermissionDeniedError,
 )
+from fedvault.modelspec import FloatArray, ModelSpec
+from fedvault.schema import DataSchema
+from fedvault.stats import Scaler
 from secure.he.engine import LAYOUTS, CompiledModel, HEEvaluationError, Layout
 from secure.he.params import CKKSParams, require_128_bit
-from secure.he.plan import HEPlan
+from secure.he.plan import HEPlan, compile_plan
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class HEModel:
-    """What the service needs of one model: compiled plan and human-readable names."""
+    """What the service needs of one model: compiled plan and human-readable names.
+
+    ``schema`` (the public data schema the model was trained on, None when
+    unknown) and ``missing_means`` let a caller encode raw rows itself: under
+    HE the server never sees the row, so one-hot encoding and imputation
+    happen on the caller's side (:mod:`secure.client`). ``missing_means``
+    maps each encoded input a missing cell leaves empty (a ``mean``-imputed
+    feature's value or one-hot columns) to the scaler's mean of that input,
+    in encoded units: the value the plaintext gateway imputes (it
+    standardises a missing entry to 0, i.e. to that mean).
+    """
 
     model_id: str
     compiled: CompiledModel
     feature_names: tuple[str, ...]
     class_names: tuple[str, ...]
+    schema: DataSchema | None = None
+    missing_means: tuple[tuple[str, float], ...] = ()
+    regression: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        model_id: str,
+        spec: ModelSpec,
+        params: list[FloatArray],
+        scaler: Scaler,
+        schema: DataSchema | None,
+    ) -> HEModel:
+        """Compile a registered model and gather what its metadata publishes.
+
+        ``schema``: the one the server serves the model's raw columns with
+        (None, or one that does not fit the model, leaves the names generic).
+
+        Raises:
+            UnsupportedModelError: the model has no exact HE plan (a ReLU layer).
+        """
+        plan = compile_plan(spec, params, scaler)
+        if schema is not None:
+            encoding = encoding_for(schema)
+            if encoding.width != spec.n_features or schema.is_regression != spec.is_regression:
+                schema = None
+        if schema is None:
+            features = tuple(f"x{i}" for i in range(spec.n_features))
+            classes = () if spec.is_regression else tuple(map(str, range(spec.n_classes)))
+            return cls(
+                model_id, CompiledModel(plan), features, classes, regression=spec.is_regression
+            )
+        # The scaler's mean is the federation's DP statistics release (fedvault.stats):
+        # publishing part of it is post-processing of that release and costs no ε.
+        mean = np.asarray(scaler.mean, dtype=np.float64)
+        imputed = np.flatnonzero(encoding.indicator >= 0)
+        means = tuple((encoding.names[j], float(mean[j])) for j in imputed)
+        return cls(
+            model_id,
+            CompiledModel(plan),
+            encoding.names,
+            schema.classes,
+            schema=schema,
+            missing_means=means,
+            regression=spec.is_regression,
+        )
 
 
 @dataclass(slots=True)
@@ -398,6 +459,63 @@ def default_pool(workers: int | None = None) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
 
 
+def _encoding_metadata(m: HEModel) -> dict[str, Any] | None:
+    """How a caller turns a raw row into ``features`` (None: the model has no known schema).
+
+    ``missing_means`` are entries of the scaler's mean, which the federation
+    released under DP (:mod:`fedvault.stats`): publishing them is
+    post-processing of that release and costs no privacy budget.
+    """
+    if m.schema is None:
+        return None
+    return {
+        "columns": list(m.schema.feature_names),
+        "missing_means": dict(m.missing_means),
+        "rules": "raw columns in schema order (fedvault.encoding): a number is one input "
+        "(clipped to [min, max] when out_of_range = 'clip', then log1p(x) when log1p); a "
+        "boolean one 0/1 input; a category one 0/1 input per declared category (an "
+        "undeclared value counts as 'other', refused when there is none); a feature with "
+        "missing = 'mean' then adds a 0/1 missing indicator. A missing cell (null, NaN or "
+        "one of the schema's missing_values) takes 'fill' (missing = 'constant'), or "
+        "missing_means for each of its inputs and indicator 1 (missing = 'mean'), and is "
+        "refused for missing = 'refuse'",
+        "privacy": "missing_means are the model's standardisation means, released by the "
+        "federation under differential privacy; publishing them is post-processing (no "
+        "extra epsilon)",
+    }
+
+
+def _output_metadata(m: HEModel) -> dict[str, Any]:
+    """What the decrypted outputs mean, and for regression how to bring them to target units."""
+    k = m.compiled.plan.n_outputs
+    out: dict[str, Any] = {"task": "regression" if m.regression else "classification"}
+    out["n_outputs"] = k
+    if not m.regression:
+        out["meaning"] = "logits (pre-softmax scores), one per class; argmax = predicted class"
+    elif m.schema is None or m.schema.target is None:
+        out["meaning"] = "the model's output (the target's scale is not known for this model)"
+    else:
+        target = m.schema.target
+        centre, radius = encoding_for(m.schema).target_scale
+        out["meaning"] = (
+            "the target rescaled into [-1, 1] by its public range: value = "
+            "min(max(centre + radius * output, min), max), in the target's units"
+        )
+        out["target"] = {
+            "column": m.schema.label,
+            "min": target.min,
+            "max": target.max,
+            "centre": centre,
+            "radius": radius,
+        }
+    out["classes"] = list(m.class_names)
+    out["layouts"] = {
+        "vector": f"one CKKS vector; its first {k} slot(s) are the {k} output(s)",
+        "batch": f"{k} CKKS vector(s), one per output; slot i = sample i",
+    }
+    return out
+
+
 class HEService:
     """Encrypted inference for the models ``model_source`` returns."""
 
@@ -497,9 +615,12 @@ class HEService:
                 "context_ttl_s": self._ttl,
             },
             "features": list(m.feature_names),
+            "schema": None if m.schema is None else m.schema.model_dump(mode="json"),
+            "encoding": _encoding_metadata(m),
             "input": {
-                "units": "raw feature values, in the order of 'features' (standardisation "
-                "is folded into the model)",
+                "units": "the model's numeric input before standardisation, one value per "
+                "name in 'features' (raw columns encoded on the caller's side as 'encoding' "
+                "says; standardisation is folded into the model)",
                 "layouts": {
                     "vector": {
                         "inputs": 1,
@@ -513,14 +634,7 @@ class HEService:
                     },
                 },
             },
-            "output": {
-                "meaning": "logits (pre-softmax scores), one per class; argmax = predicted class",
-                "classes": list(m.class_names),
-                "layouts": {
-                    "vector": "one CKKS vector; its first k slots are the k logits",
-                    "batch": "k CKKS vectors, one per class; slot i = sample i",
-                },
-            },
+            "output": _output_metadata(m),
         }
 
     # ----------------------------------------------------------- contexts

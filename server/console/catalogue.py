@@ -1,5 +1,8 @@
 """The models page's data: registry rows joined with what the gateway loaded and serves.
 
+Each version also carries its data schema in raw columns and its task's
+held-out metrics (:mod:`server.console.modelview`).
+
 Signature status comes from the repository's own load: a version is READY
 only after its Ed25519 signature and AES-GCM tag verified at load; a refused
 version carries the error type (never the artifact's bytes or key material).
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.console.budgets import statement_for
+from server.console.modelview import MetricsView, SchemaView, metrics_view, schema_view
 from server.console.policy import ConsoleUser
 from server.gateway.repository import ModelRepository
 from server.store import FederationStore
@@ -21,7 +25,6 @@ __all__ = ["ModelEntry", "ModelVersionView", "load_models"]
 _LINEAGE_KEYS = (
     "run_id",
     "dataset",
-    "schema_hash",
     "rounds_planned",
     "rounds_completed",
     "private",
@@ -43,7 +46,9 @@ class ModelVersionView:
     lineage: list[tuple[str, str]]
     partners: list[str]
     epsilon: list[tuple[str, float]]
-    metrics: list[tuple[str, str]]
+    metrics: MetricsView
+    schema: SchemaView | None
+    schema_note: str | None  # why no schema is shown
     statement: str | None
 
 
@@ -56,19 +61,6 @@ class ModelEntry:
     @property
     def rollback_choices(self) -> list[str]:
         return [v.version for v in self.versions if v.state == "READY" and not v.is_default]
-
-
-def _metrics(lineage: dict[str, Any]) -> list[tuple[str, str]]:
-    final = lineage.get("metrics", {}).get("final", {})
-    if not isinstance(final, dict):
-        return []
-    out: list[tuple[str, str]] = []
-    for key, value in sorted(final.items()):
-        if isinstance(value, float):
-            out.append((key, f"{value:.4g}"))
-        elif isinstance(value, int | str):
-            out.append((key, str(value)))
-    return out
 
 
 def load_models(
@@ -103,6 +95,7 @@ def load_models(
                 shown_partners = [f"{user.partner} (you)"] + (
                     [f"and {others} other partner(s)"] if others > 0 else []
                 )
+            schema, schema_note = schema_view(lineage)
             versions.append(
                 ModelVersionView(
                     version=item["version"],
@@ -118,7 +111,9 @@ def load_models(
                     lineage=[(k, str(lineage[k])) for k in _LINEAGE_KEYS if k in lineage],
                     partners=shown_partners,
                     epsilon=[(str(p), float(e)) for p, e in eps],
-                    metrics=_metrics(lineage),
+                    metrics=metrics_view(lineage, schema),
+                    schema=schema,
+                    schema_note=schema_note,
                     statement=statement_for(user, lineage) if lineage else None,
                 )
             )

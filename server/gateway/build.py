@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedvault.schema import lineage_schema
 from server.audit.log import AuditLog, AuditSink
 from server.gateway.audit import AuditGate
 from server.gateway.auth import Authenticator, RateLimiter
@@ -125,25 +124,15 @@ def he_model_source(repository: ModelRepository) -> Callable[[str], Any]:
 
     def load(ref: str) -> Any:
         from fedvault.errors import NotFoundError
-        from secure.he.engine import CompiledModel
-        from secure.he.plan import compile_plan
         from secure.he.service import HEModel
 
         try:
             served = repository.by_model_id(ref)
         except NotFoundError:
             served = repository.resolve(ref, None)
-        plan = compile_plan(served.spec, served.params, served.scaler)
-        schema = lineage_schema(served.lineage)
-        if schema is not None:
-            from fedvault.encoding import encoding_for
-
-            # Under HE the caller sends the model's numeric input: one value
-            # per encoded column (one-hot categories, missing indicators).
-            features, classes = encoding_for(schema).names, schema.classes
-        else:
-            features = tuple(f"x{i}" for i in range(served.spec.n_features))
-            classes = tuple(str(i) for i in range(served.spec.n_classes))
-        return HEModel(served.model_id, CompiledModel(plan), features, classes)
+        # The schema the plaintext endpoints serve raw columns with: under HE the
+        # caller encodes its rows with it (one-hot, imputation) on its own side.
+        schema = None if served.raw is None else served.raw.schema
+        return HEModel.build(served.model_id, served.spec, served.params, served.scaler, schema)
 
     return load

@@ -33,7 +33,16 @@ class Federation:
     data: Path
     nodes: dict[str, ManagedProcess] = field(default_factory=dict)
 
-    def start_node(self, partner: str, index: int, cap: float, *, register: bool = True) -> None:
+    def start_node(
+        self,
+        partner: str,
+        index: int,
+        cap: float,
+        *,
+        register: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Start a SuperNode; ``extra`` adds node-config keys (e.g. ``memory-mb``)."""
         if register:
             fed.register_node(self.paths, partner)
         split = self.data / f"partner-{index}"
@@ -48,6 +57,7 @@ class Federation:
                 "test-csv": str(split / "test.csv"),
                 "ledger": str(self.paths.node_dir(partner) / "ledger.db"),
                 "epsilon-cap": cap,
+                **(extra or {}),
             },
             port=free_port(),
         )

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from clients.data import count_valid_rows
 from fedvault.cli import federation as fed
 from fedvault.cli.processes import ProcessGroup, free_port
 from fedvault.datasets import split_dataset
+from fedvault.encoding import encoding_for
 from fedvault.schema import builtin_schema, to_toml
 from server.audit.records import decode_entry
 from server.audit.storage import open_storage
@@ -129,11 +131,18 @@ def test_dp_bounds_come_from_the_federation_and_are_charged(
 
 def test_a_regression_run_trains_where_the_files_fit(own_data: Federation) -> None:
     """Three more sites hold diamonds files: a diamonds run trains on them, and
-    the flchain sites each refuse the schema their files do not match."""
+    the flchain sites each refuse the schema their files do not match. One site
+    gives its node 1 MiB per table, so its encoded training table (larger:
+    checked) spills to its state directory and trains from disk; nothing of
+    it is left there."""
     split_dataset("diamonds", own_data.paths.home / "diamonds", partners=3, alpha=1.0, seed=0)
     own_data.data = own_data.paths.home / "diamonds"
+    schema = builtin_schema("diamonds")
+    rows = count_valid_rows(own_data.data / "partner-1" / "train.csv", schema)
+    assert rows * encoding_for(schema).width * 4 > 1 << 20
     for i, partner in enumerate(DIAMOND_SITES):
-        own_data.start_node(partner, i, cap=100.0)
+        extra = {"memory-mb": 1} if partner == "epsilon" else None
+        own_data.start_node(partner, i, cap=100.0, extra=extra)
     time.sleep(3)
     code, summary, err = own_data.train("--dataset", "diamonds", "--rounds", "2", timeout=400)
     assert code == 0, err
@@ -144,3 +153,5 @@ def test_a_regression_run_trains_where_the_files_fit(own_data: Federation) -> No
     final = summary["final_metrics"]
     assert final["r2"] > 0.3
     assert final["rmse"] > 0
+    spill_dir = own_data.paths.node_dir("epsilon")
+    assert not [p for p in spill_dir.iterdir() if p.name.startswith(".fedvault-spill-")]
