@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fedvault.cli.options import HomeOpt
 from fedvault.database import require_store
 from fedvault.errors import ConfigError
 from fedvault.settings import FedvaultSettings, load_settings
@@ -26,10 +27,6 @@ if TYPE_CHECKING:
 
 gateway_app = typer.Typer(help="The audited inference gateway (OIP v2).", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys of the gateway.", no_args_is_help=True)
-
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
-]
 
 
 def _settings(home: Path | None, **overrides: object) -> FedvaultSettings:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fedvault.cli.options import HomeOpt
 from fedvault.database import require_store
 from fedvault.errors import ConfigError, FedvaultError, UnavailableError, mapping_for
 from fedvault.settings import FedvaultSettings, load_settings
@@ -75,9 +76,6 @@ data_app.command("check")(data_check)
 console = Console(stderr=True, soft_wrap=True, markup=False)
 out = Console(markup=False)
 
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 PARTNERS = ["alpha", "beta", "gamma"]
 

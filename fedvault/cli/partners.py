@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedvault.addresses import check_address, check_host, check_port
+from fedvault.cli.options import HomeOpt
 from fedvault.settings import load_settings
 from fedvault.training_config import DatasetName
 
@@ -30,10 +31,6 @@ partner_app = typer.Typer(
 
 console = Console(stderr=True, soft_wrap=True, markup=False)
 out = Console(soft_wrap=True, markup=False)
-
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
-]
 
 
 def _paths(home: Path | None) -> fed.FederationPaths:

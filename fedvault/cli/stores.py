@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedvault.cli.options import HomeOpt
 from fedvault.errors import FedvaultError, mapping_for
 from fedvault.settings import load_settings
 
@@ -28,9 +29,6 @@ store_app = typer.Typer(
     no_args_is_help=True,
 )
 
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="Federation state directory [env FEDVAULT_HOME].")
-]
 
 # markup=False: messages carry paths and URLs, which Rich would parse as tags.
 _err = Console(stderr=True, soft_wrap=True, markup=False)
@@ -50,7 +48,7 @@ def migrate(
             "--audit-key",
             help=(
                 "The audit log's signing key file, to check its signed checkpoints before "
-                "and after the copy [default: HOME/keys/gateway-audit.key]."
+                "and after the copy (default: HOME/keys/gateway-audit.key)."
             ),
         ),
     ] = None,
