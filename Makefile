@@ -10,7 +10,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Re-install when the project metadata changes.
+# Re-install when the project metadata changes. The dev extra includes the
+# simulation extra (Flower's simulation engine, Ray) that bench/rounds.py and
+# tests/integration/test_simulation.py need.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

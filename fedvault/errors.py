@@ -88,7 +88,12 @@ class PermissionDeniedError(SecurityError):
 
 
 class InvalidRequestError(FedvaultError):
-    """A request's parameters are impossible (e.g. a proof for an index past the tree)."""
+    """A request is malformed or its parameters are impossible (e.g. an undecodable ciphertext).
+
+    Its first line is every such problem's ``title``, so it stays general: the
+    ``detail`` names the field or input (a proof index past the tree, a body
+    that is not JSON, a ciphertext that is not a CKKS vector for the context).
+    """
 
 
 class NotFoundError(FedvaultError):

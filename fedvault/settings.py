@@ -8,6 +8,7 @@ name of the env var that holds them), so a settings dump cannot leak a key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,27 @@ class FedvaultSettings(BaseSettings):
             "checkpoints signed by it until the new key has signed one; unset afterwards."
         ),
     )
+    audit_scrub_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often the gateway's background scrub re-hashes a batch of audit entries.",
+    )
+    audit_scrub_entries: int = Field(
+        default=1000,
+        ge=0,
+        description=(
+            "Audit entries the scrub re-hashes per interval (its cost bound; 0: no background "
+            "scrub — the start-up check of the entries since the last verified point still runs)."
+        ),
+    )
+    audit_verifier_state: Path | None = Field(
+        default=None,
+        description=(
+            "Where `fedvault audit verify` keeps the last checkpoint it verified, one directory "
+            "per log and key; default the user's data directory: "
+            "$XDG_DATA_HOME/fedvault/audit-verifier (~/.local/share/fedvault/audit-verifier)."
+        ),
+    )
     federation_store: str | None = Field(
         default=None,
         description=(
@@ -93,6 +115,29 @@ class FedvaultSettings(BaseSettings):
     gateway_rate_burst: float = Field(default=200.0, ge=1)
     gateway_max_body_bytes: int = Field(default=64 * 1024**2, ge=1024)
     gateway_request_timeout_s: float = Field(default=30.0, gt=0)
+    # Connection guards of every fedvault HTTP server (gateway REST, `he serve`,
+    # `audit serve`) and of the gateway's gRPC door: server.http_serving.ConnectionLimits.
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A request's headers must arrive in full within this (gRPC: the handshake).",
+    )
+    http_idle_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for a client's next bytes: keep-alive, or a stalled body.",
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        le=1_000_000,
+        description="Open connections per server (REST, gRPC each); one more is refused.",
+    )
+    grpc_idle_timeout_s: float = Field(
+        default=300.0, gt=0, description="A gRPC connection with no call for this long closes."
+    )
 
     @property
     def gateway_db(self) -> Path:
@@ -148,6 +193,21 @@ class FedvaultSettings(BaseSettings):
         return self.keys_dir / "gateway-audit.key"
 
     @property
+    def audit_scrub_state(self) -> Path:
+        """The gateway's audit scrub progress (verified point), beside its key files."""
+        return self.home / "audit-scrub.json"
+
+    @property
+    def audit_verifier_dir(self) -> Path:
+        """The verifier's state root: ``audit_verifier_state``, else the user's data directory.
+
+        The auditor's memory, not the federation's: it must survive a change
+        of working directory (HOME defaults to ``./.fedvault``) and belongs to
+        the person verifying, who often has no federation HOME at all.
+        """
+        return self.audit_verifier_state or user_data_dir() / "audit-verifier"
+
+    @property
     def federation_db(self) -> Path:
         return self.home / "federation.db"
 
@@ -166,6 +226,16 @@ class FedvaultSettings(BaseSettings):
     @property
     def data_dir(self) -> Path:
         return self.home / "data"
+
+
+def user_data_dir() -> Path:
+    """``$XDG_DATA_HOME/fedvault``, else ``~/.local/share/fedvault`` (XDG Base Directory).
+
+    A relative or empty ``XDG_DATA_HOME`` is ignored, as the specification says.
+    """
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return base / "fedvault"
 
 
 def load_settings(**overrides: Any) -> FedvaultSettings:

@@ -422,6 +422,10 @@ class HEClient(HttpApiClient):
         ``keys`` a fresh key pair is made in memory for this call.
         """
         meta = self.metadata(model_id)
+        # A name resolves to a version per request; the metadata says which one
+        # it was, so the context and the ciphertexts go to that very version even
+        # if a newer one is registered meanwhile.
+        model_id = str(meta.get("model_id") or model_id)
         encoder = RawEncoder.from_metadata(meta)
         matrix = _model_input(model_id, meta, encoder, x)
         output = meta["output"]

@@ -13,6 +13,19 @@ from tests.audit_support import fresh_database, postgres_server
 _databases = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def _user_data_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test's own XDG data home (inherited by the CLIs it starts).
+
+    ``fedvault audit verify`` keeps its state in the user's data directory;
+    without this, tests would share it (and write into the real
+    ``~/.local/share``), and one test's verified checkpoint would meet another's log.
+    """
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+
+
 @pytest.fixture(scope="session")
 def pg_admin() -> Iterator[str]:
     """Admin URL of a real PostgreSQL started once per session (skipped where absent)."""

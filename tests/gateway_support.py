@@ -31,6 +31,7 @@ from server.audit.storage import open_storage
 from server.gateway.build import GatewayConfig, build_gateway
 from server.gateway.keys import ROLES
 from server.gateway.rest import GatewayApp, Limits
+from server.http_serving import ConnectionLimits
 from server.registry import ModelRegistry, ensure_model_keys, load_model_keys
 from server.store import FederationStore, LedgerRow
 from tests.he_support import trained
@@ -187,7 +188,7 @@ def spec_of(h: Harness, name: str) -> ModelSpec:
 
 
 @contextmanager
-def grpc_server(h: Harness) -> Iterator[str]:
+def grpc_server(h: Harness, *, connections: ConnectionLimits | None = None) -> Iterator[str]:
     """The gateway's grpc.aio server on a free loopback port, in its own loop thread."""
     from server.gateway.grpc_api import start_grpc_server
     from tests.he_support import free_port
@@ -198,7 +199,7 @@ def grpc_server(h: Harness) -> Iterator[str]:
     stop = asyncio.Event()
 
     async def main() -> None:
-        server = await start_grpc_server(h.gw, f"127.0.0.1:{port}")
+        server = await start_grpc_server(h.gw, f"127.0.0.1:{port}", connections=connections)
         ready.set()
         await stop.wait()
         await server.stop(1.0)

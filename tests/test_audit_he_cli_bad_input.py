@@ -216,7 +216,8 @@ def test_audit_verify_checks_its_url_before_connecting(
     for url, message in _url_cases(dead_url):
         done = _cli("audit", "verify", "--key", signer.verifier.line, "--url", url, home=tmp_path)
         _refused(done, 2, message)
-    assert not (tmp_path / "audit-verifier").exists()  # no state written either
+    assert not (tmp_path / "audit-verifier").exists()  # no state written either ...
+    assert not (Path(os.environ["XDG_DATA_HOME"]) / "fedvault").exists()  # ... anywhere
 
 
 def test_he_predict_checks_its_url_before_connecting(tmp_path: Path, dead_url: str) -> None:
@@ -425,7 +426,7 @@ def test_audit_serve_refuses_a_port_out_of_range_before_opening_the_store(
 # ------------------------------------------------------------ 8. --outcome values
 def test_search_refuses_an_unknown_outcome(bundle: Path) -> None:
     done = _cli("audit", "search", "--bundle", bundle, "--outcome", "bogus")
-    _refused(done, 2, "--outcome must be one of ok, denied, error, started")
+    _refused(done, 2, "--outcome must be one of ok, denied, error, client-disconnected, started")
     assert "got 'bogus'" in done.stderr
     assert done.stdout == ""
     denied = _cli("audit", "search", "--bundle", bundle, "--outcome", "denied")

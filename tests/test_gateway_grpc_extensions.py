@@ -239,7 +239,7 @@ def test_encrypted_inference_over_grpc(
 
     corrupt = [b"\x00garbage" + inputs[0][8:64], *inputs[1:]]
     assert infer(corrupt) == grpc.StatusCode.INVALID_ARGUMENT
-    assert _last(harness).error_type == "urn:fedvault:problem:config"
+    assert _last(harness).error_type == "urn:fedvault:problem:invalid-request"
     assert infer(inputs[:3]) == grpc.StatusCode.INVALID_ARGUMENT  # too few columns
     assert infer(inputs, layout="vector") == grpc.StatusCode.INVALID_ARGUMENT  # no galois keys
     # Contexts belong to the key that registered them.

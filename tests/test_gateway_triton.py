@@ -64,3 +64,42 @@ def test_tritonclient_http_and_grpc(harness: Harness) -> None:
     assert out["grpc_bad"] == "StatusCode.INVALID_ARGUMENT"
     assert out["http_nokey"] == "401"
     assert out["grpc_nokey"] == "StatusCode.UNAUTHENTICATED"
+
+
+def test_tritonclient_shows_the_servers_error_messages(harness: Harness) -> None:
+    """Issue 16 #1: problem+json bodies carry OIP's ``error`` member, so tritonclient
+    shows the gateway's message instead of "...while decoding the response: 'error'"."""
+    # Granted every model, so an unknown one is a 404 (not this key's 403).
+    token, _ = harness.gw.store.create_key("analyst", models=frozenset({"*"}))
+    with live_server(create_rest_app(harness.gw)) as http_url:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tests.gateway_clients.triton_errors",
+                http_url.removeprefix("http://"),
+                token,
+                MODEL,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert {case: seen["status"] for case, seen in out.items()} == {
+        "unknown_model_metadata": "404",
+        "unknown_model_infer": "404",
+        "unknown_version": "404",
+        "bad_input_name": "400",
+        "no_key": "401",
+    }
+    messages = {case: seen["message"] for case, seen in out.items()}
+    assert messages["unknown_model_metadata"] == "no model named 'no-such-model'"
+    assert messages["unknown_model_infer"] == "no model named 'no-such-model'"
+    assert messages["unknown_version"] == f"model {MODEL!r} has no version '9'"
+    assert "unknown 'pixels'" in messages["bad_input_name"]
+    assert "missing 'mean_radius'" in messages["bad_input_name"]
+    assert messages["no_key"] == "missing Authorization: Bearer <API key>"
+    assert not any("decoding the response" in m for m in messages.values())

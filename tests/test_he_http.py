@@ -30,7 +30,7 @@ from fedvault.stats import Scaler
 from secure.client import HEClient, HEKeys, params_from_metadata
 from secure.he.plan import compile_plan
 from secure.he.service import HEService
-from server.he_api import create_app, registry_model_source
+from server.he_api import RegistryCatalog, create_app, registry_model_source
 from tests.he_support import dataset, free_port, live_server, make_registry, register, trained
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -52,9 +52,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
         lineage={"run_id": "run-he", "dataset": "breast-cancer", "private": False},
     )
     store.close()
-    service = HEService(registry_model_source(lambda: make_registry(home, create_run=False)))
-    with live_server(create_app(service)) as url:
-        yield url, ids
+
+    def open_registry() -> tuple[Any, Any]:
+        return make_registry(home, create_run=False)
+
+    service = HEService(registry_model_source(open_registry))
+    try:
+        with live_server(create_app(service, RegistryCatalog(open_registry))) as url:
+            yield url, ids
+    finally:
+        service.close()
 
 
 def _reference(rows: np.ndarray) -> np.ndarray:
@@ -91,11 +98,32 @@ def test_readme_recipe_runs_verbatim(served: tuple[str, dict[str, str]], layout:
     exec(compile(_recipe(layout), f"README:{layout}", "exec"), scope)  # noqa: S102
     ref = _reference(x)
     if layout == "vector":
-        got = np.array(scope["logits"][: ref.shape[1]])
+        assert len(scope["logits"]) == ref.shape[1]  # the recipe keeps the k logit slots
+        got = np.array(scope["logits"])
         assert np.abs(got - ref[0]).max() < 1e-3
     else:
         got = np.array(scope["logits"]).T
         assert np.abs(got - ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("layout", ["vector", "batch"])
+def test_readme_recipe_raises_an_http_error_on_a_4xx(
+    served: tuple[str, dict[str, str]], layout: str
+) -> None:
+    """A refused call stops the recipe with the HTTP status, not a KeyError on the body."""
+    url, ids = served
+    x = dataset("breast-cancer")[2][:2]
+    for model, headers, code in (("no-such-model", H, 404), (ids["bc"], {}, 401)):
+        scope: dict[str, Any] = {
+            "URL": url,
+            "MODEL": model,
+            "H": headers,
+            "features": list(x[0]),
+            "X": x,
+        }
+        with pytest.raises(httpx.HTTPStatusError, match=f"{code}") as raised:
+            exec(compile(_recipe(layout), f"README:{layout}", "exec"), scope)  # noqa: S102
+        assert raised.value.response.status_code == code
 
 
 def test_errors_are_problem_json(served: tuple[str, dict[str, str]]) -> None:
@@ -141,8 +169,9 @@ def test_errors_are_problem_json(served: tuple[str, dict[str, str]]) -> None:
         ).json()["context_id"]
         infer = f"/v2/models/{bc}/he/infer"
         req = {"context_id": cid, "layout": "batch", "inputs": ["not base64!"]}
-        status(http.post(infer, headers=H, json=req), 400, "ConfigError")
-        status(http.post(infer, headers=H, content=b"{"), 400, "ConfigError")
+        status(http.post(infer, headers=H, json=req), 400, "InvalidRequestError")
+        body = status(http.post(infer, headers=H, content=b"{"), 400, "InvalidRequestError")
+        assert body["detail"].startswith("infer request body is not JSON")
         req = {"context_id": "unknown", "layout": "batch", "inputs": ["AAAA"]}
         status(http.post(infer, headers=H, json=req), 404, "NotFoundError")
         other = {"X-Fedvault-Caller": "someone-else"}

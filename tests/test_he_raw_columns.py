@@ -36,7 +36,7 @@ from fedvault.stats import Scaler
 from secure.client import HEClient, RawEncoder
 from secure.he.plan import compile_plan
 from server.gateway.rest import create_rest_app
-from server.he_api import create_app, registry_model_source
+from server.he_api import RegistryCatalog, create_app, registry_model_source
 from server.registry import ModelRegistry, load_model_keys
 from server.store import FederationStore
 from tests.gateway_support import LINEAGE, Harness, build
@@ -127,7 +127,7 @@ def standalone(harness: Harness) -> Iterator[str]:
 
     service = HEService(registry_model_source(open_registry))
     try:
-        with live_server(create_app(service)) as base:
+        with live_server(create_app(service, RegistryCatalog(open_registry))) as base:
             yield base
     finally:
         service.close()

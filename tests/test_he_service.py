@@ -13,9 +13,9 @@ import pytest
 import tenseal as ts
 
 from fedvault.errors import (
-    ConfigError,
     ExpiredError,
     FedvaultError,
+    InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -118,12 +118,12 @@ def test_secret_key_context_is_refused(service: HEService, ctx: ts.Context) -> N
 
 def test_mismatched_and_malformed_contexts_are_refused(service: HEService) -> None:
     other = private_context(CKKSParams(8192, (60, 40, 40, 60)), False, False)
-    with pytest.raises(ConfigError, match="differ from the model's"):
+    with pytest.raises(InvalidRequestError, match="differ from the model's"):
         service.register_context("alice", MODEL, other.serialize(save_secret_key=False))
     no_scale = ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 60])
-    with pytest.raises(ConfigError, match="global_scale"):
+    with pytest.raises(InvalidRequestError, match="global_scale"):
         service.register_context("alice", MODEL, no_scale.serialize(save_secret_key=False))
-    with pytest.raises(ConfigError, match="not a serialised TenSEAL context"):
+    with pytest.raises(InvalidRequestError, match="not a serialised TenSEAL context"):
         service.register_context("alice", MODEL, b"\x00" * 100)
     with pytest.raises(PayloadTooLargeError, match="limit"):
         service.register_context("alice", MODEL, b"\x00" * (context_size_limit(PARAMS) + 1))
@@ -153,13 +153,13 @@ def test_bad_ciphertexts_get_precise_errors(service: HEService, ctx: ts.Context,
     x = _x()
     good = _vec(ctx, x[0])
     cases: list[tuple[list[bytes], str, str, type[FedvaultError]]] = [
-        ([good[: len(good) // 2]], "vector", "not a CKKS vector", ConfigError),
-        ([b"random" * 100], "vector", "not a CKKS vector", ConfigError),
-        ([good, good], "vector", "takes 1 ciphertext", ConfigError),
-        ([good] * 3, "batch", "takes 30 ciphertext", ConfigError),
-        ([_vec(ctx, x[0][:29])], "vector", "holds 29 values", ConfigError),
+        ([good[: len(good) // 2]], "vector", "not decodable as a CKKS vector", InvalidRequestError),
+        ([b"random" * 100], "vector", "not decodable as a CKKS vector", InvalidRequestError),
+        ([good, good], "vector", "takes 1 ciphertext", InvalidRequestError),
+        ([good] * 3, "batch", "takes 30 ciphertext", InvalidRequestError),
+        ([_vec(ctx, x[0][:29])], "vector", "holds 29 values", InvalidRequestError),
         ([_vec(ctx, np.ones(5000))], "vector", "at most 4096 values", PayloadTooLargeError),
-        ([good], "sideways", "layout must be", ConfigError),
+        ([good], "sideways", "layout must be", InvalidRequestError),
         ([b"\x00" * 10_000_000], "vector", "limit", PayloadTooLargeError),
     ]
     for inputs, layout, message, cls in cases:
@@ -167,16 +167,16 @@ def test_bad_ciphertexts_get_precise_errors(service: HEService, ctx: ts.Context,
             service.infer("alice", MODEL, cid, layout, inputs)
     cols = [_vec(ctx, c) for c in x.T]
     cols[3] = _vec(ctx, x[:3, 3])
-    with pytest.raises(ConfigError, match="same number of samples"):
+    with pytest.raises(InvalidRequestError, match="same number of samples"):
         service.infer("alice", MODEL, cid, "batch", cols)
     # Encrypted under other parameters: refused on load, never evaluated.
     foreign = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[40, 20, 40])
     foreign.global_scale = 2**20
-    with pytest.raises(ConfigError, match="other parameters"):
+    with pytest.raises(InvalidRequestError, match="other parameters"):
         service.infer("alice", MODEL, cid, "vector", [_vec(foreign, x[0])])
     # A ciphertext at a lower level (already rescaled) is refused as not fresh.
     low = ts.ckks_vector(ctx, x[0].tolist()) * 1.0
-    with pytest.raises(ConfigError, match="fresh ciphertext"):
+    with pytest.raises(InvalidRequestError, match="fresh ciphertext"):
         service.infer("alice", MODEL, cid, "vector", [bytes(low.serialize())])
 
 

@@ -2,8 +2,15 @@
 
 The verifier trusts one thing only, the verifier key given with ``--key`` (a
 key line or a file holding one), obtained out of band — never the key the
-server publishes. It remembers the last checkpoint it verified (``--state``)
-so that a rewritten or rolled-back history fails on the next run.
+server publishes; ``fedvault audit public-key --home H`` prints it on the
+gateway's host, any time. It remembers the last checkpoint it verified, in
+the user's data directory (``--state`` or ``FEDVAULT_AUDIT_VERIFIER_STATE``
+to put it elsewhere), so that a rewritten or rolled-back history fails on the
+next run.
+
+``search`` and ``export`` read up to the tree size of the checkpoint taken
+when they start: a gateway audits every read of its log, so each page read
+appends an entry, and "read until an empty page" never ended.
 """
 
 from __future__ import annotations
@@ -13,16 +20,27 @@ import json
 import os
 import re
 import secrets
+import signal
 import stat
 import sys
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final
 
 import typer
 
-from fedvault.errors import ConfigError, IntegrityError
+from fedvault.cli.options import (
+    HeaderTimeoutOpt,
+    HomeOpt,
+    IdleTimeoutOpt,
+    MaxConnectionsOpt,
+    connection_limits,
+    connection_overrides,
+)
+from fedvault.errors import ConfigError, IntegrityError, NotFoundError
 from fedvault.settings import load_settings
 from fedvault.urls import bearer_token, check_service_url
 
@@ -111,6 +129,36 @@ def keygen(
     typer.echo(signer.verifier.line)
 
 
+@audit_app.command("public-key")
+def public_key(
+    home: HomeOpt = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-file",
+            help="A signing key file elsewhere (default: HOME/keys/gateway-audit.key).",
+        ),
+    ] = None,
+) -> None:
+    """Print the verifier key of the gateway's audit log (public; for `audit verify --key`).
+
+    The gateway prints it only when it creates the key, on its first start;
+    a compliance officer needs it later. Derived from the signing key file,
+    so it is the key the log is really signed with; only the public key line
+    is printed, never private material.
+    """
+    from secure.signed_note import load_note_signer
+
+    path = key_file if key_file is not None else load_settings(home=home).audit_key_file
+    if not path.exists():
+        raise NotFoundError(
+            f"no audit signing key at {path} yet: `fedvault gateway start` creates it on its "
+            "first start (give that gateway's --home), or `fedvault audit keygen` for a log "
+            "of your own"
+        )
+    typer.echo(load_note_signer(path).verifier.line)
+
+
 PasswordFileOpt = Annotated[
     Path | None,
     typer.Option(
@@ -176,6 +224,9 @@ def serve(
     token_file: TokenOpt = None,
     password_file: PasswordFileOpt = None,
     previous_key: PreviousKeyOpt = None,
+    header_timeout: HeaderTimeoutOpt = None,
+    idle_timeout: IdleTimeoutOpt = None,
+    max_connections: MaxConnectionsOpt = None,
 ) -> None:
     """Serve the audit API alone (development; the gateway mounts the same router)."""
     import asyncio
@@ -192,9 +243,18 @@ def serve(
     token = _token(token_file)
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError("--token-file is required when serving beyond loopback")
+    limits = connection_limits(
+        load_settings(**connection_overrides(header_timeout, idle_timeout, max_connections))
+    )
     port = port or free_port()  # an IPv4 probe; check_bind then tries the real host
     check_bind(host, port, "the audit API")
     log = _open_log(db, key, password_file, previous_key)
+    try:
+        # No state file: a development server re-hashes every entry at start.
+        log.start_integrity_checks(state_file=None)
+    except BaseException:
+        log.close()
+        raise
     app = FastAPI(title="fedvault audit log")
     install_problem_handlers(app)
     app.include_router(create_audit_router(log))
@@ -207,16 +267,27 @@ def serve(
     try:
         # Not uvicorn.run: it re-raises SIGTERM before this finally, and the
         # log's committer and checkpoint thread would stop without closing.
-        asyncio.run(serve_until_signal(config))
+        asyncio.run(serve_until_signal(config, limits))
     finally:
         log.close()
 
 
-def _state_dir(state: Path | None, name: str, key_id: int) -> Path:
+def _state_dir(state: Path | None, name: str, key_id: int) -> tuple[Path, Path | None]:
+    """Where the verifier's state for this log and key lives, and a legacy place to read.
+
+    The user's data directory (``FEDVAULT_AUDIT_VERIFIER_STATE`` or the XDG
+    data home), one directory per origin and key id. Earlier versions kept it
+    under HOME (``./.fedvault`` by default: the current directory), where a
+    run from another directory silently started over; a state found there is
+    taken over once, so its rollback protection is not lost.
+    """
     if state is not None:
-        return state
+        return state, None
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    return load_settings().home / "audit-verifier" / f"{safe}-{key_id:08x}"
+    settings = load_settings()
+    leaf = f"{safe}-{key_id:08x}"
+    legacy = settings.home / "audit-verifier" / leaf
+    return settings.audit_verifier_dir / leaf, legacy
 
 
 @audit_app.command("verify")
@@ -226,7 +297,12 @@ def verify(
     bundle: BundleOpt = None,
     state: Annotated[
         Path | None,
-        typer.Option("--state", help="Where the last verified checkpoint is kept."),
+        typer.Option(
+            "--state",
+            help="Directory keeping the last verified checkpoint of this log. Default: the "
+            "user's data directory, $XDG_DATA_HOME/fedvault/audit-verifier/ORIGIN-KEYID "
+            "(~/.local/share/...); FEDVAULT_AUDIT_VERIFIER_STATE moves that root.",
+        ),
     ] = None,
     export: Annotated[
         Path | None, typer.Option("--export", help="Also write an offline bundle here.")
@@ -239,8 +315,18 @@ def verify(
     verifier = _verifier(key)
     source = _source(url, bundle, token_file)
     # An archived bundle is checked on its own unless a state is named explicitly.
-    state_dir = state if bundle is not None else _state_dir(state, verifier.name, verifier.key_id)
+    state_dir, legacy = (
+        (state, None) if bundle is not None else _state_dir(state, verifier.name, verifier.key_id)
+    )
     previous = _load_state(state_dir, verifier) if state_dir is not None else None
+    if previous is None and legacy is not None and legacy != state_dir:
+        previous = _load_state(legacy, verifier)
+        if previous is not None:
+            typer.echo(
+                f"using the verifier state found in {legacy} (an earlier version's place); "
+                f"from now on it is kept in {state_dir}",
+                err=True,
+            )
     writer = BundleWriter(export, verifier.line) if export is not None else None
     try:
         result = verify_log(source, verifier, previous, bundle=writer)
@@ -285,6 +371,7 @@ OUTCOMES: Final = (
     "ok",
     "denied",
     "error",
+    "client-disconnected",  # server.gateway.audit.CLIENT_DISCONNECTED
     # Training (server.audit.training via server.coordinator): runs, rounds, charges,
     # models; a run's end carries its final status (server.store).
     "started",
@@ -300,21 +387,70 @@ OUTCOMES: Final = (
 """Every outcome fedvault records: a filter on any other value could only match nothing."""
 
 
-def _records(source: LogSource) -> Iterator[tuple[int, AuditRecord]]:
-    from server.audit.records import InvalidEntry, decode_entry
-    from server.audit.verifier import PAGE
+class _Reading:
+    """Entries up to the tree size of the checkpoint taken when reading starts.
 
-    start = 0
-    while True:
-        rows = source.entries(start, start + PAGE)
-        if not rows:
-            return
-        for index, entry in rows:
+    Why a checkpoint and not "until an empty page": a gateway audits every
+    read of ``/v2/audit/entries``, so each page read appends one more entry
+    and the log never runs out; a search or export only ended at the rate
+    limit (or grew the log by 150,000 entries in 10 minutes without one).
+    The checkpoint's signature is not checked here (that is ``verify``); its
+    size is only where to stop, and it is said in the output.
+    """
+
+    def __init__(self, source: LogSource) -> None:
+        self.source = source
+        self.size: int | None = None
+        self.read = 0
+
+    def records(self) -> Iterator[tuple[int, AuditRecord]]:
+        from secure.signed_note import parse_checkpoint
+        from server.audit.records import InvalidEntry, decode_entry
+        from server.audit.verifier import iter_entries
+
+        note = self.source.checkpoint()
+        try:
+            size = parse_checkpoint(note[: note.rfind("\n\n") + 1]).size
+        except IntegrityError as exc:
+            raise IntegrityError(f"the log's checkpoint is malformed: {exc}") from None
+        self.size = size
+        for index, entry in iter_entries(self.source, size):
+            self.read += 1
             try:
                 yield index, decode_entry(entry)
             except InvalidEntry as exc:
                 raise IntegrityError(f"FAILED at index {index}: {exc}") from None
-        start = rows[-1][0] + 1
+
+    def summary(self) -> str:
+        return (
+            f"read {self.read} entries, up to the checkpoint of tree size {self.size} "
+            "taken at start"
+        )
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """SIGTERM and SIGHUP interrupt like Ctrl-C does, so ``finally`` and cleanup run.
+
+    By default they end the process on the spot, and an export stopped by
+    ``timeout`` or a closed terminal left its temporary file (33 MB seen)
+    beside the target.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @audit_app.command("search")
@@ -363,6 +499,10 @@ def search(
 ) -> None:
     """Print matching entries as JSON Lines (run `verify` first to trust them).
 
+    Reads up to the checkpoint taken at the start and says so on stderr: a
+    gateway appends an entry for each page read, so "until the end" would
+    never come.
+
     Exact matches except where a reviewer rarely knows the whole value: the
     peer (prefix: a subnet), the mTLS subject (substring: a CN) and the error
     type (the URI or its last part).
@@ -381,7 +521,23 @@ def search(
         "protocol": protocol,
         "status": status,
     }
-    for index, record in _records(source):
+    reading = _Reading(source)
+    with _interruptible():
+        _print_matches(reading, wanted, lo, hi, peer, mtls_subject, error_type, min_latency_ms)
+    typer.echo(reading.summary(), err=True)
+
+
+def _print_matches(
+    reading: _Reading,
+    wanted: dict[str, str | None],
+    lo: datetime | None,
+    hi: datetime | None,
+    peer: str | None,
+    mtls_subject: str | None,
+    error_type: str | None,
+    min_latency_ms: float | None,
+) -> None:
+    for index, record in reading.records():
         if any(v is not None and getattr(record, k) != v for k, v in wanted.items()):
             continue
         if (lo is not None and record.time < lo) or (hi is not None and record.time >= hi):
@@ -498,15 +654,19 @@ def export_jsonl(
 ) -> None:
     """Write every entry, decoded, as JSON Lines (one record per line, with its index).
 
-    The file appears whole when every entry decoded; on any failure an earlier
-    file at ``--out`` is left as it was.
+    The file appears whole when every entry decoded; on any failure or
+    interruption (Ctrl-C, SIGTERM, SIGHUP) an earlier file at ``--out`` is
+    left as it was and no temporary file stays behind. Entries are read up to
+    the checkpoint taken at the start (a gateway logs each read as it goes).
     """
     target, in_place = _export_target(out)
     source = _source(url, bundle, token_file)
+    reading = _Reading(source)
     lines = (
         json.dumps({"index": index, **record.to_json_dict()}, ensure_ascii=False) + "\n"
-        for index, record in _records(source)
+        for index, record in reading.records()
     )
-    count = _write_lines(lines, out, target, in_place=in_place)
+    with _interruptible():
+        count = _write_lines(lines, out, target, in_place=in_place)
     # Written to a device (`--out /dev/stdout`): the summary must not join the lines.
-    typer.echo(f"wrote {count} entries to {out}", err=in_place)
+    typer.echo(f"wrote {count} entries to {out} ({reading.summary()})", err=in_place)

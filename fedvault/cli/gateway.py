@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedvault.cli.options import HomeOpt
+from fedvault.cli.options import (
+    HeaderTimeoutOpt,
+    HomeOpt,
+    IdleTimeoutOpt,
+    MaxConnectionsOpt,
+    connection_limits,
+    connection_overrides,
+)
 from fedvault.database import require_store
 from fedvault.errors import ConfigError
 from fedvault.settings import FedvaultSettings, load_settings
@@ -89,6 +96,9 @@ def start(
             "server's GIL) or 'thread'. Both commit durably before the answer leaves."
         ),
     ] = "process",
+    header_timeout: HeaderTimeoutOpt = None,
+    idle_timeout: IdleTimeoutOpt = None,
+    max_connections: MaxConnectionsOpt = None,
 ) -> None:
     """Serve REST and gRPC until Ctrl-C / SIGTERM, then drain in-flight requests and stop."""
     from secure.signed_note import (
@@ -114,6 +124,7 @@ def start(
         gateway_tls_key=tls_key,
         gateway_client_ca=client_ca,
         gateway_rate_limit_per_s=rate_limit,
+        **connection_overrides(header_timeout, idle_timeout, max_connections),
     )
     if (settings.gateway_tls_cert is None) != (settings.gateway_tls_key is None):
         raise ConfigError("give both --tls-cert and --tls-key, or neither")
@@ -130,6 +141,7 @@ def start(
         settings.gateway_tls_cert,
         settings.gateway_tls_key,
         settings.gateway_client_ca,
+        connections=connection_limits(settings),
     )
     check_listen(listen)  # ports and TLS files, before any store or model is opened
     if not settings.audit_key_file.exists():
@@ -150,6 +162,13 @@ def start(
         ),
     )
     try:
+        # Entries since the last verified point are re-hashed now, the rest in the
+        # background: a tampered entry makes the gateway unready, not refuse to start.
+        log.start_integrity_checks(
+            state_file=settings.audit_scrub_state,
+            interval_s=settings.audit_scrub_interval_s,
+            entries_per_interval=settings.audit_scrub_entries,
+        )
         keys = load_model_keys(
             settings.keys_dir,
             encryption_key_b64=os.environ.get(settings.model_key_env),

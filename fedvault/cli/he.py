@@ -25,6 +25,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import numpy as np
 import typer
 
+from fedvault.cli.options import (
+    HeaderTimeoutOpt,
+    IdleTimeoutOpt,
+    MaxConnectionsOpt,
+    connection_limits,
+    connection_overrides,
+)
 from fedvault.errors import ConfigError, DataError
 from fedvault.settings import load_settings
 from fedvault.urls import bearer_token, check_service_url
@@ -41,19 +48,28 @@ def serve(
     host: Annotated[str, typer.Option(help="Listen address (keep it on loopback).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Listen port.")] = 8080,
     context_ttl_s: Annotated[float, typer.Option(help="Lifetime of registered contexts.")] = 3600,
+    header_timeout: HeaderTimeoutOpt = None,
+    idle_timeout: IdleTimeoutOpt = None,
+    max_connections: MaxConnectionsOpt = None,
 ) -> None:
-    """Serve the HE endpoints for the registry's models (no gateway auth yet: loopback only)."""
+    """Serve the HE endpoints for the registry's models (no gateway auth yet: loopback only).
+
+    Models are addressed by id or by name (its newest version); also answers
+    /v2/health/live, /v2/health/ready and POST /v2/repository/index.
+    """
     import asyncio
 
     import uvicorn
 
     from secure.he.service import HEService
-    from server.he_api import create_app, registry_model_source
+    from server.he_api import RegistryCatalog, create_app, registry_model_source
     from server.http_serving import check_bind, serve_until_signal
     from server.registry import ModelRegistry, load_model_keys
     from server.store import FederationStore
 
-    settings = load_settings(home=home)
+    settings = load_settings(
+        home=home, **connection_overrides(header_timeout, idle_timeout, max_connections)
+    )
     check_bind(host, port, "HE requests")
     keys = load_model_keys(
         settings.keys_dir, encryption_key_b64=os.environ.get(settings.model_key_env), signing=False
@@ -67,10 +83,15 @@ def serve(
 
     service = HEService(registry_model_source(open_registry), context_ttl_s=context_ttl_s)
     config = uvicorn.Config(
-        create_app(service), host=host, port=port, log_level="warning", access_log=False
+        create_app(service, RegistryCatalog(open_registry)),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
     )
     try:
-        asyncio.run(serve_until_signal(config))  # SIGTERM returns here, so the pool is closed
+        # SIGTERM returns here, so the pool is closed.
+        asyncio.run(serve_until_signal(config, connection_limits(settings)))
     finally:
         service.close()  # the evaluation pool's processes and the /dev/shm spool
 
@@ -197,7 +218,9 @@ def _existing_keys(key_file: Path | None) -> HEKeys | None:
 
 @he_app.command("predict")
 def predict(
-    model: Annotated[str, typer.Option("--model", help="Model id.")],
+    model: Annotated[
+        str, typer.Option("--model", help="Model id, or name (its default or newest version).")
+    ],
     csv_path: Annotated[
         Path,
         typer.Option(

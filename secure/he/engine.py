@@ -60,7 +60,7 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from fedvault.errors import ConfigError, FedvaultError
+from fedvault.errors import ConfigError, FedvaultError, InvalidRequestError
 from secure.he.params import CKKSParams, params_for_depth
 from secure.he.plan import DenseLayer, HEPlan
 
@@ -402,7 +402,7 @@ def _naf_weight(n: int) -> int:
 
 def _rotate(ev: Any, ct: Any, steps: int, galois: Any) -> Any:
     if galois is None:
-        raise ConfigError("the vector layout needs a context with galois keys")
+        raise InvalidRequestError("the vector layout needs a context with galois keys")
     out = sealapi.Ciphertext()
     ev.rotate_vector(ct, steps, galois, out)
     return out
@@ -410,7 +410,7 @@ def _rotate(ev: Any, ct: Any, steps: int, galois: Any) -> Any:
 
 def _square(ev: Any, ct: Any, relin: Any) -> Any:
     if relin is None:
-        raise ConfigError("this model needs a context with relinearisation keys")
+        raise InvalidRequestError("this model needs a context with relinearisation keys")
     out = sealapi.Ciphertext()
     ev.square(ct, out)
     ev.relinearize_inplace(out, relin)

@@ -14,7 +14,12 @@ put serialised contexts in the database behind the same Protocol).
 
 Every check raises a :class:`~fedvault.errors.FedvaultError` subclass whose
 message names the problem (which input, which limit) but never echoes
-ciphertext bytes, key material or TenSEAL's internal messages.
+ciphertext bytes, key material or TenSEAL's internal messages. What a caller
+sent wrong (a context or ciphertext that does not decode, the wrong count or
+layout, missing keys) is an :class:`~fedvault.errors.InvalidRequestError`
+(400, gRPC ``INVALID_ARGUMENT``), never a ``ConfigError``: that one means the
+*server's* configuration is wrong, and its title ("A configuration value is
+missing…") sent callers looking in the wrong place.
 
 Evaluation pool. SEAL (through ``tenseal.sealapi``) holds the GIL for the
 whole of each call: two evaluations in two threads take as long as running
@@ -58,6 +63,7 @@ from fedvault.encoding import encoding_for
 from fedvault.errors import (
     ConfigError,
     ExpiredError,
+    InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -168,7 +174,7 @@ class ContextFacts:
 
 
 def context_facts(context: ts.Context, digest: str) -> ContextFacts:
-    """Read a deserialised context's keys and parameters (ConfigError if it is not CKKS)."""
+    """Read a deserialised context's keys and parameters (InvalidRequestError if not CKKS)."""
     try:
         seal = context.seal_context().data
         key = seal.key_context_data()
@@ -176,7 +182,7 @@ def context_facts(context: ts.Context, digest: str) -> ContextFacts:
         total = int(key.total_coeff_modulus_bit_count())
         first = tuple(int(v) for v in seal.first_parms_id())
     except Exception:
-        raise ConfigError("context is not a CKKS context") from None
+        raise InvalidRequestError("context is not a CKKS context") from None
     try:
         scale = float(context.global_scale)
     except Exception:  # TenSEAL raises when no global scale was ever set
@@ -198,7 +204,7 @@ def _deserialise_context(data: bytes) -> ts.Context:
     try:
         return ts.context_from(data)
     except Exception:  # TenSEAL raises bare ValueError/RuntimeError on bad bytes
-        raise ConfigError("context is not a serialised TenSEAL context") from None
+        raise InvalidRequestError("context is not a serialised TenSEAL context") from None
 
 
 class ContextStore(Protocol):
@@ -278,13 +284,13 @@ def evaluate_inputs(
         sizes.add(size)
     if layout == "vector":
         if sizes != {compiled.plan.n_features}:
-            raise ConfigError(
+            raise InvalidRequestError(
                 f"input 0 holds {sizes.pop()} values, the model takes "
                 f"{compiled.plan.n_features} features"
             )
         return [compiled.evaluate_vector(context, cts[0])]
     if len(sizes) != 1:
-        raise ConfigError("batch columns must all hold the same number of samples")
+        raise InvalidRequestError("batch columns must all hold the same number of samples")
     return compiled.evaluate_batch(context, cts, sizes.pop())
 
 
@@ -296,14 +302,16 @@ def _load_vector(
         size = int(vec.size())
         parts = vec.ciphertext()
     except Exception:
-        raise ConfigError(
-            f"input {index} is not a CKKS vector under the registered context "
+        raise InvalidRequestError(
+            f"input {index} is not decodable as a CKKS vector under the registered context "
             "(malformed, truncated, or encrypted with other parameters)"
         ) from None
     if len(parts) != 1 or size < 1:
-        raise ConfigError(f"input {index} must be one ciphertext of 1..{compiled.slots} values")
+        raise InvalidRequestError(
+            f"input {index} must be one ciphertext of 1..{compiled.slots} values"
+        )
     if size > compiled.slots:
-        raise ConfigError(
+        raise InvalidRequestError(
             f"input {index} holds {size} values, more than the {compiled.slots} slots"
         )
     ct = parts[0]
@@ -313,7 +321,7 @@ def _load_vector(
         or not ct.is_ntt_form()
         or ct.scale != compiled.scale
     ):
-        raise ConfigError(
+        raise InvalidRequestError(
             f"input {index} must be a fresh ciphertext (first level, scale "
             f"2^{compiled.params.scale_bits}), as ts.ckks_vector(ctx, values) makes"
         )
@@ -677,7 +685,7 @@ class HEService:
                 "(the server must never hold your secret key)"
             )
         if not facts.has_public_key:
-            raise ConfigError("context has no public key")
+            raise InvalidRequestError("context has no public key")
         self._check_params(facts, compiled)
         entry = ContextEntry(
             context_id=secrets.token_urlsafe(18),
@@ -700,16 +708,19 @@ class HEService:
     def _check_params(facts: ContextFacts, compiled: CompiledModel) -> None:
         params = compiled.params
         degree, total = facts.poly_modulus_degree, facts.total_bits
-        require_128_bit(degree, total)
+        try:
+            require_128_bit(degree, total)
+        except ConfigError as exc:  # the caller's context, not our configuration
+            raise InvalidRequestError(f"context: {exc}") from None
         # The parms_id hashes N and every prime: equal ids mean identical parameters.
         if facts.first_parms_id != tuple(int(v) for v in compiled.first_parms_id):
-            raise ConfigError(
+            raise InvalidRequestError(
                 f"context parameters (N={degree}, {total} coefficient modulus bits) differ "
                 f"from the model's (N={params.poly_modulus_degree}, coeff_mod_bit_sizes="
                 f"{list(params.coeff_mod_bit_sizes)}, {params.total_bits} bits)"
             )
         if facts.scale != params.global_scale:
-            raise ConfigError(f"context global_scale must be 2^{params.scale_bits}")
+            raise InvalidRequestError(f"context global_scale must be 2^{params.scale_bits}")
 
     def _entry(self, owner: str, context_id: str) -> ContextEntry:
         entry = self._store.get(context_id)
@@ -736,19 +747,23 @@ class HEService:
         compiled = model.compiled
         entry = self._entry(owner, context_id)
         if entry.params != compiled.params:
-            raise ConfigError("context was registered for other CKKS parameters than this model")
+            raise InvalidRequestError(
+                "context was registered for other CKKS parameters than this model"
+            )
         if layout not in LAYOUTS:
-            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+            raise InvalidRequestError(
+                f"layout must be one of {', '.join(LAYOUTS)}, got {layout[:32]!r}"
+            )
         lay: Layout = "vector" if layout == "vector" else "batch"
         expected = 1 if lay == "vector" else compiled.plan.n_features
         if len(inputs) != expected:
-            raise ConfigError(
+            raise InvalidRequestError(
                 f"layout {lay} takes {expected} ciphertext(s) for this model, got {len(inputs)}"
             )
         if lay == "vector" and not entry.has_galois:
-            raise ConfigError("the vector layout needs a context with galois keys")
+            raise InvalidRequestError("the vector layout needs a context with galois keys")
         if compiled.plan.activations and not entry.has_relin:
-            raise ConfigError("this model needs a context with relinearisation keys")
+            raise InvalidRequestError("this model needs a context with relinearisation keys")
         limit = ciphertext_size_limit(compiled.params)
         for index, blob in enumerate(inputs):
             if len(blob) > limit:

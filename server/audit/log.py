@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final, Protocol, runtime_checkable
 
 from fedvault.errors import (
@@ -56,6 +57,12 @@ from secure.signed_note import (
 )
 from server.audit import merkle
 from server.audit.records import AuditRecord, encode_record
+from server.audit.scrub import (
+    DEFAULT_ENTRIES_PER_INTERVAL,
+    DEFAULT_INTERVAL_S,
+    EntryScrubber,
+    IntegrityStatus,
+)
 from server.audit.storage import AuditStorage
 
 __all__ = [
@@ -314,6 +321,10 @@ class AuditLog:
         self._cache: dict[merkle.NodeKey, bytes] = {}
         self._cache_limit = node_cache
         self._rotating = False  # set by _check_store: previous_key signed the latest checkpoint
+        # What re-hashing the entries found (start_integrity_checks); damage stops signing.
+        self.integrity = IntegrityStatus()
+        self._scrubber: EntryScrubber | None = None
+        self._unsigned_logged = False
         try:
             self._latest = self._check_store()
         except BaseException:
@@ -423,6 +434,17 @@ class AuditLog:
                         self._mismatch_logged = True
                     raise
 
+            problem = self.integrity.problem()
+            if problem is not None:
+                # A stored entry no longer matches its leaf: signing a larger tree
+                # would vouch for a log known to be damaged. The last checkpoint
+                # is still served, so auditors find the index themselves.
+                if not self._unsigned_logged:
+                    _log.error("audit log not signed: %s", problem)
+                    self._unsigned_logged = True
+                if latest is None:
+                    raise IntegrityError(problem)
+                return latest.note
             # Checked before signing (no work wasted) and again inside the save's
             # transaction: a replica with another key may have signed in between.
             refuse_another_signer(self.storage.latest_checkpoint())
@@ -550,6 +572,33 @@ class AuditLog:
             "start`, --previous-key for `fedvault audit`"
         )
 
+    def start_integrity_checks(
+        self,
+        *,
+        state_file: Path | None,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        entries_per_interval: int = DEFAULT_ENTRIES_PER_INTERVAL,
+    ) -> EntryScrubber:
+        """Re-hash the entries since the last verified point now, then scrub in the background.
+
+        Why here and not on open: the check costs O(new entries) and writes
+        ``state_file``; the long-running servers (the gateway, ``audit
+        serve``) opt in, tools that only copy, read or sign once do not.
+        Findings land in :attr:`integrity` (see :mod:`server.audit.scrub`);
+        they stop :meth:`checkpoint` from signing.
+        """
+        if self._scrubber is None:
+            scrubber = EntryScrubber(
+                self,
+                state_file=state_file,
+                interval_s=interval_s,
+                entries_per_interval=entries_per_interval,
+            )
+            scrubber.check_at_start()
+            scrubber.start()
+            self._scrubber = scrubber
+        return self._scrubber
+
     def verify_store(self) -> int:
         """Rehash every entry against the stored leaves and nodes (O(n)); the size checked.
 
@@ -573,6 +622,8 @@ class AuditLog:
         return size
 
     def close(self) -> None:
+        if self._scrubber is not None:
+            self._scrubber.close()
         self._bg_stop.set()
         if self._bg is not None:
             self._bg.join()

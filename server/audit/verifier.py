@@ -18,6 +18,15 @@ state directory when they differ, else by bisection with the server's
 consistency proofs (the largest prefix still consistent with the signed root).
 Step 2's entries pass through no trusted hash, so the localisation is a
 diagnosis; the verdict (fail) does not depend on it.
+
+The diagnosis tells two failures apart. *Entry N was altered*: its bytes
+changed, but the signed tree did not — the entries no longer hash to the
+signed root, yet that root is consistent with the last verified one (or the
+prefix before N is consistent with it): a row edited in the database. *The
+log forked*: the signed tree itself changed — entries that hash to a signed
+root that does not extend the verified one: history rewritten and re-signed
+by whoever holds the key. Both fail; the message says which, because the
+response differs (restore one row from a backup, or investigate the operator).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +79,18 @@ class LogSource(Protocol):
         ...
 
 
+_RATE_LIMIT_RETRIES: Final = 5
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait for a 429's ``Retry-After`` (delta seconds), within [0.1, 30]."""
+    try:
+        seconds = float(value) if value is not None else 1.0
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.1), 30.0)
+
+
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
@@ -86,10 +108,18 @@ class HttpSource:
     def _get(self, path: str, params: dict[str, int] | None = None) -> Any:
         import httpx
 
-        try:
-            response = self._client.get(f"/v2/audit/{path}", params=params)
-        except httpx.HTTPError as exc:
-            raise UnavailableError(f"cannot reach the audit API at {self._url}: {exc}") from None
+        for attempt in range(_RATE_LIMIT_RETRIES + 1):
+            try:
+                response = self._client.get(f"/v2/audit/{path}", params=params)
+            except httpx.HTTPError as exc:
+                raise UnavailableError(
+                    f"cannot reach the audit API at {self._url}: {exc}"
+                ) from None
+            if response.status_code != 429 or attempt == _RATE_LIMIT_RETRIES:
+                break
+            # Rate-limited: reading a large log is many pages, and the gateway's
+            # per-key limit applies to auditors too. Wait as told, a bounded number of times.
+            time.sleep(_retry_after(response.headers.get("retry-after")))
         if response.status_code >= 400:
             try:
                 detail = str(response.json().get("detail", ""))
@@ -262,6 +292,50 @@ def _locate_by_proofs(source: LogSource, leaves: list[bytes], cp: Checkpoint) ->
     return lo
 
 
+def _extends(source: LogSource, old: Checkpoint, new: Checkpoint) -> bool | None:
+    """Whether the signed tree ``new`` extends ``old``; None where no proof can be had."""
+    if new.size == old.size:
+        return new.root == old.root
+    proof = source.consistency_proof(old.size, new.size)
+    if proof is None:
+        return None
+    try:
+        merkle.verify_consistency(old.size, new.size, old.root, new.root, proof)
+    except merkle.ProofError:
+        return False
+    return True
+
+
+def _changed_since_verified(
+    source: LogSource, index: int, old: Checkpoint, cp: Checkpoint, matches_root: bool
+) -> str:
+    """The message for entry ``index`` differing from the one verified at ``old``.
+
+    Altered: the entries do not hash to the signed root, and that root still
+    extends the verified one — the tree is intact, the entry's bytes are not.
+    Forked: the entries hash to a signed root that does not extend it.
+    """
+    if not matches_root:
+        extends = _extends(source, old, cp)
+        if extends:
+            return (
+                f"FAILED at index {index}: entry {index} was altered: its bytes changed since "
+                f"it was verified at tree size {old.size}, but the signed tree still holds the "
+                "original (consistent with that checkpoint): the stored entry was modified, "
+                "the log did not fork"
+            )
+        if extends is None:
+            return (
+                f"FAILED at index {index}: entry {index} differs from the one verified at tree "
+                f"size {old.size}: altered, or the history rewritten (offline: no consistency "
+                "proof to tell which)"
+            )
+    return (
+        f"FAILED at index {index}: entry differs from the one verified at tree size "
+        f"{old.size} (history rewritten: the log forked)"
+    )
+
+
 def verify_log(
     source: LogSource,
     verifier: NoteVerifier,
@@ -300,6 +374,7 @@ def verify_log(
         leaves.append(leaf)
         frontier.append(leaf)
 
+    matches_root = frontier.root() == cp.root
     if state is not None:
         old = state.checkpoint
         if cp.size < old.size:
@@ -309,16 +384,18 @@ def verify_log(
             )
         for i in range(old.size):
             if leaves[i] != state.leaves[32 * i : 32 * i + 32]:
-                raise IntegrityError(
-                    f"FAILED at index {i}: entry differs from the one verified at tree size "
-                    f"{old.size} (history rewritten: the log forked)"
-                )
+                raise IntegrityError(_changed_since_verified(source, i, old, cp, matches_root))
 
-    if frontier.root() != cp.root:
+    if not matches_root:
         where = _locate_by_proofs(source, leaves, cp)
-        at = f"at index {where}" if where is not None else "(index not located offline)"
+        if where is None:
+            raise IntegrityError(
+                "FAILED (index not located offline): entries do not hash to the signed root "
+                f"of tree size {cp.size}"
+            )
         raise IntegrityError(
-            f"FAILED {at}: entries do not hash to the signed root of tree size {cp.size}"
+            f"FAILED at index {where}: entry {where} was altered: its bytes do not hash to "
+            f"the leaf the signed tree of size {cp.size} holds (the entries before it do)"
         )
 
     if state is not None and 0 < state.checkpoint.size < cp.size:

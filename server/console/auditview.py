@@ -50,7 +50,7 @@ __all__ = [
 PAGE_SIZE: Final = 50
 SCAN_LIMIT: Final = 200_000
 EXPORT_LIMIT: Final = 100_000
-OUTCOMES: Final = ("ok", "denied", "error")
+OUTCOMES: Final = ("ok", "denied", "error", "client-disconnected")
 ROLES: Final = ("admin", "analyst", "partner", "auditor", "none")
 CSV_COLUMNS: Final = (
     "index",

@@ -388,6 +388,10 @@ def create_console_router(gw: GatewayApp, *, console: Console | None = None) -> 
             export_query=urlencode(base),
             outcome=session.last_outcome,
             fmt_time=_fmt_time,
+            # Public: what `fedvault audit verify --key` needs (compare it with
+            # `fedvault audit public-key` on the gateway host: trust comes out of band).
+            verifier_key=log.signer.verifier.line,
+            damage=log.integrity.problem(),
         )
 
     @router.get("/audit/entries/{index}", name="console_audit_entry")

@@ -13,7 +13,11 @@ reviewer filters on them instead of parsing text):
 - ``resource``: ``model:<name>/<version>`` or the request path;
 - ``outcome``: ``ok``, ``denied`` (401/403, UNAUTHENTICATED/PERMISSION_DENIED)
   or ``error`` — the coarse verdict; ``status`` (HTTP status or gRPC code name),
-  ``error_type`` (problem type URI) and ``latency_ms`` carry the detail;
+  ``error_type`` (problem type URI) and ``latency_ms`` carry the detail. The
+  status is the one the client was sent — the HTTP server's own 400 for a
+  malformed body, say, not what the app would have answered — and a REST
+  client that went away before any answer reached it is recorded as
+  ``client-disconnected`` with status ``none`` (no response digest);
 - ``protocol`` (``rest``/``grpc``), ``peer`` (address:port as the transport saw
   it) and ``mtls_subject`` (verified client certificate) when known;
 - ``request_digest`` / ``response_digest``: SHA-256 of the bodies as sent —
@@ -35,7 +39,20 @@ from fedvault.errors import UnavailableError
 from server.audit.log import AuditSink
 from server.audit.records import AuditRecord, canonical_bytes, encode_record, format_time
 
-__all__ = ["AsyncAuditSink", "AuditEvent", "AuditGate", "AuditSink", "outcome_of"]
+__all__ = [
+    "CLIENT_DISCONNECTED",
+    "NO_STATUS",
+    "AsyncAuditSink",
+    "AuditEvent",
+    "AuditGate",
+    "AuditSink",
+    "outcome_of",
+]
+
+CLIENT_DISCONNECTED: Final = "client-disconnected"
+"""Outcome of a request whose client left before any response reached it."""
+NO_STATUS: Final = "none"
+"""Its status: no response was sent, so none is recorded (not the app's unsent 500)."""
 
 
 class AsyncAuditSink(Protocol):
@@ -68,6 +85,7 @@ class AuditEvent:
     request_id: str | None = None
     request_digest: str | None = None
     response_digest: str | None = None
+    outcome: str | None = None  # set only when the status alone cannot say it
 
     def _fields(self) -> dict[str, Any]:
         """The record's fields as :class:`AuditRecord` receives them (unset ones omitted)."""
@@ -81,7 +99,7 @@ class AuditEvent:
                 (f"model:{self.model}/{self.version or 'default'}" if self.model else self.resource)
                 or "-"
             ),
-            "outcome": outcome_of(status),
+            "outcome": self.outcome or outcome_of(status),
             "protocol": self.protocol,
             "status": status[:32],
             # Microsecond resolution: enough to review, and a short canonical float.

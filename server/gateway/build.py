@@ -79,7 +79,12 @@ def build_gateway(
     if failures:
         _log.error("%d model version(s) refused at load", len(failures))
     audit = AuditGate(sink, observe=metrics.observe_audit)
-    service = InferenceService(repository, metrics, audit_healthy=lambda: audit.healthy)
+
+    def audit_healthy() -> bool:
+        # Appends work, and no stored entry was found altered (server.audit.scrub).
+        return audit.healthy and (audit_log is None or audit_log.integrity.intact)
+
+    service = InferenceService(repository, metrics, audit_healthy=audit_healthy)
     authenticator = Authenticator(
         KeyVerifier(store, cache_ttl_s=config.key_cache_ttl_s),
         RateLimiter(config.rate_limit_per_s, config.rate_burst),
@@ -95,8 +100,10 @@ def build_gateway(
     )
     if audit_log is not None:
         from server.audit.api import create_audit_router, require_auditor
+        from server.audit.scrub import integrity_collector
 
         gw.audit_router = create_audit_router(audit_log)
+        metrics.registry.register(integrity_collector(audit_log.integrity))
         gw.audit_dependency = require_auditor
         gw.audit_log = audit_log
     if config.enable_he:
@@ -106,7 +113,9 @@ def build_gateway(
         gw.he_service = HEService(
             he_model_source(repository), context_ttl_s=config.he_context_ttl_s
         )
-        gw.he_router = build_router(gw.he_service)
+        gw.he_router = build_router(
+            gw.he_service, lambda ref: repository.by_reference(ref).model_id
+        )
         gw.he_owner_dependency = caller_identity
     if config.enable_console:
         from server.console import create_console_router
@@ -118,18 +127,15 @@ def build_gateway(
 def he_model_source(repository: ModelRepository) -> Callable[[str], Any]:
     """HE models from the gateway's already-verified repository (no second decrypt).
 
-    A reference is a registry model id or a model name (its default version
-    at first use; the HE service caches compiled models by reference).
+    The HE routes resolve a name to its current default's model id before
+    asking (``ModelRepository.by_reference``), so the service caches compiled
+    models by id.
     """
 
     def load(ref: str) -> Any:
-        from fedvault.errors import NotFoundError
         from secure.he.service import HEModel
 
-        try:
-            served = repository.by_model_id(ref)
-        except NotFoundError:
-            served = repository.resolve(ref, None)
+        served = repository.by_reference(ref)
         # The schema the plaintext endpoints serve raw columns with: under HE the
         # caller encodes its rows with it (one-hot, imputation) on its own side.
         schema = None if served.raw is None else served.raw.schema

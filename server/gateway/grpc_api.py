@@ -68,6 +68,7 @@ from server.gateway.tensors import (
     from_bytes,
     from_list,
 )
+from server.http_serving import ConnectionLimits, grpc_connection_options
 
 __all__ = [
     "STREAM_WINDOW",
@@ -683,8 +684,14 @@ async def start_grpc_server(
     *,
     tls: GrpcTLS | None = None,
     unaudited_for_benchmark: bool = False,
+    connections: ConnectionLimits | None = None,
 ) -> grpc.aio.Server:
-    """Bind and start the gRPC server; the caller owns ``stop(grace)``."""
+    """Bind and start the gRPC server; the caller owns ``stop(grace)``.
+
+    ``connections``: handshake deadline, idle close, connection cap and
+    keepalive (:func:`server.http_serving.grpc_connection_options`; the
+    defaults when None), so a silent client cannot hold a socket for good.
+    """
     limit = gw.limits.max_body_bytes
     server = grpc.aio.server(
         options=[
@@ -693,6 +700,7 @@ async def start_grpc_server(
             # grpcio sets SO_REUSEPORT by default: a second gateway on the same
             # port would bind silently and take half the calls.
             ("grpc.so_reuseport", 0),
+            *grpc_connection_options(connections or ConnectionLimits()),
         ]
     )
     servicer = InferenceServicer(gw, unaudited_for_benchmark=unaudited_for_benchmark)

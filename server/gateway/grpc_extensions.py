@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from fedvault.errors import InvalidRequestError, NotFoundError, UnavailableError
+from fedvault.errors import FedvaultError, InvalidRequestError, NotFoundError, UnavailableError
 from secure.he.service import HEService
 from server.audit.log import AuditLog
 from server.gateway.audit import AuditEvent
@@ -125,6 +125,14 @@ class EncryptedInferenceServicer(AuditedServicer, ext_grpc.EncryptedInferenceSer
         authorize(principal, Action.HE, model=name)
         return f"key:{principal.key_id}"
 
+    def _model_id(self, ref: str) -> str:
+        """The model id a reference (id, or name at its default now) stands for;
+        the reference itself when it names nothing (the service says so)."""
+        try:
+            return self.svc.repository.by_reference(ref).model_id
+        except FedvaultError:
+            return ref
+
     def _model_name(self, ref: str) -> str:
         """HE calls address a model by registry id or by name; grants are by name."""
         try:
@@ -137,7 +145,8 @@ class EncryptedInferenceServicer(AuditedServicer, ext_grpc.EncryptedInferenceSer
     ) -> ext.ModelHEMetadataResponse:
         async def work(p: Principal, ev: AuditEvent) -> ext.ModelHEMetadataResponse:
             self._owner(p, ev, request.model_id)
-            meta = await asyncio.to_thread(self._he().metadata, request.model_id)
+            model_id = self._model_id(request.model_id)
+            meta = await asyncio.to_thread(self._he().metadata, model_id)
             return _metadata_message(meta)
 
         return await self._handle(
@@ -149,7 +158,8 @@ class EncryptedInferenceServicer(AuditedServicer, ext_grpc.EncryptedInferenceSer
     ) -> ext.RegisterContextResponse:
         async def work(p: Principal, ev: AuditEvent) -> ext.RegisterContextResponse:
             owner = self._owner(p, ev, request.model_id)
-            out = await self._he().register_context_async(owner, request.model_id, request.context)
+            model_id = self._model_id(request.model_id)
+            out = await self._he().register_context_async(owner, model_id, request.context)
             return ext.RegisterContextResponse(
                 context_id=out["context_id"],
                 expires_in_s=float(out["expires_in_s"]),
@@ -177,8 +187,9 @@ class EncryptedInferenceServicer(AuditedServicer, ext_grpc.EncryptedInferenceSer
     ) -> ext.EncryptedInferResponse:
         async def work(p: Principal, ev: AuditEvent) -> ext.EncryptedInferResponse:
             owner = self._owner(p, ev, request.model_id)
+            model_id = self._model_id(request.model_id)
             outputs = await self._he().infer_async(
-                owner, request.model_id, request.context_id, request.layout, list(request.inputs)
+                owner, model_id, request.context_id, request.layout, list(request.inputs)
             )
             return ext.EncryptedInferResponse(
                 model_id=request.model_id, layout=request.layout, outputs=outputs

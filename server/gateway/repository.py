@@ -365,6 +365,18 @@ class ModelRepository:
             raise NotFoundError(f"no loaded model with id {model_id[:128]!r}")
         return found
 
+    def by_reference(self, ref: str) -> ServedModel:
+        """A model id, or a name at its default version *now*.
+
+        Encrypted inference addresses models this way; resolving a name on
+        every call (not once, at first use) makes it follow rollbacks and new
+        versions as plaintext inference does.
+        """
+        try:
+            return self.by_model_id(ref)
+        except NotFoundError:
+            return self.resolve(ref, None)
+
     def is_ready(self, name: str, version: str | None) -> bool:
         try:
             self.resolve(name, version)

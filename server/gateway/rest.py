@@ -22,7 +22,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Final, Literal
 
@@ -31,7 +31,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -44,17 +43,19 @@ from fedvault.errors import (
     UnavailableError,
 )
 from server.audit.log import AuditLog
-from server.gateway.audit import AuditEvent, AuditGate
+from server.gateway.audit import CLIENT_DISCONNECTED, NO_STATUS, AuditEvent, AuditGate
 from server.gateway.auth import Action, Authenticator, Principal, authorize
+from server.gateway.codec import CodecPool
 from server.gateway.keys import ROLES, ApiKey, GatewayStore, parse_expiry
 from server.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from server.gateway.service import InferenceService
-from server.gateway.tensors import decode_rest_request, encode_rest_response
+from server.http_serving import CONNECTION_LOST, SENT_BY_SERVER
 from server.problem import (
     PROBLEM_JSON,
     install_problem_handlers,
     problem_response,
     problem_responses,
+    unexpected_error,
 )
 from server.store import FederationStore
 
@@ -64,6 +65,7 @@ AUDIT_SCOPE_KEY: Final = "fedvault.audit"
 UNAUDITED: Final = frozenset({"/v2/health/live", "/v2/health/ready"})
 INFER_ROUTES: Final = frozenset({"infer", "infer_version"})
 INLINE_ELEMENTS: Final = 65_536  # larger batches run on a worker thread, not the loop
+LARGE_RESPONSE_BYTES: Final = 1024 * 1024  # larger bodies are hashed on a worker thread
 HE_CALLER_HEADER: Final = "X-Fedvault-Caller"
 """``server.he_api``'s stand-alone identity header; the gateway overrides it with bearer auth."""
 EMPTY_BODY: Final = {"x-fedvault-empty-body": True}
@@ -94,6 +96,7 @@ class GatewayApp:
     audit_dependency: Any = None  # server.audit.api.require_auditor, when mounted
     audit_log: AuditLog | None = None  # read side of the audit API (REST router, gRPC mirror)
     console_router: APIRouter | None = None  # server.console (HTML under /console), when enabled
+    codec: CodecPool = field(default_factory=CodecPool)  # large REST infer bodies, off the loop
 
 
 # ----------------------------------------------------------------- schemas (docs)
@@ -230,9 +233,10 @@ class AuditMiddleware:
         limit = self.gw.limits.max_body_bytes
         req_hash = hashlib.sha256()
         received = 0
+        left = False  # the client went away before the answer (http.disconnect)
 
         async def receive_hashed() -> Message:
-            nonlocal received
+            nonlocal received, left
             message = await receive()
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
@@ -240,6 +244,8 @@ class AuditMiddleware:
                 if received > limit:
                     raise PayloadTooLargeError(f"request body exceeds {limit} bytes")
                 req_hash.update(chunk)
+            elif message["type"] == "http.disconnect":
+                left = True
             return message
 
         start: Message | None = None
@@ -269,19 +275,32 @@ class AuditMiddleware:
             )
         except FedvaultError as exc:
             start, chunks = _problem_messages(exc)
-        except Exception:
-            start, chunks = _problem_messages(FedvaultError("internal error"))
+        except ClientDisconnect:  # not a bug: audited below as what it is
+            left = True
+            start, chunks = _problem_messages(FedvaultError("client disconnected"))
+        except Exception as exc:  # a bug: logged (type and stack only), answered 500
+            start, chunks = _problem_messages(unexpected_error(exc, request_id=event.request_id))
         if start is None:
             start, chunks = _problem_messages(FedvaultError("internal error"))
         body = b"".join(chunks)
         status = int(start["status"])
         route = scope.get("route")
         event.endpoint = getattr(route, "name", None) or "unmatched"
-        event.status = str(status)
-        if status >= 400:
-            event.error_type = _problem_type(start, body)
+        # Audit what the client got: the HTTP server's own answer when it gave one
+        # (a malformed body's 400, a stalled body's 408; server.http_serving), or
+        # nothing at all when the client left first — not the app's fallback 500.
+        sent = scope.get(SENT_BY_SERVER)
+        if sent is not None:
+            status, body = sent
+            start = {"type": "http.response.start", "status": status, "headers": []}
+        if sent is None and (left or scope.get(CONNECTION_LOST)):
+            event.outcome, event.status = CLIENT_DISCONNECTED, NO_STATUS
+        else:
+            event.status = str(status)
+            if status >= 400:
+                event.error_type = _problem_type(start, body)
+            event.response_digest = await _sha256(body)
         event.request_digest = req_hash.hexdigest()
-        event.response_digest = hashlib.sha256(body).hexdigest()
         event.latency_s = time.perf_counter() - t0
         try:
             await self.gw.audit.append(event)
@@ -299,9 +318,17 @@ class AuditMiddleware:
             event.endpoint,
             event.model,
             event.version,
-            str(status),
+            event.status if event.outcome else str(status),
             time.perf_counter() - t0,
         )
+
+
+async def _sha256(body: bytes) -> str:
+    """Hex SHA-256 of a response body; a large one on a thread (hashlib releases the
+    GIL), since tens of MB take the loop ~100 ms that health probes would wait."""
+    if len(body) <= LARGE_RESPONSE_BYTES:
+        return hashlib.sha256(body).hexdigest()
+    return await run_in_threadpool(lambda: hashlib.sha256(body).hexdigest())
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -375,15 +402,22 @@ def principal_dependency(gw: GatewayApp) -> Callable[..., Awaitable[Principal]]:
 
 async def infer_payload(
     svc: InferenceService,
+    codec: CodecPool,
     principal: Principal,
     name: str,
     version: str | None,
-    body: bytes,
+    body: Sequence[bytes],
     header_length: str | None,
     event: AuditEvent | None,
 ) -> tuple[bytes, int | None]:
-    """Decode, infer, encode one REST infer body (the caller checked the grant already)."""
-    req = decode_rest_request(name, version, body, header_length)
+    """Decode, infer, encode one REST infer body, given as the chunks it arrived in
+    (the caller checked the grant already).
+
+    Large bodies are decoded and large answers encoded in ``codec``'s worker
+    processes and large batches inferred on a thread, so one big request does
+    not hold the event loop (and every other request, health probes included).
+    """
+    req = await codec.decode(name, version, body, header_length)
     elements = sum(t.data.size for t in req.inputs)
     if elements > INLINE_ELEMENTS:
         result = await run_in_threadpool(svc.infer, principal, req)
@@ -391,7 +425,7 @@ async def infer_payload(
         result = svc.infer(principal, req)
     if event is not None:
         event.model, event.version = name, result.model_version
-    return encode_rest_response(req, result)
+    return await codec.encode(req, result)
 
 
 _INFER_PATH: Final = re.compile(r"/v2/models/([^/]+)/(?:versions/([^/]+)/)?infer")
@@ -460,7 +494,7 @@ class InferFastPath:
             self.gw.service.authorize_model(principal, Action.INFER, name)  # before the body
             body = await _read_body(receive)
             payload, head = await infer_payload(
-                self.gw.service, principal, name, version, body, header_length, event
+                self.gw.service, self.gw.codec, principal, name, version, body, header_length, event
             )
         except FedvaultError as exc:
             await problem_response(exc)(scope, receive, send)
@@ -478,14 +512,16 @@ class InferFastPath:
         await send({"type": "http.response.body", "body": payload})
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive) -> list[bytes]:
+    """The request body as the chunks it arrived in: joining tens of MB would be one
+    copy on the event loop; a large body goes to the codec workers chunk by chunk."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] == "http.request":
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return chunks
         elif message["type"] == "http.disconnect":
             raise ClientDisconnect
 
@@ -518,21 +554,7 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         version="0.1.0",
         description="Open Inference Protocol v2 with authentication, authorisation and audit.",
     )
-    install_problem_handlers(app)
-
-    async def http_exception(_: Request, exc: Exception) -> Response:
-        code = getattr(exc, "status_code", 500)
-        if code == 404:
-            return problem_response(NotFoundError("no such endpoint"))
-        if code == 405:
-            body = json.loads(
-                bytes(problem_response(InvalidRequestError("method not allowed here")).body)
-            )
-            body["status"] = 405
-            return Response(json.dumps(body), status_code=405, media_type=PROBLEM_JSON)
-        return problem_response(InvalidRequestError("bad request"))
-
-    app.add_exception_handler(StarletteHTTPException, http_exception)
+    install_problem_handlers(app)  # incl. Starlette's 404/405 as problem+json
     fast_routes: dict[str, Any] = {}  # filled once the infer routes exist
     # Starlette runs the last-added middleware outermost: audit wraps the fast path.
     app.add_middleware(InferFastPath, gateway=gw, routes=fast_routes, bare=unaudited_for_benchmark)
@@ -556,9 +578,15 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         openapi_extra=EMPTY_BODY,
     )
     async def health_ready() -> Response:
-        """Readiness: 200 when models are loaded and the audit log is writable, else 503."""
+        """Readiness: 200 when models are loaded and the audit log is writable and intact."""
         if not svc.ready():
-            raise UnavailableError("not ready (audit log failing or no model loaded)")
+            # A damaged entry is named by index (never content): the operator's first clue.
+            damage = gw.audit_log.integrity.problem() if gw.audit_log is not None else None
+            raise UnavailableError(
+                f"not ready: {damage}"
+                if damage
+                else "not ready (audit log failing or no model loaded)"
+            )
         return Response(status_code=200)
 
     # -- OIP metadata --------------------------------------------------------------
@@ -645,10 +673,11 @@ def create_rest_app(gw: GatewayApp, *, unaudited_for_benchmark: bool = False) ->
         body = await request.body()
         payload, header_length = await infer_payload(
             svc,
+            gw.codec,
             principal,
             name,
             version,
-            body,
+            [body],
             request.headers.get("inference-header-content-length"),
             _event(request),
         )

@@ -14,16 +14,19 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fedvault.errors import ConfigError
 from server.gateway.grpc_api import GrpcTLS, drain_running, start_grpc_server
 from server.gateway.rest import GatewayApp, create_rest_app
-from server.http_serving import SignalFreeServer, check_bind
+from server.http_serving import (
+    ConnectionLimits,
+    GuardedHttpProtocol,
+    SignalFreeServer,
+    check_bind,
+    http_config,
+)
 
 __all__ = ["SWITCH_INTERVAL_S", "Listen", "check_listen", "run", "serve"]
 
@@ -39,6 +42,7 @@ class Listen:
     tls_key: Path | None = None
     client_ca: Path | None = None  # mTLS on both doors when set
     grace_s: float = 10.0
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # both doors
 
 
 def check_listen(listen: Listen) -> None:
@@ -77,8 +81,8 @@ def _reason(exc: BaseException) -> str:
     )
 
 
-class _MTLSHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's HTTP protocol plus the verified client-certificate subject in the scope.
+class _MTLSHttpToolsProtocol(GuardedHttpProtocol):
+    """The guarded HTTP protocol plus the verified client-certificate subject in the scope.
 
     uvicorn does not expose the TLS peer certificate to ASGI apps; the audit
     record needs it ("who": mTLS subject), so it rides in the scope under
@@ -121,19 +125,21 @@ async def serve(
         f"{listen.host}:{listen.grpc_port}",
         tls=tls,
         unaudited_for_benchmark=unaudited_for_benchmark,
+        connections=listen.connections,
     )
-    config = uvicorn.Config(
+    # No access log (http_config's default): the audit log is the access log;
+    # no paths or peers in two places.
+    config = http_config(
         create_rest_app(gw, unaudited_for_benchmark=unaudited_for_benchmark),
         host=listen.host,
         port=listen.http_port,
-        log_level="warning",
-        access_log=False,  # the audit log is the access log; no paths or peers in two places
+        limits=listen.connections,
+        protocol=_MTLSHttpToolsProtocol if tls and tls.client_ca else GuardedHttpProtocol,
         timeout_graceful_shutdown=int(listen.grace_s),
         ssl_certfile=str(tls.cert) if tls else None,
         ssl_keyfile=str(tls.key) if tls else None,
         ssl_ca_certs=str(tls.client_ca) if tls and tls.client_ca else None,
         ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
-        http=_MTLSHttpToolsProtocol if tls and tls.client_ca else "auto",
     )
     http_server = SignalFreeServer(config)
     loop = asyncio.get_running_loop()
@@ -148,6 +154,7 @@ async def serve(
         await asyncio.sleep(0.02)
     if on_started is not None and http_server.started:
         on_started()
+    gw.codec.start()  # large-body codec workers, in the background: warm before they are needed
     try:
         await http_task  # returns after should_exit, once in-flight requests finished
     finally:
@@ -157,6 +164,7 @@ async def serve(
         await drain_running(gw.limits.request_timeout_s)
         if gw.he_service is not None:  # its process pool and /dev/shm spool (drained by now)
             await asyncio.to_thread(gw.he_service.close)
+        await asyncio.to_thread(gw.codec.close)  # REST codec workers (idle by now)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 

@@ -306,9 +306,19 @@ def _parameters(where: str, raw: Any) -> dict[str, Any]:
 def decode_rest_request(
     model_name: str, model_version: str | None, body: bytes, header_length: str | None
 ) -> InferRequest:
-    """Parse a REST infer body, JSON alone or JSON header + binary tensor data."""
+    """Parse a REST infer body, JSON alone or JSON header + binary tensor data.
+
+    Every way the body or header can be malformed is an
+    :class:`~fedvault.errors.InvalidRequestError` (400), never another exception (500).
+    """
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # ASCII digits only: str.isdigit() also passes '²' (which int() refuses)
+        # and '١' (which it reads); and int() refuses more than 4,300 digits.
+        if (
+            not (header_length.isascii() and header_length.isdigit())
+            or len(header_length) > 19
+            or int(header_length) > len(body)
+        ):
             raise InvalidRequestError("Inference-Header-Content-Length is not a valid length")
         split = int(header_length)
         head, tail = body[:split], memoryview(body)[split:]
