@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Iterator
 
@@ -255,3 +257,48 @@ def test_a_second_server_on_the_same_port_is_refused(harness: Harness) -> None:
 
         with pytest.raises(ConfigError, match=f"cannot listen for gRPC on {address}"):
             asyncio.run(second())
+
+
+def test_an_unexpected_exception_is_logged_audited_and_internal(
+    harness: Harness,
+    stub: pb_grpc.GRPCInferenceServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug outside the error hierarchy: INTERNAL "internal error" to the caller,
+    one log line with its class and frames (never its message), and audited."""
+    marker = "fvk_not-for-logs 42.5"
+
+    def broken(*_: object) -> None:
+        raise ValueError(f"could not convert string to float: {marker!r}")
+
+    monkeypatch.setattr(harness.gw.service, "infer", broken)
+    with caplog.at_level(logging.ERROR, logger="server.problem"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(_request(features(1)), metadata=_md(harness))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert info.value.details() == "internal error"
+    (record,) = [rec for rec in caplog.records if rec.name == "server.problem"]
+    logged = json.loads(record.getMessage())
+    assert (logged["event"], logged["error"]) == ("unexpected_error", "builtins.ValueError")
+    assert any("in broken" in frame for frame in logged["chain"][0]["frames"])
+    assert "not-for-logs" not in record.getMessage()
+    rec = _last_record(harness)
+    assert (rec.action, rec.status) == ("grpc:ModelInfer", "INTERNAL")
+    assert logged["request_id"] == rec.request_id
+
+
+def test_an_audit_failure_is_logged_by_class_only(
+    harness: Harness, stub: pb_grpc.GRPCInferenceServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.sink.broken = True
+    try:
+        with caplog.at_level(logging.ERROR, logger="server.gateway.audit"):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(_request(features(1)), metadata=_md(harness))
+    finally:
+        harness.sink.broken = False
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    (record,) = [rec for rec in caplog.records if rec.name == "server.gateway.audit"]
+    assert "audit append failed" in record.getMessage()
+    assert "fail closed" in record.getMessage()

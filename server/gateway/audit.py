@@ -27,6 +27,7 @@ reviewer filters on them instead of parsing text):
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -38,6 +39,8 @@ from typing import Any, Final, Protocol
 from fedvault.errors import UnavailableError
 from server.audit.log import AuditSink
 from server.audit.records import AuditRecord, canonical_bytes, encode_record, format_time
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "CLIENT_DISCONNECTED",
@@ -188,9 +191,16 @@ class AuditGate:
                 await self._async(event.record())
             else:
                 await asyncio.to_thread(self._sink.append, event.record())
-        except Exception:
+        except Exception as exc:
             self.healthy = False
             self._observe(time.perf_counter() - start, False)
+            # The operator's clue is the class (OperationalError, OSError...); the
+            # message may name database internals or quote the entry, so it stays out.
+            _log.error(
+                "audit append failed (%s.%s); requests fail closed until it recovers",
+                type(exc).__module__,
+                type(exc).__qualname__,
+            )
             # A fresh message: the sink's may name database internals.
             raise UnavailableError("the audit log cannot record this request") from None
         self.healthy = True

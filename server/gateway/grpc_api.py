@@ -69,6 +69,7 @@ from server.gateway.tensors import (
     from_list,
 )
 from server.http_serving import ConnectionLimits, grpc_connection_options
+from server.problem import unexpected_error
 
 __all__ = [
     "STREAM_WINDOW",
@@ -301,8 +302,8 @@ class AuditedServicer:
             )
         except FedvaultError as exc:
             error = exc
-        except Exception:
-            error = FedvaultError("internal error")
+        except Exception as exc:  # a bug: logged (type and stack only), answered INTERNAL
+            error = unexpected_error(exc, request_id=event.request_id)
         event.status = mapping_for(error).grpc_status if error is not None else "OK"
         if error is not None:
             event.error_type = problem_type(type(error))
