@@ -24,10 +24,15 @@ final evaluation); end-to-end time / R is reported too.
 
 * **fedvault on the simulation engine** — the same ServerApp/ClientApp run with
   ``flwr run`` on a simulation SuperLink (Ray backend, ``options.num-supernodes``
-  = 3 and 10 by default, ``--sim-partners``). Virtual nodes get only
-  ``partition-id``; the run config's ``sim-data-dir`` (a ``fedvault data
-  split`` directory) and ``sim-epsilon-cap`` give each its data, ledger and cap.
-  Same per-round measure (``committed_at`` of the federation DB).
+  = 3, 10, 30 and 100 by default, ``--sim-partners``; one Ray ClientApp
+  actor per core, or ``--sim-actors``). Virtual nodes get only ``partition-id``; the run
+  config's ``sim-data-dir`` (a ``fedvault data split`` directory) and
+  ``sim-epsilon-cap`` give each its data, ledger and cap. Same per-round
+  measure (``committed_at`` of the federation DB), also divided by the number
+  of partners (``s_per_partner``) and as the marginal cost of each partner
+  added between two sizes (``simulation_scaling``): the scaling target is a
+  per-partner cost that does not grow, and 100 partners at ≤ 10 s per round.
+  Needs the ``simulation`` extra (Ray); without it the bench stops at once.
 
 All processes run on 127.0.0.1 with free ports, in their own process groups, and
 are stopped (with any descendants, by pid) in ``finally``.
@@ -405,23 +410,46 @@ def stock_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _flwr_run(
-    app: Path, connection: str, flwr_home: Path, overrides: dict[str, Any], cwd: Path
+    app: Path,
+    connection: str,
+    flwr_home: Path,
+    overrides: dict[str, Any],
+    cwd: Path,
+    federation_config: dict[str, Any] | None = None,
 ) -> str:
+    """``flwr run`` with a run-config file (and ``--federation-config``); its JSON reply.
+
+    With ``--format json`` Flower exits 0 even when it refused the run and says
+    so only in the JSON (``"success": false``); taking that for a submission
+    left the caller waiting for a run that never existed.
+    """
     override_file = cwd / f"run-config-{connection}.toml"
     override_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in overrides.items()))
     env = child_env({"FLWR_HOME": str(flwr_home)})
     argv = [executable("flwr"), "run", str(app), connection, "--run-config", str(override_file)]
+    if federation_config:
+        pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())
+        argv += ["--federation-config", pairs]
     argv += ["--format", "json"]
     last = ""
     for attempt in range(5):
         res = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=120, check=False, cwd=cwd
         )
-        if res.returncode == 0:
+        if res.returncode == 0 and _submitted(res.stdout):
             return res.stdout
         last = (res.stdout + res.stderr)[-1500:]
         time.sleep(0.5 * 2**attempt)
     raise RuntimeError(f"flwr run failed: {last}")
+
+
+def _submitted(stdout: str) -> bool:
+    """Whether ``flwr run --format json`` reports a started run."""
+    try:
+        reply = json.loads(stdout)
+    except ValueError:
+        return False
+    return isinstance(reply, dict) and reply.get("success") is True
 
 
 def run_vanilla(work: Path, rounds: int, group: ProcessGroup, extra: set[int]) -> dict[str, Any]:
@@ -501,14 +529,40 @@ def run_vanilla(work: Path, rounds: int, group: ProcessGroup, extra: set[int]) -
 
 
 # --------------------------------------------------------------------- simulation
+def require_simulation_engine() -> None:
+    """Exit at once, with the fix, when Flower's simulation engine (Ray) is absent.
+
+    Without it the simulation SuperLink starts, its simulation process dies
+    at the first run, and ``flwr run`` waits for a run that never starts.
+    """
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        sys.exit(
+            "the simulation runs need Flower's simulation engine (Ray): "
+            "pip install 'fedvault[simulation]' (make install does), "
+            "or pass --no-simulation"
+        )
+
+
 def run_simulation(
-    work: Path, rounds: int, group: ProcessGroup, extra: set[int], partners: int = 3
+    work: Path,
+    rounds: int,
+    group: ProcessGroup,
+    extra: set[int],
+    partners: int = 3,
+    actors: int | None = None,
 ) -> dict[str, Any]:
     """The same ServerApp/ClientApp on Flower's simulation engine (Ray), ``partners`` nodes.
 
     Virtual nodes get only ``partition-id``; the run config names the data
     split (``sim-data-dir``) and the nodes' cap (``sim-epsilon-cap``), which
     ``clients.app.NodeSettings.from_context`` turns into per-partner settings.
+    Flower's federation config sets the engine: one CPU per ClientApp
+    (``client-resources-num-cpus``; Flower's default is 2, one actor on this
+    2-core machine), so Ray keeps one long-lived actor per CPU it was given
+    (``init-args-num-cpus``: ``actors``, or every core when None) and feeds
+    every virtual node's messages through that pool.
     """
     from fedvault.datasets import split_dataset
     from fedvault.training_config import TrainingConfig
@@ -523,9 +577,10 @@ def run_simulation(
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "sim"\n\n'
         f'[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-        f"options.num-supernodes = {partners}\n"
-        f"options.backend.client-resources.num-cpus = 1\n"
     )
+    federation: dict[str, Any] = {"num-supernodes": partners, "client-resources-num-cpus": 1}
+    if actors is not None:
+        federation["init-args-num-cpus"] = actors
     env = child_env({"FLWR_HOME": str(flwr_home)})
     argv = [
         executable("flower-superlink"),
@@ -555,6 +610,7 @@ def run_simulation(
             "sim-epsilon-cap": 10.0,
         },
         paths.home,
+        federation_config=federation,
     )
     try:
         status, message = _wait_fedvault(paths.db, run_id, group, timeout_s=300)
@@ -565,12 +621,15 @@ def run_simulation(
     elapsed = time.time() - t_submit
     out: dict[str, Any] = {
         "partners": partners,
+        "actors": actors or os.cpu_count(),
         "status": status,
         "message": message[:240],
         "end_to_end_s_per_round": round(elapsed / rounds, 3),
     }
     if status == "finished":
         out |= _round_times(paths.db, run_id)
+        if out["s_per_round"] is not None:
+            out["s_per_partner"] = round(out["s_per_round"] / partners, 4)
     else:
         out["client_refusals_seen"] = _run_log_lines(
             submitted, flwr_home, "sim", ("refused", "lacks"), limit=2
@@ -603,17 +662,46 @@ def _run_log_lines(
     return hits[:limit]
 
 
+def simulation_scaling(sims: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-partner and marginal round cost across the simulated sizes, and the target.
+
+    A fixed per-round cost (polls, Ray scheduling, the commit) makes the
+    per-partner figure fall with size; the marginal cost of each partner added
+    between consecutive sizes shows whether the partners' own cost grows.
+    """
+    done = sorted(
+        (s["partners"], s["s_per_round"]) for s in sims if s.get("s_per_round") is not None
+    )
+    at_100 = dict(done).get(100)
+    return {
+        "s_per_partner": {str(n): round(t / n, 4) for n, t in done},
+        "marginal_s_per_added_partner": {
+            f"{a}->{b}": round((tb - ta) / (b - a), 4)
+            for (a, ta), (b, tb) in itertools.pairwise(done)
+        },
+        "target_s_per_round_at_100": 10.0,
+        "meets_target_at_100": None if at_100 is None else at_100 <= 10.0,
+    }
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="R=3 instead of 5")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-simulation", action="store_true", help="skip the simulation runs")
+    ap.add_argument("--only-simulation", action="store_true", help="skip the deployment comparison")
     ap.add_argument(
         "--sim-partners",
         type=lambda v: [int(x) for x in v.split(",")],
-        default=[3, 10],
+        default=[3, 10, 30, 100],
         help="partner counts for the simulation-engine runs (comma-separated)",
+    )
+    ap.add_argument(
+        "--sim-actors",
+        type=int,
+        default=None,
+        help="Ray ClientApp actors for the simulation runs (default: one per core)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = ap.parse_args()
@@ -622,7 +710,17 @@ def main() -> None:
     out: dict[str, Any] = {"benchmark": "rounds", "quick": args.quick, "rounds": rounds}
     t_start = time.monotonic()
     try:
-        for name, fn in (("fedvault", run_fedvault), ("vanilla_flower", run_vanilla)):
+        deployments = (
+            ()
+            if args.only_simulation
+            else (
+                ("fedvault", run_fedvault),
+                ("vanilla_flower", run_vanilla),
+            )
+        )
+        if not args.no_simulation:
+            require_simulation_engine()
+        for name, fn in deployments:
             extra: set[int] = set()
             with ProcessGroup() as group:
                 try:
@@ -633,17 +731,22 @@ def main() -> None:
                 finally:
                     stop_everything(group, extra)
             log(f"{name}: {out[name]}")
-        fv = out["fedvault"].get("s_per_round")
-        va = out["vanilla_flower"].get("s_per_round")
-        out["ratio_vanilla_over_fedvault"] = round(va / fv, 3) if fv and va else None
-        out["target_ratio"] = 2.0
-        out["meets_target"] = bool(fv and va and va / fv >= 2.0)
+        if deployments:
+            fv = out["fedvault"].get("s_per_round")
+            va = out["vanilla_flower"].get("s_per_round")
+            out["ratio_vanilla_over_fedvault"] = round(va / fv, 3) if fv and va else None
+            out["target_ratio"] = 2.0
+            out["meets_target"] = bool(fv and va and va / fv >= 2.0)
         sims: list[dict[str, Any]] = []
         for n in [] if args.no_simulation else args.sim_partners:
             extra = set()
             with ProcessGroup() as group:
                 try:
-                    sims.append(run_simulation(work, rounds, group, extra, partners=n))
+                    sims.append(
+                        run_simulation(
+                            work, rounds, group, extra, partners=n, actors=args.sim_actors
+                        )
+                    )
                 except Exception as exc:
                     sims.append(
                         {
@@ -657,6 +760,7 @@ def main() -> None:
             log(f"simulation: {sims[-1]}")
         if sims:
             out["fedvault_simulation"] = sims
+            out["simulation_scaling"] = simulation_scaling(sims)
     finally:
         out["elapsed_s"] = round(time.monotonic() - t_start, 1)
         if args.keep:
