@@ -49,6 +49,7 @@ WHOLE_FILE_BYTES = 32 << 20
 # _chunked_batches); memory holds one chunk's text and table at a time.
 _CHUNK_BYTES = 32 << 20
 _HEAD_LIMIT = 1 << 20
+_LINE_LIMIT = 4 * _CHUNK_BYTES
 
 
 class _Doubt(Exception):
@@ -303,6 +304,10 @@ def _chunks(path: Path, head: bytes) -> Iterator[bytes]:
                 data = leftover + data
                 cut = data.rfind(b"\n") + 1
                 if cut == 0:
+                    if len(data) > _LINE_LIMIT:
+                        # No newline in megabytes (a file of bare \r line ends, or
+                        # one endless line): the exact path streams it instead.
+                        raise _Doubt
                     leftover = data
                     continue
                 leftover, data = data[cut:], data[:cut]

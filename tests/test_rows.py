@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.data import count_valid_rows, load_partner_csv, load_partner_data
+from clients.data import CsvFormat, count_valid_rows, load_partner_csv, load_partner_data
 from clients.fused_dp import FusedPlan, run_steps
 from clients.rows import MemoryRows, RowSink, SpilledRows, Storage
 from clients.training import StandardisedRows, model_input
@@ -160,3 +160,42 @@ def test_a_spill_directory_that_cannot_be_written_is_a_clear_error(tmp_path: Pat
     sink = RowSink(2, memory_bytes=8, spill_dir=tmp_path / "absent")
     with pytest.raises(DataError, match=r"cannot be spilled to .*absent"):
         sink.commit(np.zeros((4, 2), dtype=np.float32))
+
+
+def test_large_files_are_parsed_in_chunks_of_whole_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunked fast path (files past WHOLE_FILE_BYTES) agrees with the exact
+    path; a file without newlines (bare CR line ends) goes to the exact path
+    instead of being buffered whole."""
+    from clients import arrow_csv
+    from clients.data import load_exact
+
+    monkeypatch.setattr(arrow_csv, "WHOLE_FILE_BYTES", 1024)
+    monkeypatch.setattr(arrow_csv, "_CHUNK_BYTES", 700)
+    monkeypatch.setattr(arrow_csv, "_LINE_LIMIT", 4 * 700)
+    schema = builtin_schema("diamonds")
+    split_dataset("diamonds", tmp_path / "data", partners=1, seed=0)
+    text = (tmp_path / "data" / "partner-0" / "train.csv").read_text(encoding="utf-8")
+    lines = text.splitlines()[:400]
+    exact = load_exact(_write(tmp_path / "exact.csv", "\n".join(lines) + "\n"), schema, CsvFormat())
+    for name, body in (
+        ("lf.csv", "\n".join(lines) + "\n"),
+        ("crlf.csv", "\r\n".join(lines) + "\r\n"),
+        ("no-final-newline.csv", "\n".join(lines)),
+        ("blank-lines.csv", "\n\n" + "\n".join(lines) + "\n\n"),
+    ):
+        path = _write(tmp_path / name, body)
+        fast = arrow_csv.load_with_arrow(path, schema, "utf-8", None)
+        assert fast is not None, name
+        np.testing.assert_array_equal(fast[0].finish().array(), exact.features)
+        np.testing.assert_array_equal(np.concatenate(fast[1]), exact.labels)
+    # A header line ended by LF, then rows ended by bare CR: no newline to cut at.
+    bare_cr = _write(tmp_path / "cr.csv", lines[0] + "\n" + "\r".join(lines[1:]) + "\r")
+    assert arrow_csv.load_with_arrow(bare_cr, schema, "utf-8", None) is None
+    np.testing.assert_array_equal(load_partner_csv(bare_cr, schema).features, exact.features)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
