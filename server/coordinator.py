@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
-from fedvault import wire
+from fedvault import logs, wire
 from fedvault.encoding import encoding_for
 from fedvault.errors import CheckpointError, FedvaultError
 from fedvault.metrics import combine, summarise, sums_length
@@ -170,6 +170,7 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     state_dir = Path(str(run_config["state-dir"]))
     run_id = str(run_config["fedvault-run-id"])
+    logs.run_id.set(run_id)  # every record of this run carries it (fedvault.logs)
     # The federation store (runs, ledger, checkpoints, registry) comes like the
     # audit store: a URL without password plus a password-file path, or "" for
     # the state directory's SQLite file. On PostgreSQL the sealed model lands

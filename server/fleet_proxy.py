@@ -30,6 +30,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fedvault.logs import uvicorn_log_config
+
 __all__ = ["FLEET_PREFIX", "build_app", "serve"]
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ def serve(
         ssl_keyfile=str(keyfile),
         log_level="warning",
         access_log=False,
+        log_config=uvicorn_log_config(),
         server_header=False,
     )
     uvicorn.Server(config).run()

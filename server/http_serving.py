@@ -42,6 +42,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fedvault.addresses import check_port
 from fedvault.errors import ConfigError
+from fedvault.logs import uvicorn_log_config
 
 __all__ = [
     "CONNECTION_LOST",
@@ -289,6 +290,7 @@ def http_config(
     """A uvicorn config serving ``app`` through the guarded protocol (no access log)."""
     options.setdefault("log_level", "warning")
     options.setdefault("access_log", False)
+    options.setdefault("log_config", uvicorn_log_config())
     return uvicorn.Config(
         app, host=host, port=port, http=guarded_protocol(limits, protocol), **options
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import secrets
@@ -36,11 +37,13 @@ from fedvault.cli.options import (
     HeaderTimeoutOpt,
     HomeOpt,
     IdleTimeoutOpt,
+    LogFormatOpt,
     MaxConnectionsOpt,
     connection_limits,
     connection_overrides,
 )
 from fedvault.errors import ConfigError, IntegrityError, NotFoundError
+from fedvault.logs import LogFormat, configure_logging, json_logging_enabled, uvicorn_log_config
 from fedvault.settings import load_settings
 from fedvault.urls import bearer_token, check_service_url
 
@@ -227,6 +230,7 @@ def serve(
     header_timeout: HeaderTimeoutOpt = None,
     idle_timeout: IdleTimeoutOpt = None,
     max_connections: MaxConnectionsOpt = None,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Serve the audit API alone (development; the gateway mounts the same router)."""
     import asyncio
@@ -240,6 +244,7 @@ def serve(
 
     from .processes import free_port
 
+    configure_logging(log_format)
     token = _token(token_file)
     if token is None and host not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError("--token-file is required when serving beyond loopback")
@@ -261,9 +266,20 @@ def serve(
     app.dependency_overrides[require_auditor] = bearer_token_auth(token)
     log.start_checkpointing()
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
-    typer.echo(f"serving http://{shown}:{port}/v2/audit", err=False)
-    sys.stdout.flush()
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    url = f"http://{shown}:{port}/v2/audit"
+    if json_logging_enabled():  # every line a JSON record, for the log shipper
+        logging.getLogger("fedvault.audit").info(json.dumps({"event": "serving", "url": url}))
+    else:
+        typer.echo(f"serving {url}", err=False)
+        sys.stdout.flush()
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        log_config=uvicorn_log_config(),
+    )
     try:
         # Not uvicorn.run: it re-raises SIGTERM before this finally, and the
         # log's committer and checkpoint thread would stop without closing.

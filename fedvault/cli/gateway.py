@@ -20,12 +20,14 @@ from fedvault.cli.options import (
     HeaderTimeoutOpt,
     HomeOpt,
     IdleTimeoutOpt,
+    LogFormatOpt,
     MaxConnectionsOpt,
     connection_limits,
     connection_overrides,
 )
 from fedvault.database import require_store
 from fedvault.errors import ConfigError
+from fedvault.logs import LogFormat, configure_logging, json_logging_enabled
 from fedvault.settings import FedvaultSettings, load_settings
 
 if TYPE_CHECKING:
@@ -74,6 +76,18 @@ def audit_committer(
     return ProcessCommitter(location, password_file=password_file)
 
 
+def _say(line: str) -> None:
+    """A start/stop line on stderr: a log record under ``--log-format json``.
+
+    Why not always a record: in text mode these lines are the interface
+    scripts and tests read, unchanged; in JSON mode every line must parse.
+    """
+    if json_logging_enabled():
+        logging.getLogger("fedvault.gateway").info(line)
+    else:
+        typer.echo(line, err=True)
+
+
 @gateway_app.command("start")
 def start(
     home: HomeOpt = None,
@@ -99,6 +113,7 @@ def start(
     header_timeout: HeaderTimeoutOpt = None,
     idle_timeout: IdleTimeoutOpt = None,
     max_connections: MaxConnectionsOpt = None,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Serve REST and gRPC until Ctrl-C / SIGTERM, then drain in-flight requests and stop."""
     from secure.signed_note import (
@@ -114,7 +129,7 @@ def start(
     from server.gateway.runner import Listen, check_listen, run
     from server.registry import load_model_keys
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(log_format)
     settings = _settings(
         home,
         gateway_host=host,
@@ -147,7 +162,7 @@ def start(
     if not settings.audit_key_file.exists():
         signer = generate_note_key("fedvault/gateway-audit")
         save_note_signer(settings.audit_key_file, signer)
-        typer.echo(f"created audit signing key; verifier key: {signer.verifier.line}", err=True)
+        _say(f"created audit signing key; verifier key: {signer.verifier.line}")
     storage = open_storage(
         settings.audit_location, password_file=settings.audit_store_password_file
     )
@@ -196,7 +211,7 @@ def start(
         scheme = "https" if listen.tls_cert else "http"
 
         def announce() -> None:
-            typer.echo(
+            _say(
                 json.dumps(
                     {
                         "event": "gateway_started",
@@ -204,12 +219,11 @@ def start(
                         "grpc": f"{listen.host}:{listen.grpc_port}",
                         "models": gw.service.repository.index(),
                     }
-                ),
-                err=True,
+                )
             )
 
         run(gw, listen, on_started=announce)
-        typer.echo(json.dumps({"event": "gateway_stopped"}), err=True)
+        _say(json.dumps({"event": "gateway_stopped"}))
     finally:
         log.close()
 

@@ -28,11 +28,13 @@ import typer
 from fedvault.cli.options import (
     HeaderTimeoutOpt,
     IdleTimeoutOpt,
+    LogFormatOpt,
     MaxConnectionsOpt,
     connection_limits,
     connection_overrides,
 )
 from fedvault.errors import ConfigError, DataError
+from fedvault.logs import LogFormat, configure_logging, uvicorn_log_config
 from fedvault.settings import load_settings
 from fedvault.urls import bearer_token, check_service_url
 
@@ -51,6 +53,7 @@ def serve(
     header_timeout: HeaderTimeoutOpt = None,
     idle_timeout: IdleTimeoutOpt = None,
     max_connections: MaxConnectionsOpt = None,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Serve the HE endpoints for the registry's models (no gateway auth yet: loopback only).
 
@@ -67,6 +70,7 @@ def serve(
     from server.registry import ModelRegistry, load_model_keys
     from server.store import FederationStore
 
+    configure_logging(log_format)
     settings = load_settings(
         home=home, **connection_overrides(header_timeout, idle_timeout, max_connections)
     )
@@ -88,6 +92,7 @@ def serve(
         port=port,
         log_level="warning",
         access_log=False,
+        log_config=uvicorn_log_config(),
     )
     try:
         # SIGTERM returns here, so the pool is closed.

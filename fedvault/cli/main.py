@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedvault.cli.options import HomeOpt
+from fedvault.cli.options import HomeOpt, LogFormatOpt
 from fedvault.database import require_store
 from fedvault.errors import ConfigError, FedvaultError, UnavailableError, mapping_for
+from fedvault.logs import LogFormat, configure_logging
 from fedvault.settings import FedvaultSettings, load_settings
 from fedvault.training_config import DatasetName, load_training_config
 
@@ -320,6 +321,7 @@ def federation_up(
     metrics_port: Annotated[
         int, typer.Option(help="Serve the federation's Prometheus metrics (TLS) here; 0 = off.")
     ] = 0,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Run the SuperLink (TLS + SuperNode auth) and register every partner's node key.
 
@@ -331,6 +333,7 @@ def federation_up(
     """
     from . import kits
 
+    configure_logging(log_format, export=True)
     paths = _paths(_settings(home))
     if not paths.ca_cert.exists():
         raise ConfigError(f"{paths.home} has no federation; run `fedvault federation init` first")
@@ -382,10 +385,12 @@ def federation_fleet_proxy(
     listen: Annotated[str, typer.Option(help="host:port partners reach.")],
     upstream: Annotated[str, typer.Option(help="host:port of the SuperLink (private).")],
     home: HomeOpt = None,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Serve only the SuperLink's Fleet API (TLS in and out); `federation up --fleet-host`."""
     from .partners import fleet_proxy
 
+    configure_logging(log_format)
     fleet_proxy(home, listen, upstream)
 
 
@@ -414,6 +419,7 @@ def node_start(
         Path | None,
         typer.Option("--schema", help="The federation's schema.toml (instead of --dataset)."),
     ] = None,
+    log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Validate local data, then run this partner's SuperNode until Ctrl-C.
 
@@ -424,6 +430,7 @@ def node_start(
     from clients.data import count_valid_rows
     from fedvault.schema import builtin_schema, load_schema
 
+    configure_logging(log_format, export=True)
     if kit is not None:
         from .kits import NodeOverrides
         from .partners import run_node_from_kit

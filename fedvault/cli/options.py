@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.markup import escape
 
+from fedvault.logs import ENV_VAR as LOG_FORMAT_ENV
+from fedvault.logs import LogFormat
+
 if TYPE_CHECKING:
     from fedvault.settings import FedvaultSettings
     from server.http_serving import ConnectionLimits
@@ -75,3 +78,18 @@ def connection_limits(settings: FedvaultSettings) -> ConnectionLimits:
         max_connections=settings.max_connections,
         grpc_idle_timeout_s=settings.grpc_idle_timeout_s,
     )
+
+
+# How a long-running command logs (fedvault.logs): one option, the same env var everywhere.
+LogFormatOpt = Annotated[
+    LogFormat,
+    typer.Option(
+        "--log-format",
+        envvar=LOG_FORMAT_ENV,
+        case_sensitive=False,
+        help=escape(
+            "Log records as human 'text' or 'json' (one object a line, for Loki or "
+            "Elasticsearch) [env FEDVAULT_LOG_FORMAT, default text]."
+        ),
+    ),
+]

@@ -7,7 +7,6 @@ holds and why.
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Annotated
@@ -131,7 +130,6 @@ def fleet_proxy(
     paths = _paths(home)
     host, port = check_address(listen, "--listen")
     check_address(upstream, "--upstream")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     serve(
         listen_host=host,
         listen_port=port,

@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fedvault import logs
 from fedvault.errors import (
     DeadlineExceededError,
     FedvaultError,
@@ -230,6 +231,9 @@ class AuditMiddleware:
             request_id=_header(scope, b"x-request-id") or uuid.uuid4().hex,
         )
         scope[AUDIT_SCOPE_KEY] = event
+        # For log records (fedvault.logs): uvicorn runs each request in its own
+        # task, whose context copy this set stays in, so no reset is needed.
+        logs.request_id.set(event.request_id)
         limit = self.gw.limits.max_body_bytes
         req_hash = hashlib.sha256()
         received = 0
