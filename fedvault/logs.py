@@ -135,6 +135,12 @@ def configure_logging(
             logger = logging.getLogger(name)
             logger.handlers.clear()
             logger.propagate = True
+            # An earlier uvicorn.Config(log_level=...) in this process leaves its
+            # level on them, and a dictConfig elsewhere (disable_existing_loggers
+            # defaults to True) disables loggers it does not name: reset both, so
+            # they follow the root until a server sets its own level again.
+            logger.setLevel(logging.NOTSET)
+            logger.disabled = False
 
 
 def json_logging_enabled() -> bool:

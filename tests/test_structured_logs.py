@@ -63,16 +63,23 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     uvicorn_state = {
-        name: (list(logging.getLogger(name).handlers), logging.getLogger(name).propagate)
+        name: (
+            list(logging.getLogger(name).handlers),
+            logging.getLogger(name).propagate,
+            logging.getLogger(name).disabled,
+            logging.getLogger(name).level,
+        )
         for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
     }
     env = os.environ.get(logs.ENV_VAR)
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-    for name, (saved, propagate) in uvicorn_state.items():
+    for name, (saved, propagate, disabled, level) in uvicorn_state.items():
         logging.getLogger(name).handlers[:] = saved
         logging.getLogger(name).propagate = propagate
+        logging.getLogger(name).disabled = disabled
+        logging.getLogger(name).setLevel(level)
     if env is None:
         os.environ.pop(logs.ENV_VAR, None)
     else:
@@ -343,3 +350,25 @@ def test_audit_serve_with_the_env_var_writes_only_json_lines(tmp_path: Path) -> 
     assert ("fedvault.audit", "serving") in [(e["component"], e["message"]) for e in entries]
     assert secret not in out + err
     assert "wrong-guess" not in out + err
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("silenced", ["level", "disabled"])
+def test_uvicorn_loggers_silenced_earlier_in_the_process_speak_again(
+    monkeypatch: pytest.MonkeyPatch, silenced: str
+) -> None:
+    """An earlier in-process uvicorn.Config(log_level="error") leaves that level on
+    uvicorn's loggers (CI: the audit tests' servers ran before the test above and
+    its warning vanished); a dictConfig disables loggers it does not name. JSON
+    logging resets both, so uvicorn's records reach the JSON handler."""
+    logger = logging.getLogger("uvicorn.error")
+    if silenced == "level":
+        logger.setLevel(logging.ERROR)
+    else:
+        logger.disabled = True  # what such a dictConfig does (no other logger touched)
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("json")
+    logger.warning("Invalid HTTP request received.")
+    (line,) = stream.getvalue().splitlines()
+    assert _check_line(line)["component"] == "uvicorn.error"
