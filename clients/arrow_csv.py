@@ -318,6 +318,16 @@ def _chunks(path: Path, head: bytes) -> Iterator[bytes]:
             yield head + data
 
 
+def _hand_over(ready: queue.Queue[Any], stop: threading.Event, item: Any) -> None:
+    """Put ``item`` for the consumer, unless it has gone (then drop it)."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
 def _chunked_batches(path: Path, head: bytes, read: Any, parse: Any, convert: Any) -> Iterator[Any]:
     """Record batches of a large file, parsed a chunk of whole lines at a time.
 
@@ -347,17 +357,12 @@ def _chunked_batches(path: Path, head: bytes, read: Any, parse: Any, convert: An
                     convert_options=convert,
                 )
                 del chunk
-                while not stop.is_set():
-                    try:
-                        ready.put(table, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                _hand_over(ready, stop, table)
                 if stop.is_set():
                     return
-            ready.put(None)
+            _hand_over(ready, stop, None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            ready.put(exc)
+            _hand_over(ready, stop, exc)
 
     worker = threading.Thread(target=produce, name="fedvault-csv-chunks", daemon=True)
     worker.start()
@@ -425,6 +430,12 @@ def load_with_arrow(
     except BaseException:
         sink.discard()
         raise
+    finally:
+        # The chunked reader's thread stops now, not when a traceback that
+        # holds this frame is dropped (it would keep a parsed chunk meanwhile).
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     if sink.rows == 0:
         return None  # no rows: the exact path says so with a line number
     return sink, labels

@@ -464,3 +464,35 @@ def test_a_restarted_gateway_with_a_tampered_entry_is_not_ready(tmp_path: Path) 
     record_2 = decode_entry(old)
     assert record_2.request_digest is not None
     assert record_2.request_digest not in logged  # the index, never the entry
+
+
+@pytest.mark.parametrize("value", ["text", 7, 2.5])
+def test_an_entry_of_another_sqlite_type_is_reported_altered(tmp_path: Path, value: object) -> None:
+    """SQLite columns take any type: an entry set to text or a number is an
+    altered entry, found by the start-up check and by the scrub, never an
+    exception that stops the checks (or the server's start)."""
+    signer = generate_note_key("fedvault.test/odd-type")
+    db, state = tmp_path / "audit.db", tmp_path / "scrub.json"
+    log = AuditLog(SQLiteStorage(db), signer)
+    for i in range(6):
+        log.append(record(i))
+    log.checkpoint(force=True)
+    log.start_integrity_checks(state_file=state, entries_per_interval=0)
+    log.close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("DROP TRIGGER IF EXISTS audit_entries_no_update")
+        conn.execute("UPDATE audit_entries SET entry = ? WHERE idx = ?", (value, 2))
+        conn.execute("UPDATE audit_entries SET entry = ? WHERE idx = ?", (value, 5))
+    finally:
+        conn.close()
+    log = AuditLog(SQLiteStorage(db), signer)
+    try:
+        # Entry 5 is at the verified point's edge: the start-up check re-reads
+        # from there; entry 2 is the scrub's.
+        scrubber = EntryScrubber(log, state_file=tmp_path / "fresh.json", entries_per_interval=100)
+        scrubber.check_at_start()
+        scrubber.step()
+        assert [a.index for a in log.integrity.altered()] == [2, 5]
+    finally:
+        log.close()

@@ -199,3 +199,26 @@ def test_large_files_are_parsed_in_chunks_of_whole_lines(
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8", newline="")
     return path
+
+
+def test_the_chunk_reader_thread_stops_when_the_fast_path_steps_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from clients import arrow_csv
+
+    monkeypatch.setattr(arrow_csv, "WHOLE_FILE_BYTES", 1024)
+    monkeypatch.setattr(arrow_csv, "_CHUNK_BYTES", 700)
+    schema = builtin_schema("diamonds")
+    split_dataset("diamonds", tmp_path / "data", partners=1, seed=0)
+    lines = (tmp_path / "data" / "partner-0" / "train.csv").read_text().splitlines()[:400]
+    cells = lines[50].split(",")
+    cells[lines[0].split(",").index("carat")] = "heavy"  # a doubt early in a long file
+    lines[50] = ",".join(cells)
+    path = _write(tmp_path / "doubt.csv", "\n".join(lines) + "\n")
+    assert arrow_csv.load_with_arrow(path, schema, "utf-8", None) is None
+    alive = [t for t in threading.enumerate() if t.name == "fedvault-csv-chunks"]
+    for thread in alive:
+        thread.join(timeout=2)
+    assert not any(t.is_alive() for t in alive)

@@ -70,6 +70,7 @@ from fedvault.errors import (
 )
 from fedvault.modelspec import FloatArray, ModelSpec
 from fedvault.schema import DataSchema
+from fedvault.spool import make_spool
 from fedvault.stats import Scaler
 from secure.he.engine import LAYOUTS, CompiledModel, HEEvaluationError, Layout
 from secure.he.params import CKKSParams, require_128_bit
@@ -826,7 +827,8 @@ class HEService:
             if self._spool is None or not os.path.isdir(self._spool):  # tmp cleaners
                 shm = "/dev/shm"  # noqa: S108 (mkdtemp below: unique name, mode 0700)
                 base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-                self._spool = tempfile.mkdtemp(prefix="fedvault-he-", dir=base)  # 0700
+                # 0700, named by pid: a server killed -9 leaves it, the next removes it.
+                self._spool = make_spool("fedvault-he-", base)
                 # Removed by close(), else when the service is collected or at exit.
                 weakref.finalize(self, shutil.rmtree, self._spool, True)
             return self._spool

@@ -324,6 +324,12 @@ class EntryScrubber:
                 if str(exc) != reported:
                     _log.warning("audit scrub skipped an interval: %s", exc)
                     reported = str(exc)
+            except Exception as exc:  # never let one odd row end the checks for good
+                name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+                if name != reported:
+                    # The class only: the message may quote stored content.
+                    _log.error("audit scrub failed an interval (%s); retrying", name)
+                    reported = name
 
     def close(self) -> None:
         self._stop.set()

@@ -131,6 +131,20 @@ _SQLITE_SCHEMA = (
 )
 
 
+def stored_bytes(value: object) -> bytes:
+    """A stored entry as bytes, whatever SQLite holds in its column.
+
+    SQLite columns take any type: a row someone set to NULL, text or a number
+    must read as *some* bytes, which then fail their leaf hash and are reported
+    as an altered entry, not raise inside the integrity checks.
+    """
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return b"" if value is None else repr(value).encode()
+
+
 class SQLiteStorage:
     """The default store: one SQLite file in WAL mode with ``synchronous=FULL``.
 
@@ -200,7 +214,7 @@ class SQLiteStorage:
                 "SELECT idx, entry FROM audit_entries WHERE idx >= ? AND idx < ? ORDER BY idx",
                 (start, end),
             ).fetchall()
-        return [(int(r[0]), bytes(r[1])) for r in rows]
+        return [(int(r[0]), stored_bytes(r[1])) for r in rows]
 
     def nodes(self, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
         with self._reader() as conn:

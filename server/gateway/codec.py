@@ -49,6 +49,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fedvault.errors import UnavailableError
+from fedvault.spool import make_spool
 from server.gateway.tensors import (
     InferRequest,
     InferResponse,
@@ -368,7 +369,8 @@ class CodecPool:
     def _spool_dir(self) -> str:
         with self._lock:
             if self._spool is None or not os.path.isdir(self._spool):  # tmp cleaners
-                self._spool = tempfile.mkdtemp(prefix="fedvault-codec-", dir=_spool_base())
+                # Named by pid: a gateway killed -9 leaves its spool, the next removes it.
+                self._spool = make_spool("fedvault-codec-", _spool_base())
                 # Removed by close(), else when the pool is collected or at exit.
                 weakref.finalize(self, shutil.rmtree, self._spool, True)
             return self._spool
