@@ -8,6 +8,7 @@ its ProcessGroup stops whatever it started instead of leaving it running.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -66,3 +67,22 @@ def refused(done: subprocess.CompletedProcess[str], code: int, *needles: str) ->
     assert done.returncode == code, output
     for needle in needles:
         assert needle in done.stderr, done.stderr
+
+
+def create_keys(home: Path, model: str) -> dict[str, str]:
+    """An analyst key granted ``model`` and an auditor key, made by ``fedvault keys
+    create`` in ``home``; their tokens by role."""
+    tokens: dict[str, str] = {}
+    for role in ("analyst", "auditor"):
+        extra = ["--model", model] if role == "analyst" else []
+        made = run_cli("keys", "create", "--role", role, *extra, "--home", home, "--json")
+        assert made.returncode == 0, made.stderr
+        tokens[role] = json.loads(made.stdout)["token"]
+    return tokens
+
+
+def write_token_file(path: Path, token: str) -> Path:
+    """``token`` in a 0600 file, as ``--token-file`` options expect it."""
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path

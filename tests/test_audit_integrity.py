@@ -38,7 +38,7 @@ from server.audit.scrub import EntryScrubber
 from server.audit.storage import SQLiteStorage
 from server.gateway.rest import create_rest_app
 from tests.audit_support import record, serve_log
-from tests.cli_support import FEDVAULT, run_cli
+from tests.cli_support import FEDVAULT, create_keys, run_cli, write_token_file
 from tests.gateway_support import MODEL, Harness, build, make_home
 from tests.he_support import free_port, live_server
 
@@ -66,12 +66,6 @@ def _tamper(db: Path, index: int) -> bytes:
     return old
 
 
-def _token_file(path: Path, token: str) -> Path:
-    path.write_text(token + "\n")
-    path.chmod(0o600)
-    return path
-
-
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[Harness, str]]:
     """An in-process gateway over REST whose log holds PRELOADED entries; reads are audited."""
@@ -93,7 +87,7 @@ def test_search_and_export_finish_against_a_gateway_that_audits_reads(
     gateway: tuple[Harness, str], tmp_path: Path
 ) -> None:
     h, url = gateway
-    token = _token_file(tmp_path / "auditor.token", h.tokens["auditor"])
+    token = write_token_file(tmp_path / "auditor.token", h.tokens["auditor"])
     before = h.log.size()
     found = run_cli(
         "audit", "search", "--url", url, "--token-file", token, "--actor", "user1", timeout=60
@@ -128,7 +122,7 @@ def test_export_waits_out_the_rate_limit_instead_of_failing(tmp_path: Path) -> N
     """Many pages meet the auditor key's rate limit: wait as Retry-After says, then go on."""
     h = build(tmp_path / "gw", rate=1.0, burst=2.0)
     h.log.storage.append([encode_record(record(i)) for i in range(PRELOADED)])
-    token = _token_file(tmp_path / "auditor.token", h.tokens["auditor"])
+    token = write_token_file(tmp_path / "auditor.token", h.tokens["auditor"])
     out = tmp_path / "export.jsonl"
     try:
         with live_server(create_rest_app(h.gw)) as url:
@@ -146,7 +140,7 @@ def test_an_interrupted_export_leaves_no_temporary_file(
 ) -> None:
     h, url = gateway
     h.sink.delay_s = 0.5  # each audited read takes this long: the export is caught mid-way
-    token = _token_file(tmp_path / "auditor.token", h.tokens["auditor"])
+    token = write_token_file(tmp_path / "auditor.token", h.tokens["auditor"])
     outdir = tmp_path / "out"
     outdir.mkdir()
     out = outdir / "all.jsonl"
@@ -418,15 +412,10 @@ def _latest_size(db: Path) -> int:
 def test_a_restarted_gateway_with_a_tampered_entry_is_not_ready(tmp_path: Path) -> None:
     home = tmp_path / "home"
     make_home(home)
-    tokens = {}
-    for role in ("analyst", "auditor"):
-        extra = ["--model", MODEL] if role == "analyst" else []
-        made = run_cli("keys", "create", "--role", role, *extra, "--home", home, "--json")
-        assert made.returncode == 0, made.stderr
-        tokens[role] = json.loads(made.stdout)["token"]
+    tokens = create_keys(home, MODEL)
     infer = {"Authorization": f"Bearer {tokens['analyst']}"}
     audit = {"Authorization": f"Bearer {tokens['auditor']}"}
-    token_file = _token_file(tmp_path / "auditor.token", tokens["auditor"])
+    token_file = write_token_file(tmp_path / "auditor.token", tokens["auditor"])
     with _gateway_process(home, tmp_path / "first.log") as url:
         for _ in range(5):
             r = httpx.post(f"{url}/v2/models/{MODEL}/infer", json=INFER, headers=infer)

@@ -14,7 +14,6 @@ Everything is real: the CLI gateway as a subprocess, its SQLite audit log,
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -35,7 +34,7 @@ from server.audit.records import decode_entry
 from server.audit.storage import open_storage
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
-from tests.cli_support import FEDVAULT, run_cli
+from tests.cli_support import FEDVAULT, create_keys, run_cli, write_token_file
 from tests.gateway_support import MODEL, make_home
 from tests.he_support import free_port
 
@@ -232,15 +231,8 @@ def _audited(home: Path) -> dict[str, tuple[str, str | None]]:
 def test_kill_9_under_load_loses_no_acknowledged_request(tmp_path: Path) -> None:
     home = tmp_path / "home"
     make_home(home)
-    tokens = {}
-    for role in ("analyst", "auditor"):
-        extra = ["--model", MODEL] if role == "analyst" else []
-        made = run_cli("keys", "create", "--role", role, *extra, "--home", home, "--json")
-        assert made.returncode == 0, made.stderr
-        tokens[role] = json.loads(made.stdout)["token"]
-    token_file = tmp_path / "auditor.token"
-    token_file.write_text(tokens["auditor"] + "\n")
-    token_file.chmod(0o600)
+    tokens = create_keys(home, MODEL)
+    token_file = write_token_file(tmp_path / "auditor.token", tokens["auditor"])
 
     load, stop = Load(), threading.Event()
     with _gateway(home, tmp_path / "first.log") as gw:
