@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import secret_scan
+
 FEDVAULT = (sys.executable, "-m", "fedvault")
 
 
@@ -57,6 +59,7 @@ def run_cli(
         pytest.fail(
             f"`fedvault {' '.join(map(str, args))}` did not exit: it started something\n{err}"
         )
+    secret_scan.record_cli_failure(proc.returncode, err)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -1,9 +1,10 @@
 """Issue 16, faults under load: ``kill -9`` of ``fedvault gateway start`` mid-load.
 
 Several client threads drive steady load over REST (small bodies, and large
-ones that go through the codec worker processes) and gRPC; each answer that
-was acknowledged (HTTP 2xx, gRPC OK) has its request id recorded (the
-``x-request-id`` header, the ``x-request-id`` trailer). The gateway is then
+ones that go through the codec worker processes), gRPC unary and a gRPC
+stream; each answer that was acknowledged (HTTP 2xx, gRPC OK, a stream answer
+without error) has its request id recorded (the ``x-request-id`` header or
+trailer, the stream message's own id). The gateway is then
 killed outright, its writer and codec worker processes must go with it, and a
 gateway restarted on the same home must be ready (its start-up check passed),
 hold every acknowledged request in its audit log, and pass ``audit verify``.
@@ -14,7 +15,9 @@ Everything is real: the CLI gateway as a subprocess, its SQLite audit log,
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -213,6 +216,43 @@ def _grpc_client(target: str, token: str) -> Callable[..., None]:
     return run
 
 
+def _stream_client(target: str, token: str) -> Callable[..., None]:
+    """One ModelStreamInfer stream, one message at a time, re-opened when it breaks.
+
+    A message is acknowledged when its answer arrives without an error: the
+    gateway sends it only after the message's own audit record is durable.
+    """
+
+    def run(load: Load, stop: threading.Event) -> None:
+        md = (("authorization", f"Bearer {token}"),)
+        ids = itertools.count()
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                requests: queue.Queue[pb.ModelInferRequest | None] = queue.Queue()
+                answers = stub.ModelStreamInfer(iter(requests.get, None), metadata=md, timeout=30)
+                try:
+                    while not stop.is_set():
+                        rid = f"stream-{next(ids)}"
+                        req = pb.ModelInferRequest(model_name=MODEL, id=rid)
+                        t = req.inputs.add(name="features", datatype="FP32", shape=[1, 30])
+                        t.contents.fp32_contents.extend([1.0] * 30)
+                        requests.put(req)
+                        answer = next(answers)
+                        if answer.error_message:
+                            load.fail("grpc-stream")
+                        else:
+                            load.ack("grpc-stream", answer.infer_response.id)
+                except (grpc.RpcError, StopIteration):
+                    load.fail("grpc-stream")
+                    time.sleep(0.01)  # the gateway is gone: do not spin
+                finally:
+                    requests.put(None)
+                    answers.cancel()
+
+    return run
+
+
 def _audited(home: Path) -> dict[str, tuple[str, str | None]]:
     """request id → (action, status) of every entry in the audit log."""
     log = AuditLog(
@@ -240,7 +280,8 @@ def test_kill_9_under_load_loses_no_acknowledged_request(tmp_path: Path) -> None
         clients = [
             *(_rest_client(gw.url, tokens["analyst"], SMALL, "rest") for _ in range(3)),
             _rest_client(gw.url, tokens["analyst"], LARGE, "rest-large"),
-            *(_grpc_client(gw.grpc_target, tokens["analyst"]) for _ in range(3)),
+            *(_grpc_client(gw.grpc_target, tokens["analyst"]) for _ in range(2)),
+            _stream_client(gw.grpc_target, tokens["analyst"]),
         ]
 
         def client(run: Callable[..., None]) -> None:
@@ -260,7 +301,9 @@ def test_kill_9_under_load_loses_no_acknowledged_request(tmp_path: Path) -> None
             assert helpers, "the gateway started no helper process"
             with load.lock:
                 before = {k: len(v) for k, v in load.acked.items()}
-            assert all(before.get(k, 0) > 0 for k in ("rest", "rest-large", "grpc")), before
+            assert all(
+                before.get(k, 0) > 0 for k in ("rest", "rest-large", "grpc", "grpc-stream")
+            ), before
             os.kill(pid, signal.SIGKILL)
             assert gw.proc.wait(10) == -signal.SIGKILL
             time.sleep(LOAD_AFTER_KILL_S)
@@ -299,7 +342,11 @@ def test_kill_9_under_load_loses_no_acknowledged_request(tmp_path: Path) -> None
     missing = acked - audited.keys()
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged requests not audited"
     for rid in acked:
-        assert audited[rid] in (("rest:infer", "200"), ("grpc:ModelInfer", "OK")), audited[rid]
+        assert audited[rid] in (
+            ("rest:infer", "200"),
+            ("grpc:ModelInfer", "OK"),
+            ("grpc:ModelStreamInfer", "OK"),
+        ), audited[rid]
     counts = {k: len(v) for k, v in load.acked.items()}
     print(  # for the record: -s shows what one run drove
         f"acknowledged {counts}, not acknowledged {load.failed}, audited {len(audited)}"
