@@ -57,6 +57,11 @@ run_id: ContextVar[str | None] = ContextVar("fedvault_run_id", default=None)
 _TEXT_FORMAT: Final = "%(message)s"  # what the commands printed before this module
 _MARK: Final = "_fedvault_handler"  # set on the handler configure_logging installs
 _UVICORN_LOGGERS: Final = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+# Keys only the formatter sets: a message that is JSON never supplies them, so a
+# logged value (say, a caller-chosen id) cannot pose as the request's own id.
+_RESERVED: Final = frozenset(
+    {"timestamp", "level", "component", "message", "request_id", "run_id", "exc_type"}
+)
 
 
 class LogFormat(StrEnum):
@@ -72,7 +77,8 @@ class JsonFormatter(logging.Formatter):
     A message that is itself a JSON object (several fedvault loggers write
     ``json.dumps({"event": ...})``) has its keys merged into the record rather
     than kept as an escaped string, so a shipper can index them; ``message``
-    becomes its ``event``, and the standard keys win over its own.
+    becomes its ``event``, and it never supplies the formatter's own keys
+    (timestamp, level, component, message, request and run ids, exc_type).
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -89,7 +95,7 @@ class JsonFormatter(logging.Formatter):
                 fields = json.loads(entry["message"])
                 if isinstance(fields, dict):
                     entry["message"] = str(fields.get("event", "event"))
-                    entry |= {k: v for k, v in fields.items() if k not in entry}
+                    entry |= {k: v for k, v in fields.items() if k not in _RESERVED}
         for name, var in (("request_id", request_id), ("run_id", run_id)):
             value = getattr(record, name, None) or var.get()
             if value:

@@ -332,6 +332,28 @@ def test_start_up_checks_since_the_verified_point_and_the_scrub_the_rest(
         log.close()
 
 
+def test_a_scrub_step_reads_no_entry_twice(tmp_path: Path) -> None:
+    """The cycle over older entries stops at the step's starting tail: the new
+    entries the same step just checked are not read again."""
+    log = AuditLog(SQLiteStorage(tmp_path / "audit.db"), generate_note_key("fedvault.test/s"))
+    try:
+        for i in range(10):
+            log.append(record(i))
+        scrubber = EntryScrubber(log, state_file=None, entries_per_interval=8)
+        assert scrubber.check_at_start() == 10
+        assert scrubber.step() == 8  # the cycle: 0..7
+        for i in range(10, 15):
+            log.append(record(i))
+        before = log.integrity.checked_total
+        assert scrubber.step() == 8  # the new 10..14, then the cycle's 8, 9 and 0
+        assert log.integrity.checked_total - before == 8
+        assert log.integrity.passes_total == 1  # the pass over 0..9 ended at the old tail
+        assert scrubber.step() == 8  # the cycle goes on from 1: 1..8
+        assert log.integrity.intact
+    finally:
+        log.close()
+
+
 def test_a_running_gateway_scrub_catches_a_tampered_entry(
     gateway: tuple[Harness, str], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -190,6 +190,10 @@ def test_large_files_are_parsed_in_chunks_of_whole_lines(
         assert fast is not None, name
         np.testing.assert_array_equal(fast[0].finish().array(), exact.features)
         np.testing.assert_array_equal(np.concatenate(fast[1]), exact.labels)
+    # A last line of only blanks, unterminated: the chunked path steps aside, as
+    # the whole-file path does, and the exact path decides.
+    blanks = _write(tmp_path / "blank-last.csv", "\n".join(lines) + "\n   ")
+    assert arrow_csv.load_with_arrow(blanks, schema, "utf-8", None) is None
     # A header line ended by LF, then rows ended by bare CR: no newline to cut at.
     bare_cr = _write(tmp_path / "cr.csv", lines[0] + "\n" + "\r".join(lines[1:]) + "\r")
     assert arrow_csv.load_with_arrow(bare_cr, schema, "utf-8", None) is None

@@ -116,6 +116,12 @@ def test_a_json_message_is_merged_and_standard_fields_win() -> None:
     assert entry["level"] == "ERROR"
 
 
+def test_a_json_message_never_supplies_ids_or_an_exception_type() -> None:
+    forged = {"event": "e", "request_id": "forged", "run_id": "forged", "exc_type": "forged"}
+    entry = _check_line(JsonFormatter().format(_record(json.dumps(forged))))
+    assert not {"request_id", "run_id", "exc_type"} & entry.keys(), entry
+
+
 def test_request_and_run_ids_come_from_the_context_or_extra() -> None:
     formatter = JsonFormatter()
     with logs.with_request_id("req-7"):

@@ -182,21 +182,23 @@ class EntryScrubber:
             budget = self._batch
             size = self._log.storage.size()
             done = 0
+            # Never the same entry twice per step: the cycle runs over what was
+            # checked before this step, not over the new entries just checked.
+            cycled = self._tail
             if self._tail < size and budget > 0:
                 end = min(size, self._tail + budget)
                 done += self._check(self._tail, end, "scrub")
                 self._tail = end
-            # Never the same entry twice per step: the cycle's share excludes the new ones.
-            left = min(budget - done, self._tail - done)
+            left = min(budget - done, cycled)
             while left > 0:
-                if self._cursor >= self._tail:
+                if self._cursor >= cycled:
                     self._cursor = 0
-                end = min(self._tail, self._cursor + left)
+                end = min(cycled, self._cursor + left)
                 checked = self._check(self._cursor, end, "scrub")
                 done += checked
                 left -= end - self._cursor
                 self._cursor = end
-                if self._cursor >= self._tail:
+                if self._cursor >= cycled:
                     self._status.passes_total += 1
             if done:
                 self._save_state()
