@@ -110,7 +110,7 @@ def problem_response(
     return JSONResponse(
         {
             "type": problem_type(type(error)),
-            "title": (type(error).__doc__ or "Error").splitlines()[0],
+            "title": _title(error),
             "status": status,
             "detail": detail,
             "error": detail,  # OIP's member: what tritonclient & co. show
@@ -119,6 +119,13 @@ def problem_response(
         media_type=PROBLEM_JSON,
         headers=extra or None,
     )
+
+
+def _title(error: FedvaultError) -> str:
+    """The class's one-line summary; the root class's speaks to developers, not callers."""
+    if type(error) is FedvaultError:
+        return "Internal server error (the server's log has the request id)."
+    return (type(error).__doc__ or "Error").splitlines()[0]
 
 
 def unexpected_error(exc: BaseException, *, request_id: str | None = None) -> FedvaultError:

@@ -101,6 +101,7 @@ def test_unexpected_exception_is_a_bare_500_and_logged_without_its_message(
         r = client.get("/bug", headers={"X-Request-Id": "req-42"})
     body = _problem(r, 500)
     assert body["detail"] == "internal error"
+    assert body["title"] == "Internal server error (the server's log has the request id)."
     assert MARKER not in r.text
     records = [rec for rec in caplog.records if rec.name == "server.problem"]
     assert len(records) == 1
