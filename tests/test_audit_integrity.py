@@ -332,6 +332,37 @@ def test_start_up_checks_since_the_verified_point_and_the_scrub_the_rest(
         log.close()
 
 
+def test_audit_checkpoint_refuses_to_sign_a_log_with_an_altered_entry(tmp_path: Path) -> None:
+    db, key = tmp_path / "audit.db", tmp_path / "audit.key"
+    signer = generate_note_key("fedvault.test/cli")
+    save_note_signer(key, signer)
+    log = AuditLog(SQLiteStorage(db), signer)
+    try:
+        for i in range(6):
+            log.append(record(i))
+    finally:
+        log.close()
+    signed = run_cli("audit", "checkpoint", "--db", db, "--key", key)
+    assert signed.returncode == 0, signed.stderr
+    assert signed.stdout.startswith("fedvault.test/cli\n6\n")
+    log = AuditLog(SQLiteStorage(db), signer)
+    try:
+        log.append(record(6))
+    finally:
+        log.close()
+    _tamper(db, 4)
+    refused = run_cli("audit", "checkpoint", "--db", db, "--key", key)
+    assert refused.returncode == 6, refused.stdout + refused.stderr
+    assert "not signed: audit log entry 4 was altered" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert refused.stdout == ""
+    storage = SQLiteStorage(db)
+    try:  # the 6-entry checkpoint stays the latest
+        assert storage.latest_checkpoint() == (6, signed.stdout)
+    finally:
+        storage.close()
+
+
 def test_a_scrub_step_reads_no_entry_twice(tmp_path: Path) -> None:
     """The cycle over older entries stops at the step's starting tail: the new
     entries the same step just checked are not read again."""
