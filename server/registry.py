@@ -97,10 +97,19 @@ class LoadedModel:
     lineage: dict[str, Any]
 
 
+# What a node's evaluation reply holds (fedvault.metrics.partner_sums), by task.
+_EVALUATION_RELEASES: dict[str, str] = {
+    "regression": "row count, loss, sums of squared and absolute errors, and the sum and "
+    "sum of squares of the target",
+    "": "row count, loss, confusion matrix and per-class score histograms",
+}
+
+
 def privacy_statement(lineage: dict[str, Any]) -> str:
     """A plain-language account of the privacy guarantee, with its assumptions."""
     eps = lineage.get("epsilon", {})
     per_partner = ", ".join(f"{p}: ε={e:.3g}" for p, e in sorted(eps.items()))
+    released = _EVALUATION_RELEASES.get(lineage.get("task", ""), _EVALUATION_RELEASES[""])
     if not lineage.get("private", True):
         return (
             "This model was trained WITHOUT differential privacy (a measured baseline). "
@@ -114,9 +123,10 @@ def privacy_statement(lineage: dict[str, Any]) -> str:
         f"{lineage['hyperparameters']['max_grad_norm']}) and one noisy release of "
         "standardisation sums. Adding or removing one record of one partner changes the "
         "probability of any outcome by at most a factor e^ε (plus δ). Assumptions: partner "
-        "dataset sizes are public; held-out evaluation metrics (loss, accuracy) are released "
-        "without noise; the guarantee covers what the coordinator and anyone holding the "
-        "model can learn, not a partner's own site."
+        f"dataset sizes are public; each partner's held-out evaluation sums ({released}) "
+        "are released to the coordinator without noise and are not covered by ε; the "
+        "guarantee covers what the coordinator and anyone holding the model can learn, not "
+        "a partner's own site."
     )
 
 

@@ -225,6 +225,15 @@ def test_artifact_reveals_no_lineage_without_keys(registry: ModelRegistry, where
     assert b"privacy_statement" not in blob
 
 
+def test_the_statement_names_the_evaluation_sums_released_for_the_task() -> None:
+    classes = privacy_statement({**LINEAGE, "task": "multiclass"})
+    assert "confusion matrix" in classes
+    regression = privacy_statement({**LINEAGE, "task": "regression"})
+    assert "sum of squares of the target" in regression
+    assert "accuracy" not in regression
+    assert "not covered by ε" in regression
+
+
 def test_non_private_statement() -> None:
     text = privacy_statement({**LINEAGE, "private": False})
     assert "WITHOUT differential privacy" in text
