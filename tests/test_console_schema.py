@@ -291,3 +291,26 @@ def test_schema_hash_mismatch_and_unreadable_schema_are_reported(schema: DataSch
     assert broken is None
     assert note is not None
     assert note.startswith("The schema stored with this model cannot be read")
+
+
+# ----------------------------------------------------------------------- models show
+def test_models_show_states_the_task_and_the_raw_columns(harness: Harness) -> None:
+    from tests.cli_support import run_cli
+
+    listed = run_cli("models", "list", "--json", "--home", harness.home)
+    assert listed.returncode == 0, listed.stderr
+    ids = {m["name"]: m["model_id"] for m in json.loads(listed.stdout)}
+    wide = {"COLUMNS": "1000"}  # one table row a line
+    shown = run_cli("models", "show", ids[REGRESSION], "--home", harness.home, env=wide)
+    assert shown.returncode == 0, shown.stderr
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in shown.stdout.splitlines()
+        if line.count("│") == 3
+    }
+    assert rows["task"] == "regression: label price in [0.0, 20000.0]"
+    assert rows["inputs"].startswith("5 columns: carat (float), depth (float), ")
+    assert rows["inputs"].endswith(", certified (boolean), age (int)")
+    legacy = run_cli("models", "show", ids[LEGACY], "--home", harness.home)
+    assert legacy.returncode == 0, legacy.stderr
+    assert "columns:" not in legacy.stdout  # a lineage without a schema shows none

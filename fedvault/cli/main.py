@@ -618,10 +618,31 @@ def models_show(model_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -
         "accountant",
     ):
         table.add_row(key, str(lineage.get(key)))
+    schema = lineage.get("schema") or {}
+    if schema:
+        table.add_row("task", _schema_task(schema))
+        table.add_row("inputs", _schema_inputs(schema))
     table.add_row("epsilon", json.dumps(lineage.get("epsilon")))
     table.add_row("final metrics", json.dumps(lineage.get("metrics", {}).get("final")))
     table.add_row("privacy statement", lineage.get("privacy_statement", ""))
     out.print(table)
+
+
+def _schema_task(schema: dict[str, Any]) -> str:
+    """``multiclass: label species (Adelie, Chinstrap, Gentoo)`` and the like."""
+    task, label = str(schema.get("task")), schema.get("label")
+    if task == "regression":
+        target = schema.get("target") or {}
+        return f"regression: label {label} in [{target.get('min')}, {target.get('max')}]"
+    classes = ", ".join(str(c) for c in schema.get("classes") or [])
+    return f"{task}: label {label}" + (f" ({classes})" if classes else "")
+
+
+def _schema_inputs(schema: dict[str, Any]) -> str:
+    """The raw columns a caller sends, with their types (what the gateway takes)."""
+    features = schema.get("features") or []
+    columns = ", ".join(f"{f.get('name')} ({f.get('type')})" for f in features)
+    return f"{len(features)} columns: {columns}"
 
 
 # --------------------------------------------------------------------------- data
