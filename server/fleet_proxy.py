@@ -17,6 +17,7 @@ and answers everything else with 404.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -24,13 +25,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fedvault.logs import uvicorn_log_config
+from server.http_serving import ConnectionLimits, http_config, serve_until_signal
 
 __all__ = ["FLEET_PREFIX", "build_app", "serve"]
 
@@ -106,17 +106,24 @@ def serve(
     ca_cert: Path,
     certfile: Path,
     keyfile: Path,
+    limits: ConnectionLimits | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's own handlers)."""
-    config = uvicorn.Config(
+    """Serve until SIGINT/SIGTERM, through the connection guards.
+
+    This is the one fedvault server on a partner-facing network, so it gets
+    the same header, idle and TLS-handshake deadlines and connection cap as
+    the gateway (:mod:`server.http_serving`). The guards time only the
+    client's side: a Fleet call the SuperLink takes long to answer is bounded
+    by the upstream timeout of :func:`build_app`, not by them.
+    """
+    limits = limits or ConnectionLimits()
+    config = http_config(
         build_app(upstream, ca_cert),
         host=listen_host,
         port=listen_port,
+        limits=limits,
         ssl_certfile=str(certfile),
         ssl_keyfile=str(keyfile),
-        log_level="warning",
-        access_log=False,
-        log_config=uvicorn_log_config(),
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    asyncio.run(serve_until_signal(config, limits))

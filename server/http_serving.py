@@ -315,11 +315,42 @@ def grpc_connection_options(limits: ConnectionLimits) -> list[tuple[str, int]]:
 
 
 class SignalFreeServer(uvicorn.Server):
-    """uvicorn without its own signal capture (the caller owns shutdown)."""
+    """uvicorn without its own signal capture (the caller owns shutdown), and
+    with a TLS handshake deadline.
+
+    Why the deadline here: a TLS connection reaches the protocol (and its
+    header timer and connection cap) only once its handshake is done, so a
+    client that connects and never sends a ClientHello would hold a descriptor
+    for asyncio's default of 60 s, whatever ``header_timeout_s`` says. uvicorn
+    passes no ``ssl_handshake_timeout`` to ``loop.create_server`` and has no
+    setting for it, so :meth:`startup` supplies one (the header timeout) for
+    the duration of uvicorn's own start-up.
+    """
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        http = self.config.http
+        limits = getattr(http, "limits", None) if isinstance(http, type) else None
+        if self.config.ssl is None or not isinstance(limits, ConnectionLimits):
+            await super().startup(sockets=sockets)
+            return
+        loop = asyncio.get_running_loop()
+        create_server = loop.create_server
+
+        async def with_handshake_deadline(*args: Any, **kwargs: Any) -> asyncio.Server:
+            kwargs.setdefault("ssl_handshake_timeout", limits.header_timeout_s)
+            return await create_server(*args, **kwargs)
+
+        # An instance attribute shadows the method for uvicorn's calls only
+        # (asyncio's and uvloop's loop classes both allow it), then goes.
+        loop.create_server = with_handshake_deadline  # type: ignore[method-assign]
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            del loop.create_server
 
 
 def check_bind(host: str, port: int, what: str) -> None:

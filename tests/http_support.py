@@ -14,16 +14,21 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from server.http_serving import ConnectionLimits, SignalFreeServer, http_config
 from tests.he_support import free_port
 
 
 @contextmanager
-def guarded_server(app: object, limits: ConnectionLimits) -> Iterator[int]:
-    """Serve ``app`` with ``limits`` on a free loopback port; yield the port."""
+def guarded_server(app: object, limits: ConnectionLimits, **options: Any) -> Iterator[int]:
+    """Serve ``app`` with ``limits`` on a free loopback port; yield the port.
+
+    ``options`` go to uvicorn's config (e.g. ``ssl_certfile``/``ssl_keyfile``).
+    """
     port = free_port()
-    server = SignalFreeServer(http_config(app, host="127.0.0.1", port=port, limits=limits))
+    config = http_config(app, host="127.0.0.1", port=port, limits=limits, **options)
+    server = SignalFreeServer(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import grpc
 import httpx
 import pytest
 
+from secure import create_ca, issue_server_cert
 from secure.signed_note import generate_note_key, save_note_signer
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
@@ -159,6 +161,28 @@ def test_beyond_the_cap_connections_get_503_and_requests_succeed_afterwards() ->
         assert got.text == "3"
 
 
+def test_a_tls_client_that_never_handshakes_is_closed_at_the_header_timeout(
+    tmp_path: Path,
+) -> None:
+    """A TLS connection reaches the guarded protocol only after its handshake;
+    the handshake itself is bounded by the header timeout (asyncio's default: 60 s)."""
+    ca = create_ca("fedvault-test-ca", tmp_path / "pki")
+    leaf = issue_server_cert(ca, tmp_path / "pki", hosts=["127.0.0.1"])
+    tls = {"ssl_certfile": str(leaf.cert), "ssl_keyfile": str(leaf.key)}
+    with guarded_server(echo_app, FAST, **tls) as port:
+        with connect(port) as silent:
+            data, took = read_until_closed(silent, FAST.header_timeout_s + SLACK_S)
+        assert data == b""
+        assert took >= FAST.header_timeout_s - 0.1
+        trusted = ssl.create_default_context(cafile=str(ca.ca_cert))
+        with connect(port) as raw, trusted.wrap_socket(raw, server_hostname="127.0.0.1") as quiet:
+            # Handshake done, then nothing: the protocol's own header timer.
+            data, took = read_until_closed(quiet, FAST.header_timeout_s + SLACK_S)
+        assert data == b""
+        answer = httpx.post(f"https://127.0.0.1:{port}/", content=b"abcd", verify=trusted)
+        assert answer.text == "4"
+
+
 def test_limits_are_validated() -> None:
     from fedvault.errors import ConfigError
 
@@ -175,7 +199,13 @@ def test_every_http_command_offers_the_connection_options() -> None:
     from fedvault.cli.main import app
 
     root = typer.main.get_command(app)
-    for group, name in (("gateway", "start"), ("he", "serve"), ("audit", "serve")):
+    commands = (
+        ("gateway", "start"),
+        ("he", "serve"),
+        ("audit", "serve"),
+        ("federation", "fleet-proxy"),
+    )
+    for group, name in commands:
         command = root.commands[group].commands[name]  # type: ignore[attr-defined]
         offered = {option for param in command.params for option in param.opts}
         assert {"--header-timeout", "--idle-timeout", "--max-connections"} <= offered, group
@@ -251,3 +281,42 @@ def _wait_listening(port: int, server: subprocess.Popen[bytes], log: Path) -> No
             assert server.poll() is None, log.read_text(errors="replace")
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.1)
+
+
+def test_the_fleet_proxy_applies_the_guards(tmp_path: Path) -> None:
+    """The partner-facing Fleet proxy: TLS handshake and header deadlines, the cap."""
+    from fedvault.cli import federation as fed
+    from tests.he_support import free_port
+
+    paths = fed.FederationPaths(tmp_path / "home")
+    fed.init_federation(paths, ["alpha"], ["127.0.0.1"])
+    port = free_port()
+    log = tmp_path / "proxy.log"
+    with log.open("wb") as sink:
+        proxy = subprocess.Popen(
+            [sys.executable, "-m", "fedvault", "federation", "fleet-proxy",
+             "--home", str(paths.home), "--listen", f"127.0.0.1:{port}",
+             "--upstream", f"127.0.0.1:{free_port()}", "--header-timeout", "0.5",
+             "--max-connections", "2"],
+            stdout=sink, stderr=sink,
+        )  # fmt: skip
+    trusted = ssl.create_default_context(cafile=str(paths.ca_cert))
+    try:
+        _wait_listening(port, proxy, log)
+        time.sleep(0.2)  # the probe's connection is gone
+        with connect(port) as silent:  # no ClientHello: the handshake deadline
+            data, took = read_until_closed(silent, 0.5 + SLACK_S)
+        assert (data, took >= 0.4) == (b"", True)
+        with connect(port) as a, trusted.wrap_socket(a, server_hostname="127.0.0.1") as one:
+            with connect(port) as b, trusted.wrap_socket(b, server_hostname="127.0.0.1"):
+                with connect(port) as c:
+                    extra = trusted.wrap_socket(c, server_hostname="127.0.0.1")
+                    data, _ = read_until_closed(extra, SLACK_S)
+                    assert data.startswith(b"HTTP/1.1 503 "), data
+            data, took = read_until_closed(one, 0.5 + SLACK_S)  # handshake, then silence
+            assert data == b""
+        control = httpx.get(f"https://127.0.0.1:{port}/v1/control/runs", verify=trusted)
+        assert control.status_code == 404  # only the Fleet API goes through
+    finally:
+        proxy.terminate()
+        assert proxy.wait(timeout=30) == 0, log.read_text(errors="replace")

@@ -18,7 +18,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedvault.cli.options import HomeOpt, LogFormatOpt
+from fedvault.cli.options import (
+    HeaderTimeoutOpt,
+    HomeOpt,
+    IdleTimeoutOpt,
+    LogFormatOpt,
+    MaxConnectionsOpt,
+    connection_limits,
+    connection_overrides,
+)
 from fedvault.database import require_store
 from fedvault.errors import ConfigError, FedvaultError, UnavailableError, mapping_for
 from fedvault.logs import LogFormat, configure_logging
@@ -385,13 +393,19 @@ def federation_fleet_proxy(
     listen: Annotated[str, typer.Option(help="host:port partners reach.")],
     upstream: Annotated[str, typer.Option(help="host:port of the SuperLink (private).")],
     home: HomeOpt = None,
+    header_timeout: HeaderTimeoutOpt = None,
+    idle_timeout: IdleTimeoutOpt = None,
+    max_connections: MaxConnectionsOpt = None,
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
     """Serve only the SuperLink's Fleet API (TLS in and out); `federation up --fleet-host`."""
     from .partners import fleet_proxy
 
     configure_logging(log_format)
-    fleet_proxy(home, listen, upstream)
+    settings = load_settings(
+        home=home, **connection_overrides(header_timeout, idle_timeout, max_connections)
+    )
+    fleet_proxy(home, listen, upstream, connection_limits(settings))
 
 
 # --------------------------------------------------------------------------- node

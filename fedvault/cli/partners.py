@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from fedvault.training_config import DatasetName
 from . import federation as fed
 from . import kits
 from .processes import ProcessGroup
+
+if TYPE_CHECKING:
+    from server.http_serving import ConnectionLimits
 
 partner_app = typer.Typer(
     help="Operator: issue and revoke partners' startup kits.", no_args_is_help=True
@@ -123,6 +126,7 @@ def fleet_proxy(
     home: Path | None,
     listen: str,
     upstream: str,
+    limits: ConnectionLimits | None = None,
 ) -> None:
     """Run the Fleet-only proxy in the foreground (see :mod:`server.fleet_proxy`)."""
     from server.fleet_proxy import serve
@@ -137,6 +141,7 @@ def fleet_proxy(
         ca_cert=paths.ca_cert,
         certfile=paths.server_cert,
         keyfile=paths.server_key,
+        limits=limits,
     )
 
 
