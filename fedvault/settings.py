@@ -138,6 +138,12 @@ class FedvaultSettings(BaseSettings):
     grpc_idle_timeout_s: float = Field(
         default=300.0, gt=0, description="A gRPC connection with no call for this long closes."
     )
+    http_send_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest a client may leave an answer unread (the send buffer full).",
+    )
 
     @property
     def gateway_db(self) -> Path:

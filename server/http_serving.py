@@ -79,16 +79,20 @@ class ConnectionLimits:
     (REST and gRPC each); one more is refused. ``grpc_idle_timeout_s``: a gRPC
     connection with no RPC in flight for this long is closed (clients
     reconnect on their next call; channels are meant to live long, hence a
-    longer default than HTTP's).
+    longer default than HTTP's). ``send_timeout_s``: the longest an answer
+    may sit in a full send buffer, i.e. a client that stops reading (its
+    connection is aborted and the request counts as disconnected); a slow
+    reader that keeps draining is never cut.
     """
 
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 5.0
     max_connections: int = 512
     grpc_idle_timeout_s: float = 300.0
+    send_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout_s", "idle_timeout_s", "grpc_idle_timeout_s"):
+        for name in ("header_timeout_s", "idle_timeout_s", "grpc_idle_timeout_s", "send_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds")
         if self.max_connections < 1:
@@ -132,6 +136,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _fv_in_head: bool = False  # some of a request's head arrived, not all of it
     _fv_head_timer: asyncio.TimerHandle | None = None
     _fv_idle_timer: asyncio.TimerHandle | None = None
+    _fv_send_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -171,6 +176,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._fv_idle_timer = None
         if self._fv_awaiting_body():
             self._fv_arm_idle(self.limits.idle_timeout_s)
+
+    def pause_writing(self) -> None:
+        """The send buffer is full: the client has until the send timeout to drain it."""
+        super().pause_writing()
+        if self._fv_send_timer is None and not self._fv_refused:
+            self._fv_send_timer = self.loop.call_later(
+                self.limits.send_timeout_s, self._fv_send_expired
+            )
+
+    def resume_writing(self) -> None:
+        if self._fv_send_timer is not None:
+            self._fv_send_timer.cancel()
+            self._fv_send_timer = None
+        super().resume_writing()
 
     # -- parser callbacks -----------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -247,6 +266,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.write(_plain_response(self.server_state.default_headers, 408, text))
         self.transport.close()
 
+    def _fv_send_expired(self) -> None:
+        """The client left our answer unread for the whole send timeout: abort.
+
+        Abort, not close: a close would wait for the buffer to drain, which is
+        exactly what this client does not let happen — and a transport already
+        closing (a complete answer, then the keep-alive timeout) waits the same
+        way, so it is aborted too. connection_lost then marks the request
+        disconnected and wakes the app's pending send.
+        """
+        self._fv_send_timer = None
+        self.transport.abort()
+
     def _fv_answer_for_app(self, status: int, text: str) -> None:
         """Record, for the request in flight, that the server answered it with ``status``.
 
@@ -265,10 +296,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle.message_event.set()
 
     def _fv_cancel_timers(self) -> None:
-        for timer in (self._fv_head_timer, self._fv_idle_timer):
+        for timer in (self._fv_head_timer, self._fv_idle_timer, self._fv_send_timer):
             if timer is not None:
                 timer.cancel()
-        self._fv_head_timer = self._fv_idle_timer = None
+        self._fv_head_timer = self._fv_idle_timer = self._fv_send_timer = None
 
 
 def guarded_protocol(

@@ -32,12 +32,16 @@ from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
 from server.http_serving import ConnectionLimits
 from tests.http_support import connect, guarded_server, read_until_closed
 
-FAST = ConnectionLimits(header_timeout_s=0.5, idle_timeout_s=0.3, max_connections=64)
+FAST = ConnectionLimits(
+    header_timeout_s=0.5, idle_timeout_s=0.3, max_connections=64, send_timeout_s=0.5
+)
+BIG = 16 << 20  # far more than the kernel's socket buffers hold
 SLACK_S = 1.5  # scheduling on a loaded machine; the defect held connections for minutes
 
 
 async def echo_app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
-    """Reads the whole body, answers its length; ``/block`` blocks the loop for 1 s.
+    """Reads the whole body, answers its length; ``/block`` blocks the loop for 1 s;
+    ``/big`` answers :data:`BIG` bytes.
 
     It blocks in a timer callback: uvloop (libuv) runs due timers before it
     polls for I/O, so a guard's overdue timer fires next, before the bytes
@@ -54,7 +58,7 @@ async def echo_app(scope: dict, receive: object, send: object) -> None:  # type:
         size += len(message.get("body", b""))
         if not message.get("more_body"):
             break
-    body = str(size).encode()
+    body = b"x" * BIG if scope["path"] == "/big" else str(size).encode()
     await send(  # type: ignore[operator]
         {
             "type": "http.response.start",
@@ -130,6 +134,27 @@ def test_keep_alive_closes_at_the_idle_timeout_and_requests_work(port: int) -> N
     assert data.startswith(b"HTTP/1.1 200 "), data
     assert data.endswith(b"\r\n\r\n3")
     assert took >= FAST.idle_timeout_s - 0.1
+
+
+def test_a_client_that_stops_reading_is_cut_at_the_send_timeout(port: int) -> None:
+    with connect(port) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nhost: t\r\n\r\n")
+        time.sleep(FAST.send_timeout_s + SLACK_S)  # never reads: the server's buffer fills
+        data, _ = read_until_closed(sock, 10)
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert len(data) < BIG  # aborted mid-answer, not waited for
+
+
+def test_a_slow_reader_that_keeps_reading_gets_the_whole_answer(port: int) -> None:
+    with connect(port) as sock:
+        sock.sendall(b"GET /big HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        data = b""
+        sock.settimeout(10)
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+            time.sleep(0.01)  # slower than the server, never stalled for the send timeout
+    assert data.endswith(b"x" * 1000)
+    assert len(data.partition(b"\r\n\r\n")[2]) == BIG
 
 
 def test_beyond_the_cap_connections_get_503_and_requests_succeed_afterwards() -> None:

@@ -77,6 +77,7 @@ def connection_limits(settings: FedvaultSettings) -> ConnectionLimits:
         idle_timeout_s=settings.http_idle_timeout_s,
         max_connections=settings.max_connections,
         grpc_idle_timeout_s=settings.grpc_idle_timeout_s,
+        send_timeout_s=settings.http_send_timeout_s,
     )
 
 
