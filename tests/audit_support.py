@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -207,3 +208,82 @@ def append_concurrently(log: AuditLog, threads: int, per_thread: int) -> list[in
     for w in workers:
         w.join()
     return got
+
+
+@dataclass
+class PostgresInstance:
+    """A private PostgreSQL that a fault test may stop and start again (same port and data).
+
+    Not the session's shared server (``pg_admin``): stopping that one would
+    fail every other test using it. With ``password``, TCP connections need
+    it (SCRAM), so a test can check the secret never reaches a log or answer.
+    """
+
+    bindir: Path
+    base: Path
+    port: int
+    prefix: list[str]
+    password: str | None = None
+
+    @property
+    def data(self) -> Path:
+        return self.base / "data"
+
+    def url(self, database: str = "postgres") -> str:
+        """SQLAlchemy URL without the password (it goes in a password file)."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1"
+        start = ["-o", options, "-w", "-t", "60", "-l", str(self.base / "log"), "start"]
+        subprocess.run(
+            [*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.data), *start],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def stop(self, mode: str = "immediate") -> None:
+        subprocess.run(
+            [*self.prefix, str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "stop"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
+
+@contextmanager
+def postgres_instance(password: str | None = None) -> Iterator[PostgresInstance]:
+    """Like :func:`postgres_server`, but the test holds the server to stop and restart it."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        if os.environ.get("FEDVAULT_REQUIRE_POSTGRES") == "1" or os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries are missing but CI requires the PostgreSQL tests")
+        pytest.skip("PostgreSQL binaries (pg_ctl, initdb) are not installed")
+    base = Path(tempfile.mkdtemp(prefix="fedvault-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        user = "postgres"
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            user = "nobody"
+        shutil.chown(base, user)
+        prefix = ["runuser", "-u", user, "--"]
+    server = PostgresInstance(bindir, base, free_port(), prefix, password)
+    auth = ["-A", "trust"]
+    if password is not None:
+        pwfile = base / "pwfile"
+        pwfile.write_text(password + "\n")
+        shutil.chown(pwfile, base.owner())
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+    try:
+        init = [str(bindir / "initdb"), "-D", str(server.data), *auth, "-U", "postgres"]
+        subprocess.run([*prefix, *init], check=True, capture_output=True, timeout=120)
+        if password is not None:
+            (base / "pwfile").unlink()
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

@@ -2,8 +2,14 @@
 
 The sink is :class:`server.audit.log.AuditSink` (``AuditLog`` in production):
 ``append`` returns only once the record is durable. :class:`AuditGate`
-awaits it before a response leaves; if it raises, the request fails with 503
-and readiness turns false until an append succeeds again.
+awaits it before a response leaves; if it raises (the database is down, the
+disk is full), the request fails with 503 and readiness turns false until an
+append succeeds again. Why the gate then probes the store itself: once
+unready, a load balancer sends no more requests, so without a probe nothing
+would ever append again and the gateway would stay out of rotation after the
+store came back. The probe's append is a real record (``gateway:audit-recovered``,
+saying since when appends failed and how many requests were refused), so
+an auditor also sees the outage in the log.
 
 Mapping onto :class:`~server.audit.records.AuditRecord` (typed fields, so a
 reviewer filters on them instead of parsing text):
@@ -45,6 +51,7 @@ _log = logging.getLogger(__name__)
 __all__ = [
     "CLIENT_DISCONNECTED",
     "NO_STATUS",
+    "PROBE_INTERVAL_S",
     "AsyncAuditSink",
     "AuditEvent",
     "AuditGate",
@@ -56,6 +63,8 @@ CLIENT_DISCONNECTED: Final = "client-disconnected"
 """Outcome of a request whose client left before any response reached it."""
 NO_STATUS: Final = "none"
 """Its status: no response was sent, so none is recorded (not the app's unsent 500)."""
+PROBE_INTERVAL_S: Final = 1.0
+"""While appends fail, the gate tries a probe record this often (see the module doc)."""
 
 
 class AsyncAuditSink(Protocol):
@@ -172,6 +181,7 @@ class AuditGate:
         sink: AuditSink,
         *,
         observe: Callable[[float, bool], None] | None = None,
+        probe_interval_s: float = PROBE_INTERVAL_S,
     ) -> None:
         self._sink = sink
         # ``AuditLog.append_entry_async`` takes the canonical bytes (AuditEvent.entry);
@@ -179,29 +189,80 @@ class AuditGate:
         self._entry_async = getattr(sink, "append_entry_async", None)
         self._async = getattr(sink, "append_async", None)
         self._observe = observe or (lambda _s, _ok: None)
+        self._probe_interval_s = probe_interval_s
         self.healthy = True
+        self._failing_since: float | None = None  # wall clock of the first failed append
+        self._refused = 0  # requests failed closed since then
+        self._probe: asyncio.Task[None] | None = None
 
     async def append(self, event: AuditEvent) -> None:
         """Durably append ``event`` or raise :class:`UnavailableError` (and turn unready)."""
         start = time.perf_counter()
         try:
-            if self._entry_async is not None:
-                await self._entry_async(event.entry())
-            elif self._async is not None:
-                await self._async(event.record())
-            else:
-                await asyncio.to_thread(self._sink.append, event.record())
+            await self._write(event)
         except Exception as exc:
-            self.healthy = False
             self._observe(time.perf_counter() - start, False)
+            self._failed(exc)
+            # A fresh message: the sink's may name database internals.
+            raise UnavailableError("the audit log cannot record this request") from None
+        self._recovered()
+        self._observe(time.perf_counter() - start, True)
+
+    async def _write(self, item: AuditEvent | AuditRecord) -> None:
+        if self._entry_async is not None:
+            entry = item.entry() if isinstance(item, AuditEvent) else encode_record(item)
+            await self._entry_async(entry)
+            return
+        record = item.record() if isinstance(item, AuditEvent) else item
+        if self._async is not None:
+            await self._async(record)
+        else:
+            await asyncio.to_thread(self._sink.append, record)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.healthy:
             # The operator's clue is the class (OperationalError, OSError...); the
             # message may name database internals or quote the entry, so it stays out.
+            # Once per outage: under load every request fails the same way.
             _log.error(
                 "audit append failed (%s.%s); requests fail closed until it recovers",
                 type(exc).__module__,
                 type(exc).__qualname__,
             )
-            # A fresh message: the sink's may name database internals.
-            raise UnavailableError("the audit log cannot record this request") from None
+        self.healthy = False
+        self._refused += 1
+        if self._failing_since is None:
+            self._failing_since = time.time()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_recovered())
+
+    def _recovered(self) -> None:
+        if not self.healthy:
+            _log.warning("audit appends succeed again after %d refused request(s)", self._refused)
         self.healthy = True
-        self._observe(time.perf_counter() - start, True)
+        self._failing_since = None
+        self._refused = 0
+
+    async def _probe_until_recovered(self) -> None:
+        """Append a recovery record every interval until one is durable (or a request's was)."""
+        while not self.healthy:
+            await asyncio.sleep(self._probe_interval_s)
+            if self.healthy or self._failing_since is None:
+                return  # a request's append succeeded meanwhile
+            record = AuditRecord(
+                time=datetime.now(UTC),
+                actor="gateway",
+                role="system",
+                action="gateway:audit-recovered",
+                resource=(
+                    "audit-log: appends failed since "
+                    f"{format_time(datetime.fromtimestamp(self._failing_since, UTC))}, "
+                    f"{self._refused} request(s) refused"
+                ),
+                outcome="ok",
+            )
+            try:
+                await self._write(record)
+            except Exception:  # noqa: S112 - still failing: the next interval tries again
+                continue
+            self._recovered()

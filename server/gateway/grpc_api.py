@@ -49,7 +49,7 @@ from fedvault.errors import (
     mapping_for,
     problem_type,
 )
-from server.gateway.audit import AuditEvent
+from server.gateway.audit import PROBE_INTERVAL_S, AuditEvent
 from server.gateway.auth import Action, Principal
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
@@ -250,7 +250,7 @@ class AuditedServicer:
         )
         # Run to completion even if the call is cancelled (client gone, deadline,
         # shutdown): a request that reached its work is always audited.
-        response, error, _ = await _to_completion(
+        response, error, audit_failed = await _to_completion(
             self._audited(
                 event, request, self._authorization(context), work, metric_endpoint or endpoint, t0
             )
@@ -265,8 +265,8 @@ class AuditedServicer:
         )
         if error is not None:
             mapping = mapping_for(error)
-            retry = getattr(error, "retry_after_s", None)
-            if retry:
+            retry = PROBE_INTERVAL_S if audit_failed else getattr(error, "retry_after_s", None)
+            if retry:  # the audit store down or full is worth retrying soon, as REST says
                 trailers += (("retry-after", str(int(retry))),)
             context.set_trailing_metadata(trailers)
             await context.abort(grpc.StatusCode[mapping.grpc_status], _detail(error, mapping))

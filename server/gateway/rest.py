@@ -5,7 +5,8 @@ see *every* request — our routes, the mounted HE and audit routers, 404s,
 validation errors, timeouts — and it must hold the response until the audit
 record is durable. It buffers the response (a few KB for plaintext
 inference), appends the record, and only then sends; if the append fails the
-caller gets 503 problem+json instead (fail closed) and readiness turns false.
+caller gets 503 problem+json with Retry-After instead (fail closed) and
+readiness turns false until the store takes appends again.
 Request and response bodies are hashed as they stream; only digests reach
 the log.
 
@@ -19,6 +20,7 @@ Kubernetes probe every few seconds would bury the log in noise.
 import asyncio
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
@@ -44,7 +46,13 @@ from fedvault.errors import (
     UnavailableError,
 )
 from server.audit.log import AuditLog
-from server.gateway.audit import CLIENT_DISCONNECTED, NO_STATUS, AuditEvent, AuditGate
+from server.gateway.audit import (
+    CLIENT_DISCONNECTED,
+    NO_STATUS,
+    PROBE_INTERVAL_S,
+    AuditEvent,
+    AuditGate,
+)
 from server.gateway.auth import Action, Authenticator, Principal, authorize
 from server.gateway.codec import CodecPool
 from server.gateway.keys import ROLES, ApiKey, GatewayStore, parse_expiry
@@ -309,7 +317,8 @@ class AuditMiddleware:
         try:
             await self.gw.audit.append(event)
         except FedvaultError as exc:
-            start, chunks = _problem_messages(exc)
+            # The store is down or full: worth retrying soon, here or at another replica.
+            start, chunks = _problem_messages(exc, retry_after_s=PROBE_INTERVAL_S)
             body = b"".join(chunks)
             status = int(start["status"])
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
@@ -343,8 +352,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _problem_messages(error: FedvaultError) -> tuple[Message, list[bytes]]:
-    response = problem_response(error)
+def _problem_messages(
+    error: FedvaultError, *, retry_after_s: float | None = None
+) -> tuple[Message, list[bytes]]:
+    retry = {"Retry-After": str(math.ceil(retry_after_s))} if retry_after_s else None
+    response = problem_response(error, headers=retry)
     return (
         {
             "type": "http.response.start",
