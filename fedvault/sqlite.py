@@ -6,6 +6,7 @@ WAL with ``synchronous=FULL``: a committed transaction survives power loss and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -86,16 +87,36 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
     SQLite's own errors are translated here, once for every store: a violated
     constraint (a duplicate charge, run or model) is a :class:`ConflictError`,
-    anything else from the database an :class:`UnavailableError`.
+    anything else from the database an :class:`UnavailableError` — at
+    ``BEGIN`` (locked), inside, and at ``COMMIT`` (a full disk or an I/O error
+    surfaces there). A ``ROLLBACK`` that finds no transaction (SQLite may
+    have rolled back itself) never hides the error that ended it.
     """
-    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise _translated(exc) from None
     try:
         yield
     except BaseException as exc:
-        conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.IntegrityError):
-            raise ConflictError(f"database constraint violated: {exc}") from None
+        _rollback(conn)
         if isinstance(exc, sqlite3.Error):
-            raise UnavailableError(f"database error: {exc}") from None
+            raise _translated(exc) from None
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        _rollback(conn)
+        raise _translated(exc) from None
+
+
+def _translated(exc: sqlite3.Error) -> ConflictError | UnavailableError:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return ConflictError(f"database constraint violated: {exc}")
+    return UnavailableError(f"database error: {exc}")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):  # already rolled back by SQLite
+            conn.execute("ROLLBACK")

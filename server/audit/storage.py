@@ -189,7 +189,7 @@ class SQLiteStorage:
                 raise UnavailableError("audit store is closed")
             conn = self._writer
             try:
-                with _write(conn, "audit append failed"):
+                with transaction(conn):
                     size = _size(conn)
                     frontier = self._frontier
                     if frontier is None or frontier.size != size:  # first use, or another writer
@@ -223,7 +223,7 @@ class SQLiteStorage:
     def save_checkpoint(
         self, size: int, note: str, *, check: CheckpointCheck | None = None
     ) -> None:
-        with self._write_lock, _write(self._writer, "cannot store checkpoint"):
+        with self._write_lock, transaction(self._writer):
             if check is not None:
                 check(_latest(self._writer))
             self._writer.execute(
@@ -241,39 +241,6 @@ class SQLiteStorage:
                 for conn in self._all:
                     conn.close()
                 self._all.clear()
-
-
-@contextmanager
-def _write(conn: sqlite3.Connection, what: str) -> Iterator[None]:
-    """One write transaction whose every SQLite failure is an :class:`UnavailableError`.
-
-    Why not :func:`fedvault.sqlite.transaction` alone: its ``COMMIT`` runs
-    outside its handler, so a commit refused for a full disk or an I/O error
-    left as a bare ``sqlite3.OperationalError`` — which ended the gateway's
-    checkpoint thread for good. SQLite usually rolls such a transaction back
-    itself, but may leave it open; a connection left inside it would refuse
-    every later ``BEGIN``, so the store would not recover once space is freed.
-    Nothing of a failed transaction is ever visible: SQLite commits atomically.
-    """
-    try:
-        with transaction(conn):
-            yield
-    except sqlite3.Error as exc:
-        _rollback(conn)
-        # A ROLLBACK that found no transaction hides the error that ended it.
-        cause = exc.__context__ if isinstance(exc.__context__, sqlite3.Error) else exc
-        raise UnavailableError(f"{what}: {cause}") from None
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # already rolled back by SQLite; the next BEGIN says otherwise
 
 
 def _latest(conn: sqlite3.Connection) -> tuple[int, str] | None:
