@@ -115,6 +115,12 @@ class FedvaultSettings(BaseSettings):
     gateway_rate_burst: float = Field(default=200.0, ge=1)
     gateway_max_body_bytes: int = Field(default=64 * 1024**2, ge=1024)
     gateway_request_timeout_s: float = Field(default=30.0, gt=0)
+    gateway_audit_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A request's audit record must be durable within this, else 503.",
+    )
     # Connection guards of every fedvault HTTP server (gateway REST, `he serve`,
     # `audit serve`) and of the gateway's gRPC door: server.http_serving.ConnectionLimits.
     http_header_timeout_s: float = Field(

@@ -358,6 +358,57 @@ def test_postgres_stopped_under_load_fails_closed_and_recovers(tmp_path: Path) -
         _check_log(home, location, acked, password_file)
 
 
+def _postgres_pids(data: Path) -> list[int]:
+    """The postmaster (first line of postmaster.pid) and every process it started."""
+    postmaster = int((data / "postmaster.pid").read_text().split()[0])
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == postmaster:
+                children.append(int(entry))
+    return [postmaster, *children]
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def test_postgres_hung_under_load_fails_closed_within_the_audit_timeout(tmp_path: Path) -> None:
+    """A store that neither answers nor refuses (every PostgreSQL process stopped,
+    as in a network partition): requests are refused once the audit timeout
+    passes instead of waiting for it, and it all recovers when it answers again."""
+    password_file = write_token_file(tmp_path / "pg.password", PG_PASSWORD)
+    with postgres_instance(password=PG_PASSWORD) as pg:
+        location = pg.url().replace("+psycopg", "")
+        env = {
+            "FEDVAULT_AUDIT_STORE": location,
+            "FEDVAULT_AUDIT_STORE_PASSWORD_FILE": str(password_file),
+            "FEDVAULT_GATEWAY_AUDIT_TIMEOUT_S": "1",
+        }
+        stopped: list[int] = []
+
+        def hang(_load: Load) -> None:
+            stopped.extend(_postgres_pids(pg.data))
+            _signal_all(stopped, signal.SIGSTOP)
+
+        try:
+            home, acked, timings = _fault_under_load(
+                tmp_path, env, hang, lambda: _signal_all(stopped, signal.SIGCONT), PG_PASSWORD
+            )
+        finally:
+            _signal_all(stopped, signal.SIGCONT)  # never leave it stopped, whatever failed
+        assert timings["fault_to_503_s"] < 10  # bounded by the timeout, not by the store
+        _check_log(home, location, acked, password_file)
+
+
 def _mount_tmpfs(path: Path, size: str) -> None:
     """Mount a tmpfs of ``size`` on ``path``; skip where not permitted (fail where CI requires)."""
     path.mkdir()

@@ -202,6 +202,7 @@ def start(
                 limits=Limits(
                     max_body_bytes=settings.gateway_max_body_bytes,
                     request_timeout_s=settings.gateway_request_timeout_s,
+                    audit_timeout_s=settings.gateway_audit_timeout_s,
                 ),
                 enable_he=not no_he,
             ),

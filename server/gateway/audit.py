@@ -49,6 +49,7 @@ from server.audit.records import AuditRecord, canonical_bytes, encode_record, fo
 _log = logging.getLogger(__name__)
 
 __all__ = [
+    "APPEND_TIMEOUT_S",
     "CLIENT_DISCONNECTED",
     "NO_STATUS",
     "PROBE_INTERVAL_S",
@@ -65,6 +66,8 @@ NO_STATUS: Final = "none"
 """Its status: no response was sent, so none is recorded (not the app's unsent 500)."""
 PROBE_INTERVAL_S: Final = 1.0
 """While appends fail, the gate tries a probe record this often (see the module doc)."""
+APPEND_TIMEOUT_S: Final = 10.0
+"""Longest a request waits for its record to be durable before it is refused (503)."""
 
 
 class AsyncAuditSink(Protocol):
@@ -182,8 +185,10 @@ class AuditGate:
         *,
         observe: Callable[[float, bool], None] | None = None,
         probe_interval_s: float = PROBE_INTERVAL_S,
+        append_timeout_s: float = APPEND_TIMEOUT_S,
     ) -> None:
         self._sink = sink
+        self._append_timeout_s = append_timeout_s
         # ``AuditLog.append_entry_async`` takes the canonical bytes (AuditEvent.entry);
         # other sinks get the record.
         self._entry_async = getattr(sink, "append_entry_async", None)
@@ -199,7 +204,7 @@ class AuditGate:
         """Durably append ``event`` or raise :class:`UnavailableError` (and turn unready)."""
         start = time.perf_counter()
         try:
-            await self._write(event)
+            await self._bounded(asyncio.ensure_future(self._write(event)))
         except Exception as exc:
             self._observe(time.perf_counter() - start, False)
             self._failed(exc)
@@ -207,6 +212,25 @@ class AuditGate:
             raise UnavailableError("the audit log cannot record this request") from None
         self._recovered()
         self._observe(time.perf_counter() - start, True)
+
+    async def _bounded(self, write: asyncio.Future[None]) -> None:
+        """Await ``write`` for at most the append timeout.
+
+        Why: a store that hangs (a network partition, a stopped database
+        server) is an outage as much as one that refuses, but without a
+        deadline every request would wait for it indefinitely. The write
+        itself is not cancelled (shielded): the record is already on its way
+        to the store and may still commit, so a refused request can appear in
+        the log (as with a commit that lands while the connection drops);
+        an acknowledged one is always there.
+        """
+        write.add_done_callback(_retrieve)
+        try:
+            await asyncio.wait_for(asyncio.shield(write), self._append_timeout_s)
+        except TimeoutError:
+            raise UnavailableError(
+                f"the audit store did not commit within {self._append_timeout_s:g} s"
+            ) from None
 
     async def _write(self, item: AuditEvent | AuditRecord) -> None:
         if self._entry_async is not None:
@@ -244,25 +268,43 @@ class AuditGate:
         self._refused = 0
 
     async def _probe_until_recovered(self) -> None:
-        """Append a recovery record every interval until one is durable (or a request's was)."""
+        """Append a recovery record every interval until one is durable (or a request's was).
+
+        A probe whose write is still pending (a hung store) is waited for
+        again rather than followed by another: one outage, one record.
+        """
+        pending: asyncio.Future[None] | None = None
         while not self.healthy:
             await asyncio.sleep(self._probe_interval_s)
             if self.healthy or self._failing_since is None:
                 return  # a request's append succeeded meanwhile
-            record = AuditRecord(
-                time=datetime.now(UTC),
-                actor="gateway",
-                role="system",
-                action="gateway:audit-recovered",
-                resource=(
-                    "audit-log: appends failed since "
-                    f"{format_time(datetime.fromtimestamp(self._failing_since, UTC))}, "
-                    f"{self._refused} request(s) refused"
-                ),
-                outcome="ok",
-            )
+            if pending is None:
+                pending = asyncio.ensure_future(self._write(self._recovery_record()))
             try:
-                await self._write(record)
-            except Exception:  # noqa: S112 - still failing: the next interval tries again
+                await self._bounded(pending)
+            except Exception:
+                if pending.done():
+                    pending = None  # refused, not pending: the next probe is a new record
                 continue
             self._recovered()
+
+    def _recovery_record(self) -> AuditRecord:
+        since = self._failing_since if self._failing_since is not None else time.time()
+        return AuditRecord(
+            time=datetime.now(UTC),
+            actor="gateway",
+            role="system",
+            action="gateway:audit-recovered",
+            resource=(
+                "audit-log: appends failed since "
+                f"{format_time(datetime.fromtimestamp(since, UTC))}, "
+                f"{self._refused} request(s) refused"
+            ),
+            outcome="ok",
+        )
+
+
+def _retrieve(write: asyncio.Future[None]) -> None:
+    """Consume a write's outcome, so an abandoned one that failed logs no asyncio warning."""
+    if not write.cancelled():
+        write.exception()

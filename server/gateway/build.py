@@ -78,7 +78,9 @@ def build_gateway(
     failures = repository.load_all()
     if failures:
         _log.error("%d model version(s) refused at load", len(failures))
-    audit = AuditGate(sink, observe=metrics.observe_audit)
+    audit = AuditGate(
+        sink, observe=metrics.observe_audit, append_timeout_s=config.limits.audit_timeout_s
+    )
 
     def audit_healthy() -> bool:
         # Appends work, and no stored entry was found altered (server.audit.scrub).

@@ -85,6 +85,7 @@ EMPTY_BODY: Final = {"x-fedvault-empty-body": True}
 class Limits:
     max_body_bytes: int = 64 * 1024**2
     request_timeout_s: float = 30.0
+    audit_timeout_s: float = 10.0  # a request's record durable within this, else 503
 
 
 @dataclass
