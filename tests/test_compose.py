@@ -44,6 +44,8 @@ FEDVAULT_IMAGE = "fedvault:latest"
 PARTNERS = ("alpha", "beta", "gamma")
 # The uid each third-party image runs its server as (what tls-init must chown to).
 IMAGE_UIDS = {"prom/prometheus": 65534, "grafana/grafana": 472, "postgres": 999}
+# The log shipper's docker_logs source: the only host path the stack mounts.
+DOCKER_SOCKET_MOUNT = "/var/run/docker.sock:/var/run/docker.sock:ro"
 SECRET_WORDS = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_KEY|PRIVATE", re.IGNORECASE)
 
 
@@ -131,6 +133,8 @@ def test_referenced_files_exist(compose: dict[str, Any]) -> None:
     for name, service in _services(compose).items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0] if isinstance(volume, str) else volume["source"]
+            if volume == DOCKER_SOCKET_MOUNT and name == "vector":
+                continue  # the one host path: the log shipper's socket (checked below)
             if source.startswith((".", "/")):
                 assert source.startswith("./"), f"{name}: host path {source} outside the repo"
                 assert (ROOT / source).exists(), f"{name}: {source} is not in the repository"
@@ -257,6 +261,7 @@ def test_dockerfile() -> None:
     assert any(line.startswith("HEALTHCHECK ") for line in lines)
     assert (ROOT / "deploy/healthcheck.py").exists()
     assert "COPY deploy/healthcheck.py" in text
+    assert "MALLOC_ARENA_MAX=2" in lines  # bench/soak.py: RSS growth without it
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignore
     assert ".fedvault" in ignore
@@ -919,3 +924,199 @@ def test_prometheus_scrapes_the_federation_metrics_with_the_samples_tls_config(
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+# ---------------------------------------------------------------- structured logs + Vector
+
+VECTOR_CONFIGS = {
+    "compose": ROOT / "deploy/compose/vector.yaml",
+    "standalone": ROOT / "deploy/vector/vector.yaml",
+}
+VECTOR_CONFIG_MOUNT = "./deploy/compose/vector.yaml:/etc/vector/vector.yaml:ro"
+# What a docker_logs event carries before the remap (the parts the remap reads).
+DOCKER_LOGS_FIELDS = {"message", "timestamp", "label"}
+
+
+def _vector(path: Path) -> dict[str, Any]:
+    config = yaml.safe_load(path.read_text())
+    assert isinstance(config, dict)
+    return config
+
+
+def _remap_source(config: dict[str, Any]) -> str:
+    source = config["transforms"]["fedvault"]["source"]
+    assert isinstance(source, str)
+    return source
+
+
+def _fedvault_log_lines() -> list[dict[str, Any]]:
+    """Records as fedvault's JSON formatter writes them: an event, and plain text."""
+    import json
+    import logging
+
+    from fedvault.logs import JsonFormatter
+
+    event = logging.LogRecord(
+        "fedvault.gateway",
+        logging.WARNING,
+        __file__,
+        1,
+        json.dumps({"event": "gateway_started", "http_port": 8080}),
+        None,
+        None,
+    )
+    event.request_id = "req-1"
+    plain = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "Started", None, None)
+    return [json.loads(JsonFormatter().format(r)) for r in (event, plain)]
+
+
+def test_long_running_fedvault_services_log_json(compose: dict[str, Any]) -> None:
+    checked = []
+    for name, service in _services(compose).items():
+        if service.get("image") != FEDVAULT_IMAGE or "entrypoint" in service:
+            continue
+        if service.get("restart") == "no":
+            continue  # one-shot jobs (init, demo data, a training submission)
+        assert service["environment"].get("FEDVAULT_LOG_FORMAT") == "json", name
+        # The variable is honoured: the command's --log-format reads it.
+        cmd, _, _ = _resolve(_argv(service))
+        envvars = {p.name: p.envvar for p in cmd.params}
+        assert envvars.get("log_format") == "FEDVAULT_LOG_FORMAT", f"{name}: {cmd.name}"
+        checked.append(name)
+    assert {"superlink", "gateway", "node-alpha", "node-beta", "node-gamma"} <= set(checked)
+
+
+def test_vector_service_is_pinned_read_only_and_isolated(compose: dict[str, Any]) -> None:
+    services = _services(compose)
+    vector = services["vector"]
+    assert re.fullmatch(r"timberio/vector:0\.\d+\.\d+-debian", vector["image"]), vector["image"]
+    volumes = vector["volumes"]
+    assert DOCKER_SOCKET_MOUNT in volumes
+    assert VECTOR_CONFIG_MOUNT in volumes
+    assert [v for v in volumes if "docker.sock" in v] == [DOCKER_SOCKET_MOUNT]
+    argv = _argv(vector)
+    assert argv[argv.index("--config") + 1] == "/etc/vector/vector.yaml"
+    # Nobody else sees the socket; the shipper sees no key, kit or data volume.
+    for name, service in services.items():
+        if name != "vector":
+            assert not any("docker.sock" in v for v in service.get("volumes", [])), name
+    assert set(_mounts(vector).values()) == {
+        "/var/run/docker.sock",
+        "./deploy/compose/vector.yaml",
+        "vector-data",
+        "fedvault-logs",
+    }
+    for volume in ("vector-data", "fedvault-logs"):
+        users = [n for n, s in services.items() if volume in _mounts(s).values()]
+        assert users == ["vector"], (volume, users)
+    assert "ports" not in vector
+    assert vector["networks"] == ["operator"]
+    assert vector["read_only"] is True
+    assert vector["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in vector["security_opt"]
+    assert "privileged" not in vector
+    # The healthcheck asks the API where the config binds it: loopback only.
+    config = _vector(VECTOR_CONFIGS["compose"])
+    assert config["api"]["enabled"] is True
+    host, port = config["api"]["address"].split(":")
+    assert host == "127.0.0.1"
+    probe = " ".join(vector["healthcheck"]["test"])
+    assert f"/dev/tcp/{host}/{port}" in probe
+    assert "GET /health " in probe
+    # The project filter's variable reaches the container.
+    labels = config["sources"]["containers"]["include_labels"]
+    assert labels == ["com.docker.compose.project=${COMPOSE_PROJECT_NAME}"]
+    assert vector["environment"]["COMPOSE_PROJECT_NAME"] == "${COMPOSE_PROJECT_NAME}"
+    # The file sink writes inside the logs volume, which is mounted writable.
+    path = config["sinks"]["files"]["path"]
+    assert _mounted_from(vector, path) == "fedvault-logs"
+    assert config["data_dir"] == "/var/lib/vector"
+    assert _mounted_from(vector, config["data_dir"]) == "vector-data"
+
+
+@pytest.mark.parametrize("flavour", sorted(VECTOR_CONFIGS))
+def test_vector_config_components_wire_up(flavour: str) -> None:
+    config = _vector(VECTOR_CONFIGS[flavour])
+    sources = config["sources"]
+    transforms = config["transforms"]
+    sinks = config["sinks"]
+    assert sources
+    assert transforms
+    assert sinks
+    names = [*sources, *transforms, *sinks]
+    assert len(names) == len(set(names)), "component ids must be unique"
+    assert {s["type"] for s in sources.values()} == {"docker_logs"}
+    consumed: set[str] = set()
+    for name, component in {**transforms, **sinks}.items():
+        inputs = component["inputs"]
+        assert inputs, name
+        for upstream in inputs:
+            assert upstream in sources or upstream in transforms, f"{name}: input {upstream}?"
+            assert upstream != name, name
+        consumed |= set(inputs)
+    assert consumed == set(sources) | set(transforms), "a source or transform feeds nothing"
+    for name, sink in sinks.items():
+        assert sink["inputs"] == ["fedvault"], name  # every sink gets the parsed records
+        assert sink["encoding"]["codec"] == "json", name
+    assert transforms["fedvault"]["type"] == "remap"
+    # No plain-HTTP endpoint, no disabled verification, in what is configured.
+    text = "\n".join(
+        line.split("#", 1)[0] for line in VECTOR_CONFIGS[flavour].read_text().splitlines()
+    )
+    assert "http://" not in text
+    assert "verify_certificate: false" not in text
+
+
+def test_vector_samples_share_one_transform_reading_fields_fedvault_emits() -> None:
+    compose_source = _remap_source(_vector(VECTOR_CONFIGS["compose"]))
+    assert compose_source == _remap_source(_vector(VECTOR_CONFIGS["standalone"]))
+    lines = _fedvault_log_lines()
+    emitted = set.intersection(*(set(line) for line in lines))
+    assert {"timestamp", "level", "component", "message"} <= emitted
+    assert lines[0]["request_id"] == "req-1"
+    # Fields the remap reads or writes: each is one fedvault writes, one the
+    # remap sets itself (the service name), or the docker_logs event's own.
+    fields = set(re.findall(r"(?<![\w\"%])\.([a-z_]+)", compose_source))  # not "%.f"
+    assigned = set(re.findall(r"^\s*\.([a-z_]+)\s*=", compose_source, re.MULTILINE))
+    assert fields - assigned <= emitted | DOCKER_LOGS_FIELDS, fields - assigned
+    assert {"timestamp", "level", "component"} <= fields
+    # The sinks' templates (file path, Loki labels) name only fields every record has.
+    for path in VECTOR_CONFIGS.values():
+        sinks = yaml.safe_dump(_vector(path)["sinks"])
+        for used in re.findall(r"\{\{\s*(\w+)\s*\}\}", sinks):
+            assert used in emitted | assigned, f"{path.name}: {{{{ {used} }}}}"
+    # The timestamp format the remap parses (chrono's) is the one fedvault writes.
+    chrono = re.search(r'parse_timestamp\(\.timestamp, "([^"]+)"\)', compose_source)
+    assert chrono is not None
+    from datetime import datetime
+
+    python_format = chrono.group(1).replace("%.f", ".%f")
+    for line in lines:
+        datetime.strptime(line["timestamp"], python_format)
+
+
+def test_vector_remap_parses_real_fedvault_lines() -> None:
+    """Vector's own VRL (through pyvrl, when installed) on real lines, JSON and not."""
+    import json
+
+    pyvrl = pytest.importorskip("pyvrl")
+    program = pyvrl.Transform(_remap_source(_vector(VECTOR_CONFIGS["compose"])) + "\n.")
+    label = {"com.docker.compose.service": "gateway"}
+    received = "2026-12-08T00:00:00.123Z"
+    event, _plain = _fedvault_log_lines()
+    out = program.remap({"message": json.dumps(event), "timestamp": received, "label": label})
+    assert out["service"] == "gateway"
+    assert out["component"] == "fedvault.gateway"
+    assert out["level"] == "WARNING"
+    assert out["message"] == "gateway_started"
+    assert out["request_id"] == "req-1"
+    assert out["http_port"] == 8080
+    assert out["timestamp"].isoformat(timespec="milliseconds").startswith(event["timestamp"][:23])
+    text = program.remap({"message": "INFO flwr: started", "timestamp": received, "label": label})
+    assert text == {
+        "timestamp": received,
+        "level": "UNPARSED",
+        "component": "gateway",
+        "message": "INFO flwr: started",
+        "service": "gateway",
+    }
