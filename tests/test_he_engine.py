@@ -58,6 +58,22 @@ def _vector(compiled: CompiledModel, x: np.ndarray) -> np.ndarray:
     return np.array(rows)
 
 
+@pytest.mark.parametrize("kind", ["logreg", "mlp"])
+def test_an_all_zero_weight_row_is_evaluated_not_refused(kind: str) -> None:
+    """A logit (or hidden unit) that ignores every input: SEAL refused 0 · x as a
+    transparent ciphertext, so such a model answered 500 in the batch layout."""
+    spec, params, scaler = trained("breast-cancer", kind)
+    params = [p.copy() for p in params]
+    params[0][0, :] = 0.0  # the first layer's first output ignores every feature
+    plan = compile_plan(spec, params, scaler)
+    _, _, x_test, _ = dataset("breast-cancer")
+    x = x_test[:8]
+    ref = plan.forward(x)
+    compiled = CompiledModel(plan)
+    assert np.abs(_batch(compiled, x) - ref).max() <= TOL
+    assert np.abs(_vector(compiled, x[:2]) - ref[:2]).max() <= TOL
+
+
 @pytest.mark.parametrize("name", ["digits", "breast-cancer"])
 @pytest.mark.parametrize("kind", ["logreg", "mlp"])
 def test_every_test_sample_matches_plaintext(name: str, kind: str) -> None:

@@ -318,9 +318,13 @@ class CompiledModel:
                         prod = sealapi.Ciphertext()
                         ev.multiply_plain(current[i], self._encode_scalar(w, level, q), prod)
                         terms.append(prod)
-                    if not terms:  # all-zero row: 0 · x keeps level and scale
+                    if not terms:
+                        # An all-zero row. 0 · x would be a transparent ciphertext,
+                        # which SEAL refuses; one quantum (1/q: the encoded integer 1)
+                        # keeps level and scale and adds |x| / q ≈ |x| · 1e-12, far
+                        # below CKKS's precision.
                         prod = sealapi.Ciphertext()
-                        ev.multiply_plain(current[0], self._encode_scalar(0.0, level, q), prod)
+                        ev.multiply_plain(current[0], self._encode_scalar(1.0 / q, level, q), prod)
                         terms.append(prod)
                     acc = sealapi.Ciphertext()
                     ev.add_many(terms, acc)
