@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import add_exit_handler
 from numpy.typing import NDArray
 
 from fedvault import logs, wire
@@ -213,6 +214,7 @@ class Coordinator:
         self.poll_interval = float(run_config.get("poll-interval", 0.2))
         # Partners that declined a request: name → "code: reason" (status, audit).
         self.refusals: dict[str, str] = {}
+        self._ended = False
         self.schema: DataSchema
         if self.resume:
             record = store.run(run_id)
@@ -251,6 +253,10 @@ class Coordinator:
             self.store.create_run(
                 self.run_id, cfg.model_dump(), json.loads(self.schema.model_dump_json())
             )
+        # When the SuperExec above this process goes (the SuperLink died) or
+        # the run is stopped, Flower's signal handler runs its exit handlers
+        # and then force-exits: control never comes back here to say why.
+        add_exit_handler(self._interrupted, run_before_force_exit=True)
         try:
             # Inside the try: an audit log that cannot be written ends the run
             # as failed, with the reason, before any partner is asked anything.
@@ -274,6 +280,34 @@ class Coordinator:
             self._end(FAILED, str(exc))
             log.error("run %s failed: %s", self.run_id, exc)
             raise
+        except BaseException as exc:
+            # Anything else (an interrupt, a bug) ends the run unfinished but
+            # resumable from its last committed round: say so, or whoever
+            # follows the run waits on a run that nothing drives any more.
+            signalled = isinstance(exc, KeyboardInterrupt | SystemExit)
+            # The type only: an unexpected error's text may quote data.
+            self._interrupted(None if signalled else f"it raised {type(exc).__name__}")
+            raise
+
+    def _interrupted(self, why: str | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        why = why or "its SuperLink or SuperExec went away, or it was stopped"
+        try:
+            done = self.store.run(self.run_id).current_round
+            message = (
+                f"interrupted after round {done}: the coordinator stopped before the run "
+                f"finished ({why}); once the federation is up again, "
+                f"`fedvault train --resume {self.run_id}` goes on from there"
+            )
+            # The status only: this may run inside a signal handler, where the
+            # audit writer may be half-way through an append of its own.
+            self.store.set_status(self.run_id, FAILED, message)
+            log.error("run %s %s", self.run_id, message)
+        except Exception:
+            # Best effort on the way out: the interrupt is what must propagate.
+            log.exception("run %s: could not record the interruption", self.run_id)
 
     def _refusal_note(self) -> str:
         if not self.refusals:
@@ -281,6 +315,7 @@ class Coordinator:
         return "; refused: " + "; ".join(f"{n} ({r})" for n, r in sorted(self.refusals.items()))
 
     def _end(self, status: str, message: str) -> None:
+        self._ended = True
         try:
             self.audit.run_event("train.end", status)
         finally:

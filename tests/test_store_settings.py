@@ -72,6 +72,8 @@ def test_the_coordinator_gets_the_federation_store_through_the_run_config(
         return '{"run-id": 7}'
 
     monkeypatch.setattr(fed, "run_flwr", fake_flwr)
+    # A resume first marks the run running again in that store (not what this checks).
+    monkeypatch.setattr(fed, "_reopen", lambda store, run_id: None)
     paths = fed.FederationPaths(tmp_path)
     fed.submit_run(
         paths,

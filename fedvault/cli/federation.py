@@ -11,6 +11,7 @@ A federation home (``--home``, default ``.fedvault``) holds::
     registry/       sealed model artifacts
     logs/           one log file per process
     federation.db   runs, rounds, federation ledger, checkpoints, model index
+    superlink.db    the SuperLink's state (0600): registered nodes, runs, messages
     federation.json the SuperLink's address once it is up
 """
 
@@ -149,6 +150,10 @@ class FederationPaths:
     @property
     def address_file(self) -> Path:
         return self.home / "federation.json"
+
+    @property
+    def superlink_db(self) -> Path:
+        return self.home / "superlink.db"
 
 
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -434,9 +439,17 @@ def start_superlink(
     group: ProcessGroup, paths: FederationPaths, host: str, port: int
 ) -> ManagedProcess:
     """Start the SuperLink on ``host:port`` (checked first: a bad value would only
-    show as Flower's usage text and exit 11) and wait until it listens."""
+    show as Flower's usage text and exit 11) and wait until it listens.
+
+    Its state lives in ``superlink.db``, not in memory: a SuperLink killed and
+    started again on the same address keeps the registered node keys and node
+    ids, so SuperNodes reconnect by themselves (they retry for about a
+    minute). The run's coordinator dies with the SuperLink (its SuperExec
+    stops it) and records the run as interrupted: ``fedvault train --resume``.
+    """
     check_host(host, "--host")
     check_port(port, "--port")
+    _private_database(paths.superlink_db)
     argv = [
         executable("flower-superlink"),
         "--host", host,
@@ -446,12 +459,53 @@ def start_superlink(
         "--ssl-keyfile", str(paths.server_key),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
-        "--database", str(paths.home / "superlink.db"),
+        "--database", str(paths.superlink_db),
     ]  # fmt: skip
     proc = group.start("superlink", argv, paths.logs / "superlink.log", flwr_env(paths))
     wait_for_port(host, port, timeout_s=60, process=proc)
     write_connection(paths, f"{host}:{port}")
     return proc
+
+
+_Store = tuple[str | Path, Path | None]
+
+
+def _reopen(store: _Store, run_id: str) -> tuple[str, str] | None:
+    """Mark a run to resume as running again; return its status and message before.
+
+    Before the coordinator is submitted, not by it: whoever follows the run
+    (``fedvault train --resume``) starts reading its status at once, and an
+    interrupted run still says ``failed`` until a coordinator takes it up.
+    """
+    from server.store import RUNNING, FederationStore
+
+    with FederationStore(store[0], password_file=store[1]) as db:
+        record = db.run(run_id)
+        if record.status == RUNNING:
+            return None
+        db.set_status(run_id, RUNNING, f"resuming (was {record.status})")
+    return record.status, record.message
+
+
+def _set_status(store: _Store, run_id: str, status: str, message: str) -> None:
+    from server.store import FederationStore
+
+    with FederationStore(store[0], password_file=store[1]) as db:
+        db.set_status(run_id, status, message)
+
+
+def _private_database(path: Path) -> None:
+    """Create the SuperLink's database owner-only before Flower opens it.
+
+    It holds every message in flight (model updates, the partners' noisy
+    sums), and SQLite gives its ``-wal``/``-shm`` files the database file's
+    mode; Flower would create it with the umask's (0644).
+    """
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        path.chmod(0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the SuperLink database: {os_reason(exc)}") from None
 
 
 def run_flwr(paths: FederationPaths, args: list[str]) -> str:
@@ -519,6 +573,76 @@ def start_supernode(
     )
 
 
+# Flower marks a SuperNode offline only after two missed heartbeats (its
+# HEARTBEAT_PATIENCE x a 30 s interval); until then it refuses to activate the
+# same key again, and the new process exits at once (exit 305).
+STALE_SESSION_S = 60.0
+_ACTIVATED = b"SuperNode ID:"
+_ACTIVATION_REFUSED = b"Failed to activate SuperNode"
+
+
+def restart_supernode(
+    group: ProcessGroup,
+    paths: FederationPaths,
+    partner: str,
+    *,
+    superlink: str,
+    node_config: dict[str, Any],
+    port: int,
+    timeout_s: float = STALE_SESSION_S + 45,
+    retry_s: float = 1.0,
+) -> ManagedProcess:
+    """Start ``partner``'s SuperNode again after a crash; return once it is connected.
+
+    A SuperNode that died without saying goodbye (``kill -9``, power loss)
+    still holds its session at the SuperLink for up to a minute, and Flower
+    refuses a second activation of the same key meanwhile. This retries
+    that refusal, bounded, and never any other failure. The same key keeps
+    the same node id, so a run in progress sends the partner its next round.
+    The message the dead node was answering is not delivered again; a round
+    it paid for but never answered stays charged in its own ledger only.
+    """
+    deadline = time.monotonic() + timeout_s
+    log = paths.logs / f"supernode-{partner}.log"
+    while True:
+        start = log.stat().st_size if log.exists() else 0
+        proc = start_supernode(
+            group, paths, partner, superlink=superlink, node_config=node_config, port=port
+        )
+        while time.monotonic() < deadline:
+            text = _read_from(log, start)
+            if _ACTIVATED in text:
+                return proc
+            if not proc.alive():
+                break
+            time.sleep(0.2)
+        else:
+            group.discard(proc)
+            raise UnavailableError(
+                f"SuperNode {partner} was not accepted by the SuperLink at {superlink} "
+                f"within {timeout_s:.0f} s; see {log}"
+            )
+        group.discard(proc)
+        if _ACTIVATION_REFUSED not in _read_from(log, start):
+            proc.check_alive()  # raises: it failed for another reason, shown with its log
+        if time.monotonic() + retry_s >= deadline:
+            raise UnavailableError(
+                f"the SuperLink at {superlink} still refuses SuperNode {partner} after "
+                f"{timeout_s:.0f} s: is its key registered (`flwr supernode register`), "
+                "or is another SuperNode running with it?"
+            )
+        time.sleep(retry_s)
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read()
+    except OSError:
+        return b""
+
+
 def toml_value(value: Any) -> str:
     """One value as TOML (Flower's --node-config / --run-config syntax)."""
     if isinstance(value, bool):
@@ -574,6 +698,8 @@ def submit_run(
     override = paths.home / "run-config" / f"{run_id}.toml"
     override.parent.mkdir(parents=True, exist_ok=True)
     override.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+    store = (federation_store or paths.db, federation_store_password_file)
+    before = _reopen(store, run_id) if resume else None
     try:
         out = run_flwr(
             paths,
@@ -587,6 +713,10 @@ def submit_run(
                 "json",
             ],
         )
+    except BaseException:
+        if before is not None:
+            _set_status(store, run_id, *before)  # nothing was submitted: as it was
+        raise
     finally:
         override.unlink(missing_ok=True)
     try:

@@ -140,8 +140,29 @@ class ManagedProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def descendants(self) -> list[int]:
+        """Every live process below this one, whatever its process group."""
+        return descendants(self.pid)
+
+    def kill(self) -> list[int]:
+        """SIGKILL this process, its group and every descendant, as a crash would.
+
+        The whole tree, not only the group: a SuperLink's ``flower-superexec``
+        (and the ``flwr-serverapp`` under it) runs in a session of its own, so
+        ``kill -9`` of the group alone leaves the coordinator running. Returns
+        the pids signalled besides this one.
+        """
+        others = self.descendants()
+        _signal_group(self.pid, signal.SIGKILL)
+        _kill_pids(others)
+        self.popen.wait(timeout=10)
+        return others
+
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``."""
+        # Taken first: once the parent is gone its children are re-parented to
+        # init and can no longer be found from here.
+        tree = self.descendants()
         if self.alive():
             _signal_group(self.pid, signal.SIGTERM)
             try:
@@ -151,7 +172,35 @@ class ManagedProcess:
                 self.popen.wait(timeout=grace_s)
         # Grandchildren (ClientApp/ServerApp processes) share the group.
         _signal_group(self.pid, signal.SIGKILL)
+        # A SuperExec in a session of its own exits when it sees its parent
+        # gone, but only once its ServerApp does: it must not outlive us.
+        _kill_pids(tree)
         self._log.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendants of ``pid``, parents before children (Linux ``/proc``; [] elsewhere)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        children: list[int] = []
+        try:
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                children += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        found += children
+        todo += children
+    return found
+
+
+def _kill_pids(pids: Sequence[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -174,6 +223,12 @@ class ProcessGroup:
         proc = ManagedProcess(name, argv, log_path, env)
         self.processes.append(proc)
         return proc
+
+    def discard(self, proc: ManagedProcess) -> None:
+        """Stop ``proc`` and forget it (a failed start that will be retried)."""
+        proc.stop()
+        if proc in self.processes:
+            self.processes.remove(proc)
 
     def check_alive(self) -> None:
         for proc in self.processes:

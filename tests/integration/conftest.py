@@ -45,20 +45,39 @@ class Federation:
         """Start a SuperNode; ``extra`` adds node-config keys (e.g. ``memory-mb``)."""
         if register:
             fed.register_node(self.paths, partner)
-        split = self.data / f"partner-{index}"
         self.nodes[partner] = fed.start_supernode(
             self.group,
             self.paths,
             partner,
             superlink=self.address,
-            node_config={
-                "partner": partner,
-                "train-csv": str(split / "train.csv"),
-                "test-csv": str(split / "test.csv"),
-                "ledger": str(self.paths.node_dir(partner) / "ledger.db"),
-                "epsilon-cap": cap,
-                **(extra or {}),
-            },
+            node_config=self._node_config(partner, index, cap, extra),
+            port=free_port(),
+        )
+
+    def _node_config(
+        self, partner: str, index: int, cap: float, extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        split = self.data / f"partner-{index}"
+        return {
+            "partner": partner,
+            "train-csv": str(split / "train.csv"),
+            "test-csv": str(split / "test.csv"),
+            "ledger": str(self.paths.node_dir(partner) / "ledger.db"),
+            "epsilon-cap": cap,
+            **(extra or {}),
+        }
+
+    def restart_node(self, partner: str, index: int, cap: float) -> None:
+        """Start a crashed partner's SuperNode again: same key, data and ledger.
+
+        Waits (bounded) until the SuperLink has let go of the dead session.
+        """
+        self.nodes[partner] = fed.restart_supernode(
+            self.group,
+            self.paths,
+            partner,
+            superlink=self.address,
+            node_config=self._node_config(partner, index, cap),
             port=free_port(),
         )
 
