@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ from server.store import (
 )
 
 log = logging.getLogger("fedvault.coordinator")
+_INTERRUPTION_WRITE_S = 3.0
+"""How long Flower's exit handler waits for the run's status write (see below)."""
 
 app = ServerApp()
 
@@ -215,6 +218,8 @@ class Coordinator:
         # Partners that declined a request: name → "code: reason" (status, audit).
         self.refusals: dict[str, str] = {}
         self._ended = False
+        self._ending = threading.Lock()
+        self._recorder: threading.Thread | None = None
         self.schema: DataSchema
         if self.resume:
             record = store.run(run_id)
@@ -255,8 +260,8 @@ class Coordinator:
             )
         # When the SuperExec above this process goes (the SuperLink died) or
         # the run is stopped, Flower's signal handler runs its exit handlers
-        # and then force-exits: control never comes back here to say why.
-        add_exit_handler(self._interrupted, run_before_force_exit=True)
+        # and then force-exits: control may never come back here to say why.
+        add_exit_handler(self._record_interruption_bounded, run_before_force_exit=True)
         try:
             # Inside the try: an audit log that cannot be written ends the run
             # as failed, with the reason, before any partner is asked anything.
@@ -285,29 +290,52 @@ class Coordinator:
             # resumable from its last committed round: say so, or whoever
             # follows the run waits on a run that nothing drives any more.
             signalled = isinstance(exc, KeyboardInterrupt | SystemExit)
+            if self._recorder is not None:
+                # The exit handler's write waited on a transaction of this thread,
+                # now unwound: it can finish (Flower's force-exit bounds the wait).
+                self._recorder.join()
             # The type only: an unexpected error's text may quote data.
             self._interrupted(None if signalled else f"it raised {type(exc).__name__}")
             raise
 
+    def _record_interruption_bounded(self) -> None:
+        """Flower's exit handler: :meth:`_interrupted`, given at most a few seconds.
+
+        It runs inside a signal handler, on the main thread, wherever that
+        thread was — possibly inside a store transaction, whose lock the
+        status write would then wait on forever (a PostgreSQL row lock) or
+        for the busy timeout (SQLite). So the write runs on a thread of its
+        own and is abandoned after the bound; the SystemExit that follows
+        unwinds that transaction, and the ``except`` in :meth:`run` records
+        the interruption if this could not, after this write finishes.
+        """
+        self._recorder = threading.Thread(
+            target=self._interrupted, name="record-interruption", daemon=True
+        )
+        self._recorder.start()
+        self._recorder.join(timeout=_INTERRUPTION_WRITE_S)
+
     def _interrupted(self, why: str | None = None) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        why = why or "its SuperLink or SuperExec went away, or it was stopped"
-        try:
-            done = self.store.run(self.run_id).current_round
-            message = (
-                f"interrupted after round {done}: the coordinator stopped before the run "
-                f"finished ({why}); once the federation is up again, "
-                f"`fedvault train --resume {self.run_id}` goes on from there"
-            )
-            # The status only: this may run inside a signal handler, where the
-            # audit writer may be half-way through an append of its own.
-            self.store.set_status(self.run_id, FAILED, message)
-            log.error("run %s %s", self.run_id, message)
-        except Exception:
-            # Best effort on the way out: the interrupt is what must propagate.
-            log.exception("run %s: could not record the interruption", self.run_id)
+        """Mark the run failed-but-resumable, once (whichever path gets here first)."""
+        with self._ending:  # the exit handler's thread and the ``except`` path
+            if self._ended:
+                return
+            why = why or "its SuperLink or SuperExec went away, or it was stopped"
+            try:
+                done = self.store.run(self.run_id).current_round
+                message = (
+                    f"interrupted after round {done}: the coordinator stopped before the run "
+                    f"finished ({why}); once the federation is up again, "
+                    f"`fedvault train --resume {self.run_id}` goes on from there"
+                )
+                # The status only: the audit writer may be half-way through an
+                # append of its own.
+                self.store.set_status(self.run_id, FAILED, message)
+                self._ended = True
+                log.error("run %s %s", self.run_id, message)
+            except Exception:
+                # Best effort on the way out: the interrupt is what must propagate.
+                log.exception("run %s: could not record the interruption", self.run_id)
 
     def _refusal_note(self) -> str:
         if not self.refusals:

@@ -33,6 +33,7 @@ import contextlib
 import http
 import signal
 import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
@@ -79,10 +80,10 @@ class ConnectionLimits:
     (REST and gRPC each); one more is refused. ``grpc_idle_timeout_s``: a gRPC
     connection with no RPC in flight for this long is closed (clients
     reconnect on their next call; channels are meant to live long, hence a
-    longer default than HTTP's). ``send_timeout_s``: the longest an answer
-    may sit in a full send buffer, i.e. a client that stops reading (its
-    connection is aborted and the request counts as disconnected); a slow
-    reader that keeps draining is never cut.
+    longer default than HTTP's). ``send_timeout_s``: the longest a full send
+    buffer may go without the client acknowledging a single byte, i.e. a
+    client that stopped reading (its connection is aborted and the request
+    counts as disconnected); a slow reader that keeps reading is never cut.
     """
 
     header_timeout_s: float = 10.0
@@ -137,6 +138,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _fv_head_timer: asyncio.TimerHandle | None = None
     _fv_idle_timer: asyncio.TimerHandle | None = None
     _fv_send_timer: asyncio.TimerHandle | None = None
+    _fv_send_mark: tuple[int, int] = (0, 0)  # (bytes acked, bytes buffered) when armed
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -178,12 +180,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._fv_arm_idle(self.limits.idle_timeout_s)
 
     def pause_writing(self) -> None:
-        """The send buffer is full: the client has until the send timeout to drain it."""
+        """The send buffer is full: the client must drain some of it each send timeout."""
         super().pause_writing()
         if self._fv_send_timer is None and not self._fv_refused:
-            self._fv_send_timer = self.loop.call_later(
-                self.limits.send_timeout_s, self._fv_send_expired
-            )
+            self._fv_arm_send()
+
+    def _fv_arm_send(self) -> None:
+        self._fv_send_mark = self._fv_send_progress()
+        self._fv_send_timer = self.loop.call_later(
+            self.limits.send_timeout_s, self._fv_send_expired
+        )
 
     def resume_writing(self) -> None:
         if self._fv_send_timer is not None:
@@ -267,16 +273,44 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _fv_send_expired(self) -> None:
-        """The client left our answer unread for the whole send timeout: abort.
+        """No byte of our answer left the buffer for a whole send timeout: abort.
 
-        Abort, not close: a close would wait for the buffer to drain, which is
-        exactly what this client does not let happen — and a transport already
-        closing (a complete answer, then the keep-alive timeout) waits the same
-        way, so it is aborted too. connection_lost then marks the request
-        disconnected and wakes the app's pending send.
+        Progress, not a full drain, is what counts: a slow link reading a
+        large answer keeps the buffer above its low-water mark for long, but
+        shrinks it, and the timer is armed again. Abort, not close: a close
+        would wait for the buffer to drain, which is exactly what this client
+        does not let happen — and a transport already closing (a complete
+        answer, then the keep-alive timeout) waits the same way, so it is
+        aborted too. connection_lost then marks the request disconnected and
+        wakes the app's pending send.
         """
         self._fv_send_timer = None
+        acked, buffered = self._fv_send_progress()
+        if acked > self._fv_send_mark[0] or buffered < self._fv_send_mark[1]:
+            self._fv_arm_send()  # the client read some: it is slow, not gone
+            return
         self.transport.abort()
+
+    def _fv_send_progress(self) -> tuple[int, int]:
+        """(bytes the client's TCP acknowledged, bytes still in our buffer).
+
+        Why the kernel's count: uvloop hands a large write to libuv whole and
+        reports its buffer as unchanged until all of it is sent, so the
+        buffer alone shows no progress on a slow link. ``tcpi_bytes_acked``
+        (Linux ≥ 4.1, ``struct tcp_info`` offset 120) does; elsewhere it
+        reads 0 and only the buffer counts. A client that stopped reading
+        answers zero-window probes, which acknowledge no new byte.
+        """
+        acked = 0
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None and hasattr(socket, "TCP_INFO"):
+            try:
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128)
+                if len(info) >= 128:
+                    acked = struct.unpack_from("Q", info, 120)[0]
+            except OSError:
+                acked = 0
+        return acked, self.transport.get_write_buffer_size()
 
     def _fv_answer_for_app(self, status: int, text: str) -> None:
         """Record, for the request in flight, that the server answered it with ``status``.

@@ -12,8 +12,10 @@ tests produced is searched for three kinds of secret:
 
 Error answers are collected as they arrive: :func:`install` wraps httpx's
 ``send`` (sync and async) and ``grpc.insecure_channel``/``secure_channel`` with
-observers that append every 4xx/5xx body and every non-OK gRPC status's
-details to ``error-answers.jsonl`` in the session's base temporary directory;
+observers that append every 4xx/5xx body and the details of every unary gRPC
+call that ends non-OK to ``error-answers.jsonl`` in the session's base
+temporary directory (streams and ``grpc.aio`` channels are not observed;
+their servers' logs are scanned);
 CLI runs that fail add their stderr (:func:`record_cli_failure`). The
 observers change nothing about the calls they see; they only read the answer.
 """

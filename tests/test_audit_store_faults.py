@@ -260,8 +260,13 @@ def _assert_refused_fail_closed(load: Load, gw: Gateway, *secrets: str) -> None:
     assert gw.status("/v2/health/ready") == 503
 
 
-def _check_log(home: Path, location: str, acked: set[str], password_file: Path | None) -> int:
-    """Every acknowledged request is in the log, which holds whole, valid entries only."""
+def _check_log(
+    home: Path, location: str, acked: set[str], password_file: Path | None
+) -> tuple[int, str]:
+    """Every acknowledged request is in the log, which holds whole, valid entries only.
+
+    Returns the log's size and what its one recovery record says.
+    """
     log = AuditLog(
         open_storage(location, password_file=password_file),
         load_note_signer(home / "keys" / "gateway-audit.key"),
@@ -280,7 +285,7 @@ def _check_log(home: Path, location: str, acked: set[str], password_file: Path |
     assert len(recovered) == 1, [r.resource for r in recovered]  # the probe's, one per outage
     assert recovered[0].role == "system"
     assert "request(s) refused" in recovered[0].resource
-    return size
+    return size, recovered[0].resource
 
 
 def _verify(gw: Gateway, home: Path, token_file: Path) -> None:
@@ -406,7 +411,9 @@ def test_postgres_hung_under_load_fails_closed_within_the_audit_timeout(tmp_path
         finally:
             _signal_all(stopped, signal.SIGCONT)  # never leave it stopped, whatever failed
         assert timings["fault_to_503_s"] < 10  # bounded by the timeout, not by the store
-        _check_log(home, location, acked, password_file)
+        _, recovery = _check_log(home, location, acked, password_file)
+        # Refused at the timeout, their records went on and committed later: said so.
+        assert "of them at the audit timeout" in recovery, recovery
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:
@@ -459,7 +466,7 @@ def test_disk_full_under_load_fails_closed_and_recovers(tmp_path: Path) -> None:
         home, acked, _ = _fault_under_load(
             tmp_path, {"FEDVAULT_AUDIT_STORE": location}, fill, ballast.unlink
         )
-        size = _check_log(home, location, acked, None)
+        size, _ = _check_log(home, location, acked, None)
         lite = sqlite3.connect(location)
         try:
             assert lite.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1023,10 +1023,16 @@ def test_vector_service_is_pinned_read_only_and_isolated(compose: dict[str, Any]
     probe = " ".join(vector["healthcheck"]["test"])
     assert f"/dev/tcp/{host}/{port}" in probe
     assert "GET /health " in probe
-    # The project filter's variable reaches the container.
+    # The source reads the containers labelled for it: every long-running
+    # service (one-shot ones may be too), never the shipper itself.
     labels = config["sources"]["containers"]["include_labels"]
-    assert labels == ["com.docker.compose.project=${COMPOSE_PROJECT_NAME}"]
-    assert vector["environment"]["COMPOSE_PROJECT_NAME"] == "${COMPOSE_PROJECT_NAME}"
+    assert labels == ["org.fedvault.logs=ship"]
+    for name, service in compose["services"].items():
+        shipped = (service.get("labels") or {}).get("org.fedvault.logs") == "ship"
+        if name == "vector":
+            assert not shipped
+        elif "healthcheck" in service:
+            assert shipped, name
     # The file sink writes inside the logs volume, which is mounted writable.
     path = config["sinks"]["files"]["path"]
     assert _mounted_from(vector, path) == "fedvault-logs"

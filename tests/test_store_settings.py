@@ -105,3 +105,14 @@ def test_a_failed_submission_leaves_no_run_config_behind(
     with pytest.raises(UnavailableError):
         fed.submit_run(fed.FederationPaths(tmp_path), run_id="run-y", config=None)
     assert list((tmp_path / "run-config").iterdir()) == []
+
+
+def test_the_superlink_database_and_its_leftovers_are_owner_only(tmp_path: Path) -> None:
+    """It holds every message in flight; a -wal left 0644 by a crash is tightened too."""
+    db = tmp_path / "superlink.db"
+    wal = tmp_path / "superlink.db-wal"
+    wal.write_bytes(b"left by a crash")
+    wal.chmod(0o644)
+    fed._private_database(db)
+    assert db.stat().st_mode & 0o777 == 0o600
+    assert wal.stat().st_mode & 0o777 == 0o600

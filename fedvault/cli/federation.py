@@ -502,8 +502,14 @@ def _private_database(path: Path) -> None:
     mode; Flower would create it with the umask's (0644).
     """
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
         path.chmod(0o600)
+        # Left by a SuperLink that died (or by a version that made them 0644):
+        # SQLite reuses them as they are, and they hold messages too.
+        for suffix in ("-wal", "-shm", "-journal"):
+            sibling = path.with_name(path.name + suffix)
+            if sibling.is_file() and not sibling.is_symlink():
+                sibling.chmod(0o600)
     except OSError as exc:
         raise ConfigError(f"cannot create the SuperLink database: {os_reason(exc)}") from None
 

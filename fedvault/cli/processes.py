@@ -160,9 +160,11 @@ class ManagedProcess:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``."""
-        # Taken first: once the parent is gone its children are re-parented to
-        # init and can no longer be found from here.
-        tree = self.descendants()
+        # Taken first, and only from a live process: once the parent is gone its
+        # children are re-parented to init and can no longer be found from here,
+        # and a reaped pid may already belong to an unrelated process.
+        tree = self.descendants() if self.alive() else []
+        deadline = time.monotonic() + grace_s
         if self.alive():
             _signal_group(self.pid, signal.SIGTERM)
             try:
@@ -172,9 +174,11 @@ class ManagedProcess:
                 self.popen.wait(timeout=grace_s)
         # Grandchildren (ClientApp/ServerApp processes) share the group.
         _signal_group(self.pid, signal.SIGKILL)
-        # A SuperExec in a session of its own exits when it sees its parent
-        # gone, but only once its ServerApp does: it must not outlive us.
-        _kill_pids(tree)
+        # A SuperExec in a session of its own stops its ServerApp when it sees
+        # its parent gone, and the ServerApp records the run as interrupted on
+        # the way out: the rest of the grace period is theirs, then they must
+        # not outlive us.
+        _kill_pids(_wait_gone(tree, deadline))
         self._log.close()
 
 
@@ -193,6 +197,23 @@ def descendants(pid: int) -> list[int]:
         found += children
         todo += children
     return found
+
+
+def _wait_gone(pids: Sequence[int], deadline: float) -> list[int]:
+    """Those of ``pids`` still running at ``deadline`` (polled; zombies count as gone)."""
+    while True:
+        left = [pid for pid in pids if _running(pid)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _kill_pids(pids: Sequence[int]) -> None:

@@ -198,6 +198,7 @@ class AuditGate:
         self.healthy = True
         self._failing_since: float | None = None  # wall clock of the first failed append
         self._refused = 0  # requests failed closed since then
+        self._abandoned = 0  # of those, refused at the timeout: their writes may still commit
         self._probe: asyncio.Task[None] | None = None
 
     async def append(self, event: AuditEvent) -> None:
@@ -207,6 +208,8 @@ class AuditGate:
             await self._bounded(asyncio.ensure_future(self._write(event)))
         except Exception as exc:
             self._observe(time.perf_counter() - start, False)
+            if isinstance(exc, _AuditTimeoutError):
+                self._abandoned += 1
             self._failed(exc)
             # A fresh message: the sink's may name database internals.
             raise UnavailableError("the audit log cannot record this request") from None
@@ -228,7 +231,7 @@ class AuditGate:
         try:
             await asyncio.wait_for(asyncio.shield(write), self._append_timeout_s)
         except TimeoutError:
-            raise UnavailableError(
+            raise _AuditTimeoutError(
                 f"the audit store did not commit within {self._append_timeout_s:g} s"
             ) from None
 
@@ -266,6 +269,7 @@ class AuditGate:
         self.healthy = True
         self._failing_since = None
         self._refused = 0
+        self._abandoned = 0
 
     async def _probe_until_recovered(self) -> None:
         """Append a recovery record every interval until one is durable (or a request's was).
@@ -299,9 +303,20 @@ class AuditGate:
                 "audit-log: appends failed since "
                 f"{format_time(datetime.fromtimestamp(since, UTC))}, "
                 f"{self._refused} request(s) refused"
+                + (
+                    f", {self._abandoned} of them at the audit timeout (their records may "
+                    "have committed since, with the answer they would have had, not the 503 "
+                    "the caller got)"
+                    if self._abandoned
+                    else ""
+                )
             ),
             outcome="ok",
         )
+
+
+class _AuditTimeoutError(UnavailableError):
+    """The store did not answer within the append timeout (the write goes on)."""
 
 
 def _retrieve(write: asyncio.Future[None]) -> None:
