@@ -139,7 +139,10 @@ def test_an_interrupted_export_leaves_no_temporary_file(
     gateway: tuple[Harness, str], tmp_path: Path, sig: signal.Signals
 ) -> None:
     h, url = gateway
-    h.sink.delay_s = 0.5  # each audited read takes this long: the export is caught mid-way
+    # Each audited read takes this long (a checkpoint and three pages: 8 s in
+    # all), so the signal sent 0.2 s after the file appears lands mid-way even
+    # when this process is slow to see the file (a CI run once saw 0.5 s fail).
+    h.sink.delay_s = 2.0
     token = write_token_file(tmp_path / "auditor.token", h.tokens["auditor"])
     outdir = tmp_path / "out"
     outdir.mkdir()
