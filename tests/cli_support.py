@@ -13,9 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests import secret_scan
@@ -89,3 +93,66 @@ def write_token_file(path: Path, token: str) -> Path:
     path.write_text(token + "\n")
     path.chmod(0o600)
     return path
+
+
+@dataclass
+class GatewayProcess:
+    """A ``fedvault gateway start`` subprocess and where it answers."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    grpc_target: str
+    log_file: Path
+
+    def status(self, path: str) -> int:
+        return httpx.get(f"{self.url}{path}", timeout=5).status_code
+
+
+@contextmanager
+def gateway_process(
+    home: Path,
+    log_file: Path,
+    *extra: str,
+    env: Mapping[str, str] | None = None,
+    start_timeout_s: float = 60,
+    stop_timeout_s: float = 20,
+) -> Iterator[GatewayProcess]:
+    """``fedvault gateway start --no-he`` on free ports, logging to ``log_file``.
+
+    In its own session, so a test can find (and a kill -9 test can check) the
+    writer and codec processes it starts; the whole group is killed at the end,
+    whatever failed. ``env`` adds variables to the clean environment.
+    """
+    from tests.he_support import free_port
+
+    http_port, grpc_port = free_port(), free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
+    ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    with log_file.open("w") as sink:
+        proc = subprocess.Popen(
+            [*FEDVAULT, "gateway", "start", "--home", str(home), "--no-he", *ports, *extra],
+            stdout=sink,
+            stderr=sink,
+            env={**clean, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0", **(env or {})},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while "gateway_started" not in log_file.read_text():
+            assert proc.poll() is None, log_file.read_text()
+            assert time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.05)
+        url, grpc_target = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+        yield GatewayProcess(proc, url, grpc_target, log_file)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        try:  # its writer and codec workers, whatever failed
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -38,9 +38,9 @@ from server.audit.scrub import EntryScrubber
 from server.audit.storage import SQLiteStorage
 from server.gateway.rest import create_rest_app
 from tests.audit_support import record, serve_log
-from tests.cli_support import FEDVAULT, create_keys, run_cli, write_token_file
+from tests.cli_support import FEDVAULT, create_keys, gateway_process, run_cli, write_token_file
 from tests.gateway_support import MODEL, Harness, build, make_home
-from tests.he_support import free_port, live_server
+from tests.he_support import live_server
 
 INFER = {"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": [1] * 30}]}
 PRELOADED = 2500  # three pages of the audit API
@@ -430,35 +430,9 @@ def test_a_running_gateway_scrub_catches_a_tampered_entry(
 # ---------------------------------------------- 3. the same, through `gateway start`
 @contextmanager
 def _gateway_process(home: Path, log_file: Path) -> Iterator[str]:
-    http_port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")},
-        "PYTHONUNBUFFERED": "1",
-        "FEDVAULT_AUDIT_SCRUB_INTERVAL_S": "3600",  # only the start-up check in this test
-    }
-    with log_file.open("w") as sink:
-        ports = ["--http-port", str(http_port), "--grpc-port", str(free_port())]
-        proc = subprocess.Popen(
-            [*FEDVAULT, "gateway", "start", "--home", str(home), "--no-he", *ports],
-            stdout=sink,
-            stderr=sink,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while "gateway_started" not in log_file.read_text():
-            assert proc.poll() is None, log_file.read_text()
-            assert time.monotonic() < deadline, log_file.read_text()
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{http_port}"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    only_startup_check = {"FEDVAULT_AUDIT_SCRUB_INTERVAL_S": "3600"}  # no background scrub
+    with gateway_process(home, log_file, env=only_startup_check) as gw:
+        yield gw.url
 
 
 def _latest_size(db: Path) -> int:

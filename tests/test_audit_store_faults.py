@@ -50,9 +50,9 @@ from server.audit.storage import AuditStorage, SQLiteStorage, open_storage
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
 from tests.audit_support import postgres_instance
-from tests.cli_support import FEDVAULT, create_keys, run_cli, write_token_file
+from tests.cli_support import GatewayProcess as Gateway
+from tests.cli_support import create_keys, gateway_process, run_cli, write_token_file
 from tests.gateway_support import MODEL, make_home
-from tests.he_support import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -68,51 +68,13 @@ ROOM = 64 * 1024  # what the ballast leaves free: the load fills it in well unde
 
 
 # ------------------------------------------------------------------ gateway
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[bytes]
-    url: str
-    grpc_target: str
-    log_file: Path
-
-    def status(self, path: str) -> int:
-        return httpx.get(f"{self.url}{path}", timeout=5).status_code
-
-
 @contextmanager
 def _gateway(home: Path, log_file: Path, env: dict[str, str]) -> Iterator[Gateway]:
-    """``fedvault gateway start`` on free ports in its own process group, stopped at the end."""
-    http_port, grpc_port = free_port(), free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
-    args = ["gateway", "start", "--home", str(home), "--no-he", "--rate-limit", "0"]
-    ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    with log_file.open("w") as sink:
-        proc = subprocess.Popen(
-            [*FEDVAULT, *args, *ports],
-            stdout=sink,
-            stderr=sink,
-            env={**clean, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0", **env},
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while "gateway_started" not in log_file.read_text():
-            assert proc.poll() is None, log_file.read_text()
-            assert time.monotonic() < deadline, log_file.read_text()
-            time.sleep(0.05)
-        yield Gateway(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_file)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        try:  # its writer and codec workers, whatever failed
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    """The CLI gateway with no rate limit (steady load from one key)."""
+    with gateway_process(
+        home, log_file, "--rate-limit", "0", env=env, start_timeout_s=90, stop_timeout_s=30
+    ) as gw:
+        yield gw
 
 
 def _writer_pid(gateway_pid: int) -> int:

@@ -19,7 +19,6 @@ import itertools
 import os
 import queue
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,9 +36,9 @@ from server.audit.records import decode_entry
 from server.audit.storage import open_storage
 from server.gateway.pb import grpc_service_pb2 as pb
 from server.gateway.pb import grpc_service_pb2_grpc as pb_grpc
-from tests.cli_support import FEDVAULT, create_keys, run_cli, write_token_file
+from tests.cli_support import GatewayProcess as Gateway
+from tests.cli_support import create_keys, gateway_process, run_cli, write_token_file
 from tests.gateway_support import MODEL, make_home
-from tests.he_support import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -59,49 +58,16 @@ LARGE = {
 }
 
 
-@dataclass
-class Gateway:
-    proc: subprocess.Popen[bytes]
-    url: str
-    grpc_target: str
-    log_file: Path
-
-
-def _env() -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FEDVAULT_")}
-    return {**clean, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-
-
 @contextmanager
 def _gateway(home: Path, log_file: Path) -> Iterator[Gateway]:
-    """``fedvault gateway start`` on free ports, in its own session; killed if still running."""
-    http_port, grpc_port = free_port(), free_port()
-    ports = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    unlimited = ["--rate-limit", "0"]  # steady load from one key: no 429s
-    with log_file.open("w") as sink:
-        proc = subprocess.Popen(
-            [*FEDVAULT, "gateway", "start", "--home", str(home), "--no-he", *ports, *unlimited],
-            stdout=sink,
-            stderr=sink,
-            env=_env(),
-            start_new_session=True,  # its children are findable by session after a kill -9
-        )
+    """The CLI gateway in its own session; anything of that session left is killed."""
+    sid = None
     try:
-        deadline = time.monotonic() + 60
-        while "gateway_started" not in log_file.read_text():
-            assert proc.poll() is None, log_file.read_text()
-            assert time.monotonic() < deadline, log_file.read_text()
-            time.sleep(0.05)
-        yield Gateway(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log_file)
+        with gateway_process(home, log_file, "--rate-limit", "0") as gw:  # no 429s under load
+            sid = gw.proc.pid
+            yield gw
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pid in _session(proc.pid):  # never leave anything behind, whatever failed
+        for pid in _session(sid) if sid is not None else []:  # never leave anything behind
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
